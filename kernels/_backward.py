@@ -1,0 +1,338 @@
+"""Backward kernels, recomputing the probabilities from the saved log-sum-exp.
+
+Two kernels, no atomics, so gradients are bit-for-bit deterministic:
+- `_bwd_dkdv_kernel`: one program per (key block, batch x K/V head); it walks every query block
+  of every query head in its group, so grouped-query gradients are summed in a fixed order.
+- `_bwd_dq_kernel`: one program per (query block, batch x head), walking key blocks like forward.
+Both rebuild P = exp2(S - lse) tile by tile; nothing of size (q_len x k_len) is ever stored.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, bucket, dot_precision, mask_scores, smem_ok
+from ._dropout import dropout_keep
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
+                      stride_dob, stride_doh, stride_dom, stride_dod, H, N_Q,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # delta_i = sum_d dO_id * O_id = rowsum(P * dP): the softmax-backward correction term.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    off_b = (bh // H).to(tl.int64)
+    off_h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
+                + offs_d[None, :] * stride_od, mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < N_Q)
+
+
+@triton.jit
+def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, LSE_H, DELTA_H,
+                start_m, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
+                stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn,
+                N_Q, N_K, causal_offset,
+                CHECK_BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    # Works on transposed tiles (keys x queries) so that P^T and dS^T feed the dots directly.
+    rows = start_m + offs_m
+    row_ok = rows < N_Q
+    q = tl.load(q_ptrs + start_m * stride_qm, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(do_ptrs + start_m * stride_dom, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    # Rows past N_Q, and rows that saw no key (lse = -inf), get lse = +inf, hence P = 0.
+    lse = tl.load(LSE_H + rows, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA_H + rows, mask=row_ok, other=0.0)
+    sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+    sT = mask_scores(sT, rows[None, :], offs_n[:, None], mask_ptr, kpm_ptr, stride_mm, stride_mn,
+                     stride_kpmn, N_Q, N_K, causal_offset,
+                     CHECK_BOUNDS, IS_CAUSAL, False, MASK_KIND)
+    if HAS_KPM:
+        sT = tl.where(kp_cols[:, None] != 0, sT, float("-inf"))
+    pT = tl.math.exp2(sT - lse[None, :])
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, bh, rows[None, :], offs_n[:, None], dropout_p)
+        pT_used = tl.where(keep, pT * dropout_scale, 0.0)
+        dpT = tl.where(keep, dpT * dropout_scale, 0.0)
+    else:
+        pT_used = pT
+    dv += tl.dot(pT_used.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, MASK, KPM, KV_LO, KV_HI, SEED,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_kpmb, stride_kpmn,
+    H, N_Q, N_K, GROUP, qk_scale, sm_scale, dropout_p, dropout_scale, causal_offset,
+    NQ_BUCKET, NK_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    H_KV = H // GROUP
+    off_b = (bhk // H_KV).to(tl.int64)
+    off_hk = (bhk % H_KV).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_ok = (offs_n[:, None] < N_K) & d_ok[None, :]
+    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn
+                + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    kpm_ptr = KPM + off_b * stride_kpmb
+    kp_cols = offs_n
+    q_end = N_Q
+    if HAS_KPM:
+        kp_cols = tl.load(kpm_ptr + offs_n * stride_kpmn, mask=offs_n < N_K, other=0)
+        lo = tl.load(KV_LO + off_b)
+        hi = tl.load(KV_HI + off_b)
+        # A key block wholly in the padding gets zero gradients without touching any query.
+        q_end = tl.where((start_n >= hi) | (start_n + BLOCK_N <= lo), 0, N_Q)
+
+    # Query blocks that can see this key block: row i sees key j iff j <= i + causal_offset.
+    q_lo = 0
+    q_full = 0
+    if IS_CAUSAL:
+        q_lo = tl.maximum(start_n - causal_offset, 0)
+        q_lo = (q_lo // BLOCK_M) * BLOCK_M
+        # From q_full on, every row of the block sees every key of this block.
+        q_full = start_n + BLOCK_N - 1 - causal_offset
+        q_full = tl.maximum(q_lo, tl.cdiv(tl.maximum(q_full, 0), BLOCK_M) * BLOCK_M)
+        q_full = tl.minimum(q_full, q_end)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, GROUP):
+        off_h = off_hk * GROUP + g
+        bh = off_b * H + off_h
+        q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
+                  + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+        do_ptrs = (DO + off_b * stride_dob + off_h * stride_doh
+                   + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod)
+        mask_ptr = MASK + off_b * stride_mb + off_h * stride_mh
+        LSE_H = LSE + bh * N_Q
+        DELTA_H = DELTA + bh * N_Q
+        for start_m in range(q_lo, q_full, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, LSE_H, DELTA_H,
+                start_m, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
+                stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
+                causal_offset, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION)
+        for start_m in range(q_full, q_end, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, LSE_H, DELTA_H,
+                start_m, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
+                stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
+                causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn
+             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_n, offs_m, offs_n,
+              d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
+              stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K, causal_offset,
+              CHECK_BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+              MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    cols = start_n + offs_n
+    if CHECK_BOUNDS:
+        kv_mask = (cols[:, None] < N_K) & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s = mask_scores(s, offs_m[:, None], cols[None, :], mask_ptr, kpm_ptr, stride_mm, stride_mn,
+                    stride_kpmn, N_Q, N_K, causal_offset,
+                    CHECK_BOUNDS, IS_CAUSAL, HAS_KPM, MASK_KIND)
+    p = tl.math.exp2(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, bh, offs_m[:, None], cols[None, :], dropout_p)
+        dp = tl.where(keep, dp * dropout_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, MASK, KPM, KV_LO, KV_HI, SEED,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_kpmb, stride_kpmn,
+    H, N_Q, N_K, GROUP, qk_scale, sm_scale, dropout_p, dropout_scale, causal_offset,
+    NQ_BUCKET, NK_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    off_b = (bh // H).to(tl.int64)
+    off_h = (bh % H).to(tl.int64)
+    off_hk = off_h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < N_Q
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=0.0)
+    k_ptrs = (K + off_b * stride_kb + off_hk * stride_kh
+              + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+    v_ptrs = (V + off_b * stride_vb + off_hk * stride_vh
+              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+    mask_ptr = MASK + off_b * stride_mb + off_h * stride_mh
+    kpm_ptr = KPM + off_b * stride_kpmb
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+
+    # Same key range as forward (see _fwd_kernel).
+    lo = 0
+    hi = N_K
+    if HAS_KPM:
+        lo = tl.load(KV_LO + off_b)
+        hi = tl.load(KV_HI + off_b)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    full_hi = hi
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M + causal_offset)
+        full_hi = tl.minimum(full_hi, start_m + 1 + causal_offset)
+    full_hi = tl.maximum(lo, (full_hi // BLOCK_N) * BLOCK_N)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, full_hi, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_n, offs_m,
+                       offs_n, d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
+                       stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
+                       causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
+                       DOT_PRECISION)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_n, offs_m,
+                       offs_n, d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
+                       stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
+                       causal_offset, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
+                       DOT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _bwd_configs():
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (32, 64, 4, 3),
+                             (64, 32, 4, 3), (32, 32, 4, 2)]
+    ]
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    elt = named_args["Q"].element_size()
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    # Two resident tiles (K, V or Q, dO) plus two streamed, pipelined tiles.
+    kept = [c for c in configs if smem_ok(c, block_d, elt, 2, 2)]
+    return kept or configs[-1:]
+
+
+_KEYS = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_KPM", "MASK_KIND", "HAS_DROPOUT",
+         "GROUP"]
+if INTERPRET:
+    _dkdv_launch, _dq_launch = _bwd_dkdv_kernel, _bwd_dq_kernel
+    _BWD_FIXED = {"BLOCK_M": 32, "BLOCK_N": 32}
+else:
+    _dkdv_launch = triton.autotune(configs=_bwd_configs(), key=_KEYS,
+                                   prune_configs_by={"early_config_prune": _prune_bwd})(
+        _bwd_dkdv_kernel)
+    _dq_launch = triton.autotune(configs=_bwd_configs(), key=_KEYS,
+                                 prune_configs_by={"early_config_prune": _prune_bwd})(
+        _bwd_dq_kernel)
+    _BWD_FIXED = {}
+
+
+def attention_backward(do, q, k, v, o, lse, dlse, mask, mask_kind, kpm, kv_lo, kv_hi, causal,
+                       causal_offset, scale, dropout_p, seed):
+    """Launch the backward kernels; returns (dq, dk, dv) with the layouts of q, k, v."""
+    B, H, N_Q, D = q.shape
+    H_KV, N_K = k.shape[1], k.shape[2]
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if N_Q == 0 or N_K == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    block_d = max(16, triton.next_power_of_2(D))
+    delta = torch.empty_like(lse)
+    _bwd_delta_kernel[(triton.cdiv(N_Q, 64), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, N_Q,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=64)
+    if dlse is not None:
+        # The base-2 lse is differentiable too: d(lse_e)/dS = P, so its gradient folds into the
+        # softmax correction term, dS = P * (dP - (delta - dlse_e)), with dlse_e = dlse * log2(e).
+        delta = delta - dlse.float() * 1.4426950408889634
+
+    mask_t = mask if mask is not None else q
+    mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
+    kpm_t = kpm if kpm is not None else q
+    kpm_strides = kpm.stride() if kpm is not None else (0, 0)
+    lo_t = kv_lo if kv_lo is not None else lse
+    hi_t = kv_hi if kv_hi is not None else lse
+    seed_t = seed if seed is not None else lse
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
+                  MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
+                  DOT_PRECISION=dot_precision(q.dtype), **_BWD_FIXED)
+    scalars = (H, N_Q, N_K, H // H_KV, scale * 1.4426950408889634, scale, float(dropout_p),
+               1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0, causal_offset,
+               bucket(N_Q), bucket(N_K))
+
+    _dkdv_launch[lambda meta: (triton.cdiv(N_K, meta["BLOCK_N"]), B * H_KV)](
+        q, k, v, do, dk, dv, lse, delta, mask_t, kpm_t, lo_t, hi_t, seed_t,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        *mask_strides, *kpm_strides, *scalars, **common)
+    _dq_launch[lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), B * H)](
+        q, k, v, do, dq, lse, delta, mask_t, kpm_t, lo_t, hi_t, seed_t,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        *mask_strides, *kpm_strides, *scalars, **common)
+    return dq, dk, dv

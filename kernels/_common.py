@@ -1,0 +1,70 @@
+"""Pieces shared by the forward and backward kernels: score masking, launch configs, helpers."""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton decides at decoration time whether @triton.jit builds GPU code or the CPU interpreter, so
+# this is read once, when the kernels are defined.
+try:
+    INTERPRET = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # older Triton without knobs
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Mask kinds the kernels understand (a constexpr, so each kind compiles its own variant).
+MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+# Causal alignments: top-left is PyTorch's is_causal; bottom-right is what decoding with a KV cache
+# needs (the last query sees every key).
+CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
+
+
+@triton.jit
+def mask_scores(s, rows, cols, mask_ptr, kpm_ptr, stride_mm, stride_mn, stride_kpmn,
+                N_Q, N_K, causal_offset,
+                CHECK_BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                MASK_KIND: tl.constexpr):
+    """Apply every mask to a tile of base-2 scores.
+
+    `rows` and `cols` are broadcast index tensors of the tile (either orientation), `mask_ptr` and
+    `kpm_ptr` already point at this (batch, head)'s dense mask and this batch's key padding row.
+    Masked scores become -inf; an additive mask is added (scaled to base 2).
+    """
+    if CHECK_BOUNDS:
+        s = tl.where(cols < N_K, s, float("-inf"))
+        if IS_CAUSAL:
+            s = tl.where(cols <= rows + causal_offset, s, float("-inf"))
+    if HAS_KPM:
+        kp = tl.load(kpm_ptr + cols * stride_kpmn, mask=cols < N_K, other=0)
+        s = tl.where(kp != 0, s, float("-inf"))
+    if MASK_KIND != 0:
+        in_bounds = (rows < N_Q) & (cols < N_K)
+        m = tl.load(mask_ptr + rows * stride_mm + cols * stride_mn, mask=in_bounds, other=0)
+        if MASK_KIND == 1:
+            s = tl.where(m != 0, s, float("-inf"))
+        else:
+            s = s + m.to(tl.float32) * 1.4426950408889634
+    return s
+
+
+def bucket(n: int) -> int:
+    """Round a length up to a power of two: the autotuner keys on this to bound re-tuning."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 products: TF32 would lose ~3 decimal digits against what a user of
+    # fp32 expects (and against PyTorch's math path).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def smem_ok(cfg: triton.Config, head_dim_padded: int, elt_size: int, tiles_m: int, tiles_n: int,
+            limit: int = 227 * 1024) -> bool:
+    """Rough shared-memory estimate: pipelined K/V (or Q/dO) tiles times stages."""
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    need = (tiles_m * bm + tiles_n * bn * cfg.num_stages) * head_dim_padded * elt_size
+    return need <= limit

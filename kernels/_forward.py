@@ -1,0 +1,193 @@
+"""Forward kernel: one program per (query block, batch x head), online softmax over key blocks."""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, bucket, dot_precision, mask_scores, smem_ok
+from ._dropout import dropout_keep
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_n, offs_m, offs_n,
+               d_ok, seed, bh, qk_scale, dropout_p,
+               stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn,
+               N_Q, N_K, causal_offset,
+               CHECK_BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+               MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    cols = start_n + offs_n
+    if CHECK_BOUNDS:
+        kv_mask = (cols[:, None] < N_K) & d_ok[None, :]
+    else:
+        kv_mask = d_ok[None, :]
+    k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s = mask_scores(s, offs_m[:, None], cols[None, :], mask_ptr, kpm_ptr, stride_mm, stride_mn,
+                    stride_kpmn, N_Q, N_K, causal_offset,
+                    CHECK_BOUNDS, IS_CAUSAL, HAS_KPM, MASK_KIND)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with every score so far masked has m_new = -inf; subtracting 0 instead keeps
+    # exp2(-inf - -inf) = NaN out of the sums.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if HAS_DROPOUT:
+        # The normaliser l_i sums the undropped probabilities; only the values see the mask.
+        keep = dropout_keep(seed, bh, offs_m[:, None], cols[None, :], dropout_p)
+        p = tl.where(keep, p, 0.0)
+    v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
+    acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, MASK, KPM, KV_LO, KV_HI, SEED,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_kpmb, stride_kpmn,
+    H, N_Q, N_K, GROUP, qk_scale, dropout_p, dropout_scale, causal_offset,
+    NQ_BUCKET, NK_BUCKET,  # autotuning keys only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    off_b = (bh // H).to(tl.int64)
+    off_h = (bh % H).to(tl.int64)
+    off_hk = off_h // GROUP  # grouped-query attention: GROUP query heads share one K/V head
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < N_Q
+
+    q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
+              + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_ptrs = (K + off_b * stride_kb + off_hk * stride_kh
+              + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+    v_ptrs = (V + off_b * stride_vb + off_hk * stride_vh
+              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+    mask_ptr = MASK + off_b * stride_mb + off_h * stride_mh
+    kpm_ptr = KPM + off_b * stride_kpmb
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+
+    # Key range this query block can see. Padded keys outside [lo, hi) are skipped as whole tiles.
+    lo = 0
+    hi = N_K
+    if HAS_KPM:
+        lo = tl.load(KV_LO + off_b)
+        hi = tl.load(KV_HI + off_b)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    full_hi = hi
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M + causal_offset)
+        # Blocks entirely at or below the diagonal for every row need no causal test.
+        full_hi = tl.minimum(full_hi, start_m + 1 + causal_offset)
+    full_hi = tl.maximum(lo, (full_hi // BLOCK_N) * BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, full_hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_n, offs_m, offs_n, d_ok,
+            seed, bh, qk_scale, dropout_p, stride_kn, stride_vn, stride_mm, stride_mn,
+            stride_kpmn, N_Q, N_K, causal_offset,
+            False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_n, offs_m, offs_n, d_ok,
+            seed, bh, qk_scale, dropout_p, stride_kn, stride_vn, stride_mm, stride_mn,
+            stride_kpmn, N_Q, N_K, causal_offset,
+            True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION)
+
+    # Rows with no visible key (l_i == 0) return zeros and lse = -inf instead of 0/0 = NaN.
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if HAS_DROPOUT:
+        o = o * dropout_scale
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_i))
+    o_ptrs = (O + off_b * stride_ob + off_h * stride_oh
+              + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_ok)
+
+
+def _fwd_configs():
+    cfgs = []
+    for bm, bn, warps, stages in [
+        (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
+        (64, 64, 4, 3), (64, 32, 4, 4), (32, 32, 4, 2),
+    ]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
+                                  num_stages=stages))
+    return cfgs
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    d = named_args["Q"].element_size()
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    kept = [c for c in configs if smem_ok(c, block_d, d, 1, 2)]
+    # Very short sequences waste most of a 128-row block: drop those configs there.
+    n_q = named_args["N_Q"]
+    small = [c for c in kept if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(n_q))]
+    return small or kept[-1:]
+
+
+if INTERPRET:
+    # The interpreter runs one fixed config; autotuning would only multiply CPU time.
+    _fwd_launch = _fwd_kernel
+    _FWD_FIXED = {"BLOCK_M": 32, "BLOCK_N": 32}
+else:
+    _fwd_launch = triton.autotune(
+        configs=_fwd_configs(),
+        key=["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_KPM", "MASK_KIND",
+             "HAS_DROPOUT", "GROUP"],
+        prune_configs_by={"early_config_prune": _prune_fwd},
+    )(_fwd_kernel)
+    _FWD_FIXED = {}
+
+
+def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causal_offset,
+                      scale, dropout_p, seed):
+    """Launch the forward kernel. Returns (out with q's layout, lse in base 2, fp32 (B, H, Nq))."""
+    B, H, N_Q, D = q.shape
+    N_K = k.shape[2]
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, N_Q), device=q.device, dtype=torch.float32)
+    if N_Q == 0:
+        return o, lse
+    mask_t = mask if mask is not None else q  # any tensor: never read when MASK_KIND is 0
+    mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
+    kpm_t = kpm if kpm is not None else q
+    kpm_strides = kpm.stride() if kpm is not None else (0, 0)
+    lo_t = kv_lo if kv_lo is not None else lse
+    hi_t = kv_hi if kv_hi is not None else lse
+    seed_t = seed if seed is not None else lse
+    block_d = max(16, triton.next_power_of_2(D))
+
+    def grid(meta):
+        return (triton.cdiv(N_Q, meta["BLOCK_M"]), B * H)
+
+    _fwd_launch[grid](
+        q, k, v, o, lse, mask_t, kpm_t, lo_t, hi_t, seed_t,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *mask_strides, *kpm_strides,
+        H, N_Q, N_K, H // k.shape[1], scale * 1.4426950408889634, float(dropout_p),
+        1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0, causal_offset,
+        bucket(N_Q), bucket(N_K),
+        HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
+        MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=dot_precision(q.dtype),
+        **_FWD_FIXED,
+    )
+    return o, lse

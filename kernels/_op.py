@@ -1,0 +1,100 @@
+"""The kernels as torch.library custom ops, with a fake (meta) implementation and autograd.
+
+Being a custom op makes attention one opaque node to torch.compile: a compiled model has no graph
+break at attention, and the fake implementation tells the compiler the output shapes and strides.
+"""
+
+from typing import Optional
+
+import torch
+
+from ._backward import attention_backward
+from ._common import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE
+from ._forward import attention_forward
+
+
+def _mask_kind(mask: Optional[torch.Tensor]) -> int:
+    if mask is None:
+        return MASK_NONE
+    return MASK_BOOL if mask.dtype in (torch.bool, torch.uint8) else MASK_FLOAT
+
+
+def _key_range(kpm: Optional[torch.Tensor]):
+    """Per-batch [lo, hi) holding every real key, computed on the device without a host sync.
+
+    Tiles outside the range are skipped; holes inside it are still masked from `kpm` itself, so
+    any boolean key padding mask is exact, and contiguous (left or right) padding is also fast.
+    """
+    if kpm is None:
+        return None, None
+    n_k = kpm.shape[1]
+    as_int = kpm.to(torch.int32)
+    any_key = kpm.any(dim=1)
+    lo = torch.argmax(as_int, dim=1)  # argmax returns the first maximum
+    hi = n_k - torch.argmax(as_int.flip(1), dim=1)
+    lo = torch.where(any_key, lo, 0).to(torch.int32)
+    hi = torch.where(any_key, hi, 0).to(torch.int32)
+    return lo, hi
+
+
+def _causal_offset(causal: int, n_q: int, n_k: int) -> int:
+    return n_k - n_q if causal == CAUSAL_BOTTOM_RIGHT else 0
+
+
+def _as_u8(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # Triton loads bytes; a bool tensor viewed as uint8 keeps its strides (broadcast ones too).
+    return t.view(torch.uint8) if t is not None and t.dtype == torch.bool else t
+
+
+@torch.library.custom_op("hf_flash::attention_forward", mutates_args=())
+def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: Optional[torch.Tensor], kpm: Optional[torch.Tensor], causal: int,
+                          scale: float, dropout_p: float, seed: Optional[torch.Tensor]
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = _key_range(kpm)
+    return attention_forward(
+        q, k, v, _as_u8(mask), _mask_kind(mask), _as_u8(kpm), lo, hi, causal != CAUSAL_NONE,
+        _causal_offset(causal, q.shape[2], k.shape[2]), scale, dropout_p, seed)
+
+
+@_attention_forward_op.register_fake
+def _(q, k, v, mask, kpm, causal, scale, dropout_p, seed):
+    B, H, n_q, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, n_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("hf_flash::attention_backward", mutates_args=())
+def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           o: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
+                           mask: Optional[torch.Tensor], kpm: Optional[torch.Tensor], causal: int,
+                           scale: float, dropout_p: float, seed: Optional[torch.Tensor]
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lo, hi = _key_range(kpm)
+    if do.stride(-1) != 1:  # e.g. the all-zero-stride gradient of out.sum()
+        do = do.contiguous()
+    return attention_backward(
+        do, q, k, v, o, lse, dlse, _as_u8(mask), _mask_kind(mask), _as_u8(kpm), lo, hi,
+        causal != CAUSAL_NONE, _causal_offset(causal, q.shape[2], k.shape[2]), scale,
+        dropout_p, seed)
+
+
+@_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, dlse, mask, kpm, causal, scale, dropout_p, seed):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, kpm, causal, scale, dropout_p, seed = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, mask, kpm, seed)
+    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, mask, kpm, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(do, q, k, v, o, lse, dlse, mask, kpm, ctx.causal,
+                                        ctx.scale, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attention_forward_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,207 @@
+"""The public function: a drop-in for torch.nn.functional.scaled_dot_product_attention."""
+
+import math
+import warnings
+from typing import Optional, Union
+
+import torch
+
+from ._common import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, INTERPRET, LN2)
+from ._op import _attention_forward_op
+from ._reference import reference_attention
+
+try:  # PyTorch's lazy causal masks; absent in very old releases
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+except ImportError:  # pragma: no cover
+    CausalBias = CausalVariant = None
+
+MAX_HEAD_DIM = 256
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_warned_fallback = False
+
+
+def flash_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[Union[torch.Tensor, "CausalBias"]] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    *,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+):
+    """Exact attention with FlashAttention's tiling: memory linear in sequence length.
+
+    Arguments mean what they mean in ``torch.nn.functional.scaled_dot_product_attention``:
+    tensors are (batch, heads, seq, head_dim); a boolean ``attn_mask`` is True where a key takes
+    part, a float one is added to the scores; ``is_causal`` is top-left aligned. Beyond SDPA:
+
+    - ``attn_mask`` may be ``torch.nn.attention.bias.causal_lower_right(q_len, k_len)`` (what
+      decoding with a KV cache needs) or ``causal_upper_left(...)``; no dense mask is built.
+    - ``key_padding_mask``: bool (batch, k_len), True for real tokens (HF's 2D attention_mask).
+      Key tiles outside the real tokens are skipped, not computed and masked.
+    - Masks combine: ``is_causal`` together with ``attn_mask`` and ``key_padding_mask`` is allowed.
+    - A query row whose keys are all masked returns zeros and gets zero gradients, where PyTorch
+      returns NaN. (An additive mask of large finite negatives is not "masked": it gives what
+      softmax gives.)
+    - ``return_lse=True`` also returns the log-sum-exp of the scaled, masked scores, fp32
+      (batch, heads, q_len); -inf for rows with no visible key. It is differentiable.
+
+    Dropout is drawn inside the kernel from a seed taken from torch's generator (so
+    ``torch.manual_seed`` makes runs repeatable) and regenerated in backward, never stored.
+
+    CUDA tensors run the Triton kernels. CPU tensors run the same kernels under Triton's
+    interpreter when ``TRITON_INTERPRET=1`` was set before import; otherwise they fall back, with
+    a one-time warning, to a plain PyTorch implementation with the same semantics (its dropout
+    draws a different mask than the kernel would).
+    """
+    _check_tensors(query, key, value, enable_gqa)
+    B, H, n_q, D = query.shape
+    n_k = key.shape[2]
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+
+    causal = CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE
+    mask, kpm = None, None
+    if CausalBias is not None and isinstance(attn_mask, CausalBias):
+        if is_causal:
+            raise ValueError("is_causal=True cannot be combined with a CausalBias attn_mask: "
+                             "the CausalBias already says which causal alignment to use")
+        if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (n_q, n_k):
+            raise ValueError(
+                f"CausalBias is for q_len={attn_mask.seq_len_q}, k_len={attn_mask.seq_len_kv} "
+                f"but query has q_len={n_q} and key has k_len={n_k}")
+        causal = (CAUSAL_BOTTOM_RIGHT if attn_mask.variant == CausalVariant.LOWER_RIGHT
+                  else CAUSAL_TOP_LEFT)
+    elif attn_mask is not None:
+        mask, kpm = _normalize_mask(attn_mask, query, B, H, n_q, n_k)
+    if key_padding_mask is not None:
+        kpm_user = _check_key_padding_mask(key_padding_mask, query, B, n_k)
+        kpm = kpm_user if kpm is None else (kpm & kpm_user)
+
+    if dropout_p == 1.0:
+        # Every probability dropped: the output is exactly zero (as F.dropout(p=1) gives), with
+        # zero gradients; running the kernel would divide by 1 - p = 0.
+        out, lse = _dispatch(query, key, value, mask, kpm, causal, scale, 0.0)
+        out = out * 0.0
+    else:
+        out, lse = _dispatch(query, key, value, mask, kpm, causal, scale, float(dropout_p))
+    if return_lse:
+        return out, lse
+    return out
+
+
+def _dispatch(q, k, v, mask, kpm, causal, scale, dropout_p):
+    """Returns (out, natural-log lse)."""
+    if q.device.type == "cpu" and not INTERPRET:
+        global _warned_fallback
+        if not _warned_fallback:
+            warnings.warn("hf_flash: CPU tensors without TRITON_INTERPRET=1 use the plain PyTorch "
+                          "fallback (same results, O(N^2) memory, its own dropout RNG)",
+                          stacklevel=3)
+            _warned_fallback = True
+        float_mask = mask if mask is not None and mask.is_floating_point() else None
+        bool_mask = mask if mask is not None and not mask.is_floating_point() else None
+        return reference_attention(q, k, v, float_mask=float_mask, bool_mask=bool_mask, kpm=kpm,
+                                   causal=causal, scale=scale, dropout_p=dropout_p)
+    seed = None
+    if dropout_p > 0.0:
+        # Drawn on the tensors' device from torch's generator: repeatable under torch.manual_seed,
+        # no host sync, and safe to capture in a CUDA graph.
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    out, lse2 = _attention_forward_op(q, k, v, mask, kpm, causal, float(scale), dropout_p, seed)
+    return out, lse2 * LN2
+
+
+def _check_tensors(q, k, v, enable_gqa):
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; hf_flash supports float16, bfloat16 "
+                            f"and float32")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape "
+                             f"{tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"query, key and value must share a dtype, got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"query, key and value must be on one device, got {q.device}, "
+                         f"{k.device}, {v.device}")
+    if q.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"device {q.device} is not supported: hf_flash runs on CUDA (and on the "
+                         f"CPU through Triton's interpreter or the PyTorch fallback)")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"batch sizes differ: query {q.shape[0]}, key {k.shape[0]}, value "
+                         f"{v.shape[0]}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"key {tuple(k.shape)} and value {tuple(v.shape)} must have the same "
+                         f"heads and sequence length")
+    D = q.shape[3]
+    if k.shape[3] != D or v.shape[3] != D:
+        raise ValueError(f"head dims differ: query {D}, key {k.shape[3]}, value {v.shape[3]}; "
+                         f"hf_flash needs one head dim")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {D} is not supported: hf_flash supports 1 to {MAX_HEAD_DIM}")
+    h_q, h_kv = q.shape[1], k.shape[1]
+    if h_kv == 0 or h_q % h_kv != 0:
+        raise ValueError(f"query heads ({h_q}) must be a multiple of key/value heads ({h_kv})")
+    if h_q != h_kv and not enable_gqa:
+        raise ValueError(f"query has {h_q} heads but key/value have {h_kv}: pass "
+                         f"enable_gqa=True for grouped-query attention")
+
+
+def _normalize_mask(attn_mask, q, B, H, n_q, n_k):
+    """Returns (dense mask view broadcast to (B, H, n_q, n_k) or None, key padding or None)."""
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a bool or float tensor or a CausalBias, got "
+                        f"{type(attn_mask).__name__}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {q.device}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask has dtype {attn_mask.dtype}: use bool (True = attend) or a "
+                        f"float additive mask")
+    if attn_mask.requires_grad:
+        raise ValueError("attn_mask requires grad: hf_flash does not compute gradients of the "
+                         "mask; detach it or use SDPA")
+    if attn_mask.dim() > 4:
+        raise ValueError(f"attn_mask has {attn_mask.dim()} dims; at most 4 "
+                         f"(batch, heads, q_len, k_len) are allowed")
+    shape4 = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    try:
+        torch.broadcast_shapes(shape4, (B, H, n_q, n_k))
+    except RuntimeError:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                         f"(batch, heads, q_len, k_len) = {(B, H, n_q, n_k)}") from None
+    m = attn_mask.reshape(shape4)
+    if m.dtype == torch.bool and shape4[1] == 1 and shape4[2] == 1 and shape4[3] == n_k:
+        # A boolean mask that varies only along keys is key padding: take the fast path.
+        return None, m.reshape(shape4[0], n_k).expand(B, n_k)
+    return m.expand(B, H, n_q, n_k), None
+
+
+def _check_key_padding_mask(kpm, q, B, n_k):
+    if not isinstance(kpm, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a bool tensor, got {type(kpm).__name__}")
+    if kpm.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be bool (True = real token), got {kpm.dtype}")
+    if kpm.device != q.device:
+        raise ValueError(f"key_padding_mask is on {kpm.device} but query is on {q.device}")
+    if tuple(kpm.shape) != (B, n_k):
+        raise ValueError(f"key_padding_mask must have shape (batch, k_len) = {(B, n_k)}, got "
+                         f"{tuple(kpm.shape)}")
+    return kpm

@@ -1,0 +1,34 @@
+"""Test set-up: pick the device and the grid size before hf_flash (and so Triton) is imported.
+
+On a machine without CUDA the kernels run under Triton's interpreter, which must be chosen before
+the kernels are defined. GPU-only tests carry the `gpu` marker; `slow` ones need HF_FLASH_SLOW=1.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+# The GPU grid is larger: longer sequences, every dtype, more head dims.
+GPU_GRID = HAS_CUDA
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_slow = pytest.mark.skip(reason="slow; set HF_FLASH_SLOW=1")
+    slow_ok = os.environ.get("HF_FLASH_SLOW") == "1"
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not slow_ok:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
