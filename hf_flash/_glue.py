@@ -1,0 +1,318 @@
+"""The two functions transformers calls once hf_flash's backend is the attention implementation.
+
+`hf_flash_mask` is registered with transformers' AttentionMaskInterface: masking_utils calls it
+instead of building a dense (batch, 1, q_len, k_len) mask. It answers with the cheapest form the
+kernel can use, and falls back to transformers' own dense boolean mask for anything else:
+
+    None                    no padding, plain causal (bottom-right aligned) or plain bidirectional
+    bool (batch, k_len)     only key padding (left or right) on top of that: the kernel's fast path
+    bool (batch,1,q,k)      anything else: sliding windows, packed sequences, custom mask functions,
+                            static caches, models that ask for a materialised mask
+
+`hf_flash_attention` is registered with AttentionInterface and reads those three forms back. A
+None or 2-D mask carries no causal information of its own: causality comes from the module (or the
+`is_causal` keyword transformers passes down), bottom-right aligned, which is what a KV cache needs
+and equals top-left when q_len == k_len. A 4-D mask is complete, as with SDPA.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any, Optional
+
+import torch
+
+from .kernels import MAX_HEAD_DIM, flash_attention
+
+try:
+    from torch.nn.attention.bias import causal_lower_right
+except ImportError:  # pragma: no cover - torch < 2.2
+    causal_lower_right = None
+
+# The name models use for this backend. It must not contain "flash": transformers treats every
+# attn_implementation containing that word as a flash-attn kernel (it tries to import one at load
+# time, and GPT-Neo and generate() switch code paths on it), checked in 5.17 and 5.23.
+ATTN_NAME = "hf_triton"
+
+# Keyword arguments transformers passes down to attention functions that change nothing for us:
+# the mask already encodes sliding windows and packing, the cache was applied before the call.
+_IGNORED_KWARGS = frozenset({
+    "position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value",
+    "output_hidden_states", "return_dict", "sliding_window", "layer_idx", "labels",
+    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "token_type_ids",
+    "position_embeddings", "logits_to_keep", "output_router_logits", "encoder_hidden_states",
+    "encoder_attention_mask", "kwargs",
+})
+
+# Keyword arguments whose presence (with a value that is not None/False) the kernel cannot honour.
+_UNSERVABLE_KWARGS = {
+    "output_attentions": "output_attentions=True (the kernel never materialises attention weights)",
+    "head_mask": "a head_mask",
+    "softcap": "logit soft-capping (softcap)",
+    "s_aux": "attention sinks (s_aux)",
+    "sinks": "attention sinks",
+    "position_bias": "an additive position bias (position_bias)",
+}
+
+DEFAULT_OPTIONS = {"fallback": "eager"}
+_FALLBACKS = ("eager", "raise")
+_warned: set = set()
+
+
+class UnsupportedCallError(RuntimeError):
+    """Raised (with fallback="raise") when the kernel cannot serve an attention call."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask interface
+# ----------------------------------------------------------------------------------------------
+
+def _is_tracing(tensor) -> bool:
+    """True under torch.compile/export/jit, where reading a mask's values would break the graph."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        from transformers.utils.import_utils import is_tracing
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(is_tracing(tensor))
+
+
+def hf_flash_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                  mask_function=None, attention_mask: Optional[torch.Tensor] = None,
+                  local_size: Optional[int] = None, allow_is_causal_skip: bool = True,
+                  allow_is_bidirectional_skip: bool = False, **kwargs):
+    """AttentionMaskInterface entry: see the module docstring for what it returns."""
+    form = _cheap_form(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                       local_size, allow_is_causal_skip, allow_is_bidirectional_skip)
+    if form is not False:
+        return form
+    from transformers.masking_utils import sdpa_mask
+
+    # Dense: transformers builds the exact boolean mask from whatever mask function it chose.
+    kwargs.pop("dtype", None)
+    kwargs.pop("config", None)
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                     q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+                     attention_mask=attention_mask, local_size=local_size,
+                     allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs)
+
+
+def _cheap_form(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                local_size, allow_is_causal_skip, allow_is_bidirectional_skip):
+    """None / 2-D key padding when exact, False when a dense mask is needed."""
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+
+    # Identity checks on purpose: sliding windows, packed sequences, chunking and or/and overlays
+    # all arrive as other (wrapped) functions, and any of them needs the dense mask.
+    if mask_function is causal_mask_function:
+        if not allow_is_causal_skip:  # e.g. a model that concatenates masks, or compiled decoding
+            return False
+        # The kernel's bottom-right causal is kv_idx <= q_idx + (kv_len - q_len); the mask asked
+        # for is kv_idx + kv_offset <= q_idx + q_offset. Tensor offsets (static caches) go dense.
+        if not (isinstance(q_offset, int) and isinstance(kv_offset, int)):
+            return False
+        if q_offset - kv_offset != kv_length - q_length:
+            return False
+    elif mask_function is bidirectional_mask_function:
+        # allow_is_bidirectional_skip=False means the caller wants a materialised mask.
+        if not allow_is_bidirectional_skip:
+            return False
+        if not isinstance(kv_offset, int):
+            return False
+    else:
+        return False
+    if local_size is not None:
+        return False
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
+        return False
+    end = kv_offset + kv_length
+    if attention_mask.shape[-1] < end:
+        # Same convention as transformers: keys beyond the 2-D mask are not real tokens.
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, end - attention_mask.shape[-1]))
+    kpm = attention_mask[:, kv_offset:end]
+    if not _is_tracing(kpm) and bool(kpm.all()):
+        return None  # no padding at all: the cheapest form (one host sync, as SDPA's check)
+    return kpm
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention interface
+# ----------------------------------------------------------------------------------------------
+
+def _capturing_attentions() -> bool:
+    """True when transformers' output capture wants attention weights (output_attentions=True).
+
+    Some models (GPT-2, GPT-Neo) consume `output_attentions` themselves and never pass it down,
+    so the capture context is the reliable signal.
+    """
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - older layouts
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and any("attentions" in k for k in collected)
+
+
+def unservable_reason(module, query, key, value, kwargs) -> Optional[str]:
+    """Why the kernel cannot serve this call, or None when it can."""
+    if _capturing_attentions():
+        return _UNSERVABLE_KWARGS["output_attentions"]
+    for name, value_ in kwargs.items():
+        if name in _UNSERVABLE_KWARGS:
+            if value_ is not None and value_ is not False:
+                return _UNSERVABLE_KWARGS[name]
+        elif name not in _IGNORED_KWARGS and value_ is not None and value_ is not False:
+            # Unknown arguments may change the maths; never ignore them silently.
+            return f"an argument the kernel does not understand ({name}={type(value_).__name__})"
+    for t in (query, key, value):
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"dtype {t.dtype} (the kernel supports float16, bfloat16 and float32)"
+        if t.device.type not in ("cuda", "cpu"):
+            return f"device {t.device} (the kernel runs on CUDA, or the CPU for testing)"
+    d = query.shape[-1]
+    if key.shape[-1] != d or value.shape[-1] != d:
+        return f"different head dims for query/key/value ({d}, {key.shape[-1]}, {value.shape[-1]})"
+    if d > MAX_HEAD_DIM:
+        return f"head dim {d} > {MAX_HEAD_DIM}"
+    if query.shape[1] % key.shape[1] != 0:
+        return f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} key heads"
+    return None
+
+
+def _module_is_causal(module, is_causal: Optional[bool]) -> bool:
+    # transformers passes is_causal down when the config overrides it (decoders used
+    # bidirectionally); otherwise the module's own flag decides, exactly as for SDPA.
+    return bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", False))
+
+
+def kernel_mask_args(attention_mask, causal: bool, q_len: int, k_len: int, batch: int):
+    """Map the mask interface's output (plus module causality) to flash_attention arguments.
+
+    Returns (attn_mask, is_causal, key_padding_mask, description).
+    """
+    if attention_mask is None or attention_mask.dim() == 2:
+        kpm = attention_mask
+        if kpm is not None:
+            if kpm.dtype != torch.bool:
+                raise TypeError(f"hf_flash: a 2-D attention mask must be bool, got {kpm.dtype}")
+            if tuple(kpm.shape) != (batch, k_len):
+                raise ValueError(f"hf_flash: 2-D attention mask has shape {tuple(kpm.shape)}, "
+                                 f"expected (batch, k_len) = {(batch, k_len)}")
+        pad = "key padding" if kpm is not None else "no mask"
+        if not causal:
+            return None, False, kpm, pad
+        if q_len == k_len:
+            return None, True, kpm, f"causal, {pad}"
+        # q_len != k_len: a KV cache; the last query sees every key.
+        return causal_lower_right(q_len, k_len), False, kpm, f"causal bottom-right, {pad}"
+    if attention_mask.dim() == 4:
+        # Complete as given (causality included), as SDPA treats it.
+        kind = "dense bool" if attention_mask.dtype == torch.bool else "dense additive"
+        return attention_mask, False, None, kind
+    raise ValueError(f"hf_flash: attention mask of shape {tuple(attention_mask.shape)} is neither "
+                     f"2-D key padding nor a 4-D mask")
+
+
+def eager_mask(attention_mask, causal: bool, q_len: int, k_len: int, dtype, device):
+    """The additive float mask eager attention expects, from any of hf_flash's mask forms."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype != torch.bool:
+            return attention_mask
+        allowed = attention_mask
+    else:
+        allowed = None
+        if causal:
+            rows = torch.arange(q_len, device=device)[:, None]
+            cols = torch.arange(k_len, device=device)[None, :]
+            allowed = (cols <= rows + (k_len - q_len))[None, None]
+        if attention_mask is not None:
+            kp = attention_mask[:, None, None, :]
+            allowed = kp if allowed is None else (allowed & kp)
+        if allowed is None:
+            return None
+    return torch.zeros((), dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def options_of(module) -> dict:
+    return getattr(module, "_hf_flash_options", None) or DEFAULT_OPTIONS
+
+
+def warn_once(reason: str, where: str) -> None:
+    key = (reason, where)
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(f"hf_flash: {where} falls back to eager attention for calls with {reason}",
+                  stacklevel=4)
+
+
+def _eager_function(module):
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise UnsupportedCallError(
+            f"hf_flash cannot fall back to eager for {type(module).__name__}: its modeling file "
+            f"has no eager_attention_forward")
+    return fn
+
+
+def _record(module, path: str, detail: str) -> None:
+    # Read back by explain(); skipped while compiling so the graph has no side effects.
+    if not torch.compiler.is_compiling():
+        try:
+            object.__setattr__(module, "_hf_flash_last_call", (path, detail))
+        except Exception:  # pragma: no cover - exotic modules with __slots__
+            pass
+
+
+def hf_flash_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                       dropout: float = 0.0, scaling: Optional[float] = None,
+                       is_causal: Optional[bool] = None, **kwargs: Any):
+    """AttentionInterface entry: (batch, heads, seq, dim) in, ((batch, seq, heads, dim), None) out."""
+    causal = _module_is_causal(module, is_causal)
+    q_len, k_len = query.shape[2], key.shape[2]
+    reason = unservable_reason(module, query, key, value, kwargs)
+    if reason is not None:
+        where = type(module).__name__
+        if options_of(module)["fallback"] == "raise":
+            raise UnsupportedCallError(f"hf_flash cannot serve {where} with {reason} "
+                                       f"(patched with fallback='raise')")
+        warn_once(reason, where)
+        _record(module, "eager", reason)
+        mask = eager_mask(attention_mask, causal, q_len, k_len, query.dtype, query.device)
+        if getattr(module, "reorder_and_upcast_attn", False) and hasattr(
+                module, "_upcast_and_reordered_attn"):
+            # GPT-2's eager path with reorder_and_upcast_attn=True takes this route, not the
+            # module file's eager function; match it so a fallback changes nothing.
+            return module._upcast_and_reordered_attn(query, key, value, mask)
+        return _eager_function(module)(module, query, key, value, mask, dropout=dropout,
+                                       scaling=scaling, **kwargs)
+
+    attn_mask, kernel_causal, kpm, detail = kernel_mask_args(attention_mask, causal, q_len, k_len,
+                                                             query.shape[0])
+    _record(module, "kernel", detail)
+    out = flash_attention(query, key, value, attn_mask=attn_mask, dropout_p=float(dropout),
+                          is_causal=kernel_causal, scale=scaling,
+                          enable_gqa=query.shape[1] != key.shape[1], key_padding_mask=kpm)
+    # The kernel keeps the query's layout: for HF's transposed query this is already contiguous.
+    return out.transpose(1, 2).contiguous(), None
+
+
+_registered = False
+
+
+def register() -> None:
+    """Make ATTN_NAME a valid attn_implementation everywhere in transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers.modeling_utils import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, hf_flash_attention)
+    AttentionMaskInterface.register(ATTN_NAME, hf_flash_mask)
+    _registered = True
