@@ -1,0 +1,121 @@
+"""Pieces shared by the benchmark scripts: run metadata, result files, the closing table.
+
+Kept free of CUDA-only calls at import time so `--help` and the CPU dry runs work anywhere.
+"""
+
+import csv
+import datetime
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _git(*args):
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def kernel_source_hash() -> str:
+    """sha256 over kernels/*.py: names the kernel version even where the tree has no .git."""
+    h = hashlib.sha256()
+    for p in sorted((REPO / "kernels").glob("*.py")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_metadata(args) -> dict:
+    """Who, what and where: enough to tell two result files apart and to reproduce one."""
+    import torch
+
+    meta = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "args": {k: v for k, v in vars(args).items()},
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "kernel_src_sha256_16": kernel_source_hash(),
+    }
+    # A copy of the tree without .git (as on a remote machine) can pass the sha in by hand.
+    sha = _git("rev-parse", "HEAD") or os.environ.get("GIT_SHA") or "unknown"
+    dirty = _git("status", "--porcelain", "--", "kernels", "hf_flash", "patches")
+    meta["git_sha"] = sha
+    meta["git_dirty"] = None if dirty is None else bool(dirty)
+    for name in ("triton", "transformers", "hf_flash"):
+        try:
+            meta[name] = __import__(name).__version__
+        except Exception as e:  # a missing package is a fact to record, not a reason to stop
+            meta[name] = f"n/a ({type(e).__name__})"
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        meta.update(gpu=p.name, gpu_sm_count=p.multi_processor_count,
+                    gpu_mem_gib=round(p.total_memory / 2**30, 1),
+                    gpu_l2_mib=round(getattr(p, "L2_cache_size", 0) / 2**20, 1),
+                    cudnn=torch.backends.cudnn.version())
+    else:
+        meta.update(gpu="none (CPU)")
+    return meta
+
+
+def write_results(out_dir: Path, stem: str, meta: dict, rows: list, extra: dict = None):
+    """Rewrites <stem>.csv and <stem>.json; called after every case so a run cut short keeps
+    everything measured so far."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fields = []
+    for r in rows:
+        for k in r:
+            if k not in fields:
+                fields.append(k)
+    tmp = out_dir / f".{stem}.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(r.get(k)) for k in fields})
+    tmp.replace(out_dir / f"{stem}.csv")
+    doc = {"meta": meta, "rows": rows}
+    if extra:
+        doc.update(extra)
+    tmp = out_dir / f".{stem}.json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    tmp.replace(out_dir / f"{stem}.json")
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else v
+
+
+def table(headers, body) -> str:
+    """Plain fixed-width text table (no third-party formatter on every machine)."""
+    cols = list(zip(*([headers] + body))) if body else [[h] for h in headers]
+    widths = [max(len(str(c)) for c in col) for col in cols]
+    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [line(headers), line(["-" * w for w in widths])]
+    out += [line(r) for r in body]
+    return "\n".join(out)
+
+
+def short_reason(exc: BaseException, warns=(), limit: int = 240) -> str:
+    """One line: the exception's first line plus the first warning PyTorch gave for it
+    (SDPA explains in warnings why a backend refused the inputs)."""
+    msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    for w in warns:
+        text = str(w.message).strip().replace("\n", " ")
+        if text and text not in msg:
+            msg += f" | {text}"
+            break
+    return msg[:limit]
