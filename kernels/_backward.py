@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, bucket, dot_precision, mask_scores, smem_ok
+from . import _common
+from ._common import AUTOTUNE, bucket, default_config, dot_precision, mask_scores, smem_ok
 from ._dropout import dropout_keep
 
 
@@ -280,17 +281,15 @@ def _prune_bwd(configs, named_args, **kwargs):
 
 _KEYS = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_KPM", "MASK_KIND", "HAS_DROPOUT",
          "GROUP"]
-if INTERPRET:
-    _dkdv_launch, _dq_launch = _bwd_dkdv_kernel, _bwd_dq_kernel
-    _BWD_FIXED = {"BLOCK_M": 32, "BLOCK_N": 32}
-else:
+if AUTOTUNE:
     _dkdv_launch = triton.autotune(configs=_bwd_configs(), key=_KEYS,
                                    prune_configs_by={"early_config_prune": _prune_bwd})(
         _bwd_dkdv_kernel)
     _dq_launch = triton.autotune(configs=_bwd_configs(), key=_KEYS,
                                  prune_configs_by={"early_config_prune": _prune_bwd})(
         _bwd_dq_kernel)
-    _BWD_FIXED = {}
+else:
+    _dkdv_launch, _dq_launch = _bwd_dkdv_kernel, _bwd_dq_kernel
 
 
 def attention_backward(do, q, k, v, o, lse, dlse, mask, mask_kind, kpm, kv_lo, kv_hi, causal,
@@ -301,10 +300,13 @@ def attention_backward(do, q, k, v, o, lse, dlse, mask, mask_kind, kpm, kv_lo, k
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
+    if _common.POISON_OUTPUTS:
+        for t in (dq, dk, dv):
+            t.fill_(float("nan"))
     if N_Q == 0 or N_K == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     block_d = max(16, triton.next_power_of_2(D))
-    delta = torch.empty_like(lse)
+    delta = torch.full_like(lse, float("nan")) if _common.POISON_OUTPUTS else torch.empty_like(lse)
     _bwd_delta_kernel[(triton.cdiv(N_Q, 64), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, N_Q,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=64)
@@ -322,7 +324,9 @@ def attention_backward(do, q, k, v, o, lse, dlse, mask, mask_kind, kpm, kv_lo, k
     seed_t = seed if seed is not None else lse
     common = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
                   MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
-                  DOT_PRECISION=dot_precision(q.dtype), **_BWD_FIXED)
+                  DOT_PRECISION=dot_precision(q.dtype))
+    if not AUTOTUNE:
+        common.update(default_config("bwd", block_d, q.element_size()))
     scalars = (H, N_Q, N_K, H // H_KV, scale * 1.4426950408889634, scale, float(dropout_p),
                1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0, causal_offset,
                bucket(N_Q), bucket(N_K))

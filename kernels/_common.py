@@ -13,6 +13,14 @@ try:
 except AttributeError:  # older Triton without knobs
     INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# HF_FLASH_AUTOTUNE=0 launches one heuristic config per shape class instead of autotuning: every
+# autotuned key compiles and times several configs, which a large test grid cannot afford.
+AUTOTUNE = os.environ.get("HF_FLASH_AUTOTUNE", "1") != "0" and not INTERPRET
+
+# Tests set this to fill every output with NaN before launch, so an element a kernel forgets to
+# write shows up instead of hiding behind whatever the allocator returned.
+POISON_OUTPUTS = False
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -49,6 +57,30 @@ def mask_scores(s, rows, cols, mask_ptr, kpm_ptr, stride_mm, stride_mn, stride_k
         else:
             s = s + m.to(tl.float32) * 1.4426950408889634
     return s
+
+
+def default_config(kind: str, head_dim_padded: int, elt_size: int) -> dict:
+    """The config used when not autotuning (and under the interpreter)."""
+    if INTERPRET:
+        return {"BLOCK_M": 32, "BLOCK_N": 32}
+    wide = head_dim_padded * elt_size  # bytes per row of a tile
+    if kind == "fwd":
+        if wide <= 128:
+            return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+        if wide <= 256:
+            return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    if wide <= 128:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    if wide <= 256:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+
+
+def dropout_seed(device) -> "torch.Tensor":
+    """The dropout seed for one launch: drawn on the tensors' device from torch's generator, so
+    torch.manual_seed makes runs repeatable, with no host sync, and safe in a CUDA graph."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
 def bucket(n: int) -> int:

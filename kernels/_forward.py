@@ -4,7 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, bucket, dot_precision, mask_scores, smem_ok
+from . import _common
+from ._common import AUTOTUNE, bucket, default_config, dot_precision, mask_scores, smem_ok
 from ._dropout import dropout_keep
 
 
@@ -145,18 +146,15 @@ def _prune_fwd(configs, named_args, **kwargs):
     return small or kept[-1:]
 
 
-if INTERPRET:
-    # The interpreter runs one fixed config; autotuning would only multiply CPU time.
-    _fwd_launch = _fwd_kernel
-    _FWD_FIXED = {"BLOCK_M": 32, "BLOCK_N": 32}
-else:
+if AUTOTUNE:
     _fwd_launch = triton.autotune(
         configs=_fwd_configs(),
         key=["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_KPM", "MASK_KIND",
              "HAS_DROPOUT", "GROUP"],
         prune_configs_by={"early_config_prune": _prune_fwd},
     )(_fwd_kernel)
-    _FWD_FIXED = {}
+else:
+    _fwd_launch = _fwd_kernel
 
 
 def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causal_offset,
@@ -166,6 +164,9 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
     N_K = k.shape[2]
     o = torch.empty_like(q)
     lse = torch.empty((B, H, N_Q), device=q.device, dtype=torch.float32)
+    if _common.POISON_OUTPUTS:
+        o.fill_(float("nan"))
+        lse.fill_(float("nan"))
     if N_Q == 0:
         return o, lse
     mask_t = mask if mask is not None else q  # any tensor: never read when MASK_KIND is 0
@@ -176,6 +177,7 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
     hi_t = kv_hi if kv_hi is not None else lse
     seed_t = seed if seed is not None else lse
     block_d = max(16, triton.next_power_of_2(D))
+    fixed = {} if AUTOTUNE else default_config("fwd", block_d, q.element_size())
 
     def grid(meta):
         return (triton.cdiv(N_Q, meta["BLOCK_M"]), B * H)
@@ -188,6 +190,6 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
         bucket(N_Q), bucket(N_K),
         HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
         MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=dot_precision(q.dtype),
-        **_FWD_FIXED,
+        **fixed,
     )
     return o, lse

@@ -6,7 +6,8 @@ from typing import Optional, Union
 
 import torch
 
-from ._common import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, INTERPRET, LN2)
+from ._common import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, INTERPRET, LN2,
+                      dropout_seed)
 from ._op import _attention_forward_op
 from ._reference import reference_attention
 
@@ -111,11 +112,7 @@ def _dispatch(q, k, v, mask, kpm, causal, scale, dropout_p):
         bool_mask = mask if mask is not None and not mask.is_floating_point() else None
         return reference_attention(q, k, v, float_mask=float_mask, bool_mask=bool_mask, kpm=kpm,
                                    causal=causal, scale=scale, dropout_p=dropout_p)
-    seed = None
-    if dropout_p > 0.0:
-        # Drawn on the tensors' device from torch's generator: repeatable under torch.manual_seed,
-        # no host sync, and safe to capture in a CUDA graph.
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
+    seed = dropout_seed(q.device) if dropout_p > 0.0 else None
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
