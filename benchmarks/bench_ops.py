@@ -75,6 +75,19 @@ class Case:
     backends: tuple = BACKENDS
     modes: tuple = MODES
 
+    def floor_ms(self, mode: str, mm_tflops: float, bw_tbs: float, key_frac: float = 1.0):
+        """The larger of FLOPs over the matrix rate and bytes over bandwidth (each of q, k, v, o,
+        dO, dq, dk, dv read or written once per pass, plus the fp32 lse). With key padding only
+        the real keys' work and K/V reads count: that is what a kernel skipping padded tiles
+        must do."""
+        t = self.B * self.H * self.N * self.D * 2  # one bf16/fp16 tensor, bytes
+        lse = self.B * self.H * self.N * 4
+        fwd_bytes = (2 + 2 * key_frac) * t + lse           # read q, k, v; write o, lse
+        bwd_bytes = (6 + 2 * key_frac) * t + lse           # read q, k, v, o, dO, lse; write dq, dk, dv
+        nbytes = {"fwd": fwd_bytes, "bwd": bwd_bytes, "fwd+bwd": fwd_bytes + bwd_bytes}[mode]
+        return max(self.flops(mode) * key_frac / (mm_tflops * 1e12),
+                   nbytes / (bw_tbs * 1e12)) * 1e3
+
     def flops(self, mode: str) -> float:
         # Nominal dense FLOPs, as the issue's bar table counts them: padded keys are counted too,
         # so a kernel that skips padded tiles shows a rate above what it physically computes.
@@ -184,6 +197,7 @@ class Runner:
         self.rep = args.rep if args.rep is not None else (40 if args.quick else 100)
         self.deadline = time.perf_counter() + args.time_budget
         self._flex = None
+        self.ceil = {}
 
     # -- helpers -------------------------------------------------------------------------------
     def sync(self):
@@ -226,7 +240,8 @@ class Runner:
             lengths = torch.randint(case.N // 2, case.N + 1, (case.B,), generator=cpu_gen)
             lengths = lengths.to(self.device)
             kpm = torch.arange(case.N, device=self.device)[None, :] < lengths[:, None]
-        return dict(q=q, k=k, v=v, do=do, kpm=kpm, lengths=lengths)
+        key_frac = float(lengths.float().mean()) / case.N if lengths is not None else 1.0
+        return dict(q=q, k=k, v=v, do=do, kpm=kpm, lengths=lengths, key_frac=key_frac)
 
     def flex(self):
         if self._flex is None:
@@ -241,6 +256,25 @@ class Runner:
                     setattr(cfg, name, max(getattr(cfg, name), 1024))
             self._flex = torch.compile(flex_attention, dynamic=False)
         return self._flex
+
+    def ceilings(self) -> dict:
+        """The two rates the floors use, measured here rather than taken from a datasheet: a
+        bf16 8192^3 matrix product and a 1 GiB device-to-device copy (bytes read + written)."""
+        if self.device != "cuda":
+            return {}
+        torch = self.torch
+        n = 8192
+        a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        ms = self.timed(lambda: a @ b)
+        src = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)
+        dst = torch.empty_like(src)
+        ms_copy = self.timed(lambda: dst.copy_(src))
+        res = {"matmul_bf16_tflops": 2 * n**3 / (ms * 1e-3) / 1e12,
+               "copy_tbs": 2 * src.numel() * 2 / (ms_copy * 1e-3) / 1e12}
+        del a, b, src, dst
+        self.free()
+        return res
 
     # -- the functions under test ----------------------------------------------------------------
     def build(self, backend, case, inp):
@@ -284,7 +318,8 @@ class Runner:
         return dict(suite=case.suite, case=case.name, backend=backend, mode=mode, B=case.B,
                     H=case.H, N=case.N, D=case.D, causal=case.causal, padded=case.padded,
                     dropout=case.dropout, dtype=self.args.dtype, status="n/a", ms=None,
-                    tflops=None, peak_mib=None, setup_s=None, reason="")
+                    tflops=None, floor_ms=None, pct_of_floor=None, peak_mib=None,
+                    setup_s=None, reason="")
 
     def peak_memory_mib(self, fn, inp):
         """Extra peak of one forward+backward over what was allocated before it (the inputs,
@@ -364,6 +399,10 @@ class Runner:
                 r = rows[mode]
                 r.update(status="ok", ms=ms, tflops=case.flops(mode) / (ms * 1e-3) / 1e12,
                          reason=reason)
+                if self.ceil:
+                    floor = case.floor_ms(mode, self.ceil["matmul_bf16_tflops"],
+                                          self.ceil["copy_tbs"], inp["key_frac"])
+                    r.update(floor_ms=floor, pct_of_floor=100 * floor / ms)
 
             def attempt(mode, thunk):
                 try:
@@ -530,9 +569,12 @@ def summary(rows, checks, backends) -> str:
             hf = idx.get((c, "hf_flash", mode))
             ratio = (f"{hf['ms'] / min(others):.2f}" if hf and hf["status"] == "ok" and others
                      else "")
-            body.append([c] + cells + [ratio])
-        out.append(f"{mode}: ms/TFLOP/s (median)")
-        out.append(table(["case"] + list(backends) + ["hf/best"], body))
+            pct = (f"{hf['pct_of_floor']:.0f}%" if hf and hf.get("pct_of_floor") is not None
+                   else "")
+            body.append([c] + cells + [ratio, pct])
+        out.append(f"{mode}: ms/TFLOP/s (median); hf/best = hf_flash ms over the fastest other; "
+                   f"floor% = floor ms / hf_flash ms")
+        out.append(table(["case"] + list(backends) + ["hf/best", "floor%"], body))
         out.append("")
     mem = [r for r in rows if r["mode"] == "fwd+bwd" and r.get("peak_mib") is not None]
     if mem:
@@ -593,13 +635,26 @@ def main(argv=None):
                           l2="flushed by do_bench before each timed call",
                           flops="4*B*H*N*N*D, x0.5 causal; bwd x2.5, fwd+bwd x3.5")
     suite = "dry-run" if args.dry_run else args.suite
-    stem = f"ops_{suite}" + (f"_{args.tag}" if args.tag else "")
+    # Split runs (one call per head dim, say) write separate files; plot.py merges them.
+    parts = [f"ops_{suite}"]
+    if args.head_dims and suite in ("sweep", "all"):
+        parts.append("d" + "-".join(_csv_list(args.head_dims)))
+    if args.variants and suite in ("sweep", "all"):
+        parts.append("-".join(_csv_list(args.variants)))
+    if args.tag:
+        parts.append(args.tag)
+    stem = "_".join(parts)
     if args.dry_run and args.out == "benchmarks/results":
         import tempfile
         out_dir = Path(tempfile.mkdtemp(prefix="hf_flash_dry_run_"))
     else:
         out_dir = Path(args.out)
 
+    runner.ceil = runner.ceilings()
+    meta["ceilings"] = runner.ceil
+    if runner.ceil:
+        print("ceilings: bf16 matmul {matmul_bf16_tflops:.0f} TFLOP/s, copy {copy_tbs:.2f} TB/s "
+              "(read + write)".format(**runner.ceil), flush=True)
     rows, checks = [], []
     t_start = time.perf_counter()
     for case in cases:

@@ -1,12 +1,14 @@
 """PNG plots from the benchmark CSVs, laid out like the FlashAttention paper's figures.
 
-    python benchmarks/plot.py --results benchmarks/results
+    python benchmarks/plot.py --results benchmarks/results     # PNGs into benchmarks/results/plots
 
-For each ops_*.csv: the bar-table cases (TFLOP/s per backend and mode), the sweep (one figure per
-variant: rows head dim, columns fwd / bwd / fwd+bwd, bars per backend over sequence length) and
-peak memory against sequence length. For each models_*.csv: ms per step (train) or tokens/s and
-peak memory against context (long). A backend with no result for a point gets an "x" at zero:
-its reason is in the CSV. The subtitle names the GPU, versions, git sha and date of the run.
+All ops_*.csv files are merged (split runs of one sweep make one set of figures; where two files
+have the same point, the later run wins), and likewise all models_*.csv. Figures: the bar-table
+cases (TFLOP/s per backend and mode); the sweep, one figure per variant (rows head dim, columns
+fwd / bwd / fwd+bwd, bars per backend over sequence length); peak memory against sequence
+length; ms per training step, and tokens/s and peak memory against context. A backend tried
+without a result for a point gets an "x" at the axis bottom: its reason is in the CSV. The
+subtitle names the GPU, versions, git sha and date of the runs.
 """
 
 import argparse
@@ -228,27 +230,49 @@ def plot_models(rows, meta, out: Path):
     return paths
 
 
+def merge(paths):
+    """Rows of several result files as one set; a later file (by date) replaces an earlier
+    one's row for the same point, so a re-run of part of a sweep updates the plots."""
+    loaded = [load(p) for p in paths]
+    loaded.sort(key=lambda rm: rm[1].get("date_utc", ""))
+    merged, metas = {}, []
+    for rows, meta in loaded:
+        if rows:
+            metas.append(meta)
+        for r in rows:
+            key = (r.get("suite"), r.get("case") or r.get("model"), r.get("backend") or r.get("impl"),
+                   r.get("mode"))
+            merged[key] = r
+    meta = {}
+    for k in ("gpu", "torch", "triton", "git_sha", "date_utc"):
+        vals = list(dict.fromkeys(str(m.get(k, "?")) for m in metas))
+        meta[k] = vals[0] if len(vals) == 1 else "/".join(v[:10] for v in vals)
+    return list(merged.values()), meta
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Plot benchmark CSVs to PNG.")
     p.add_argument("--results", default="benchmarks/results", help="folder with the CSVs")
-    p.add_argument("--out", default=None, help="folder for the PNGs (default: --results)")
+    p.add_argument("--out", default=None, help="folder for the PNGs (default: <results>/plots)")
+    p.add_argument("--include-dry-run", action="store_true",
+                   help="also plot the CPU dry-run files (plumbing checks only)")
     args = p.parse_args(argv)
     res = Path(args.results)
+    out = Path(args.out) if args.out else res / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    keep = lambda path: args.include_dry_run or "dry-run" not in path.stem
     made = []
-    for csv_path in sorted(res.glob("*.csv")):
-        rows, meta = load(csv_path)
-        if not rows:
-            continue
-        # One folder per result file keeps plots of different runs (tags) apart.
-        out = Path(args.out or res) / f"plots_{csv_path.stem}"
-        out.mkdir(parents=True, exist_ok=True)
-        if csv_path.stem.startswith("ops_"):
-            for r in rows:
-                r["variant"] = variant(r)
-            made += plot_bar_suite(rows, meta, out) + plot_sweep(rows, meta, out)
-            made += plot_memory(rows, meta, out)
-        elif csv_path.stem.startswith("models_"):
-            made += plot_models(rows, meta, out)
+    ops = [q for q in sorted(res.glob("ops_*.csv")) if keep(q)]
+    if ops:
+        rows, meta = merge(ops)
+        for r in rows:
+            r["variant"] = variant(r)
+        made += plot_bar_suite(rows, meta, out) + plot_sweep(rows, meta, out)
+        made += plot_memory(rows, meta, out)
+    models = [q for q in sorted(res.glob("models_*.csv")) if keep(q)]
+    if models:
+        rows, meta = merge(models)
+        made += plot_models(rows, meta, out)
     for m in made:
         print(m)
     if not made:
