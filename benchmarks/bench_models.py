@@ -140,11 +140,9 @@ class Bench:
                                   GPT2Config)
         cfg = (BertConfig if family == "bert" else GPT2Config)(**overrides)
         auto = AutoModelForMaskedLM if family == "bert" else AutoModelForCausalLM
-        torch.manual_seed(self.args.seed)  # same initial weights for every implementation
         how = ""
         load_impl = impl if impl in ("eager", "sdpa") else "sdpa"
-        with torch.device(self.device):
-            model = auto.from_config(cfg, attn_implementation=load_impl)
+        model = self.from_config(auto, cfg, load_impl)
         if impl.startswith("hf_flash"):
             import hf_flash
             opts = dict(patch_opts or {})
@@ -162,12 +160,23 @@ class Bench:
                     how = f"patch({opts})"
             else:
                 name = getattr(hf_flash, "ATTN_NAME", "hf_flash")
-                torch.manual_seed(self.args.seed)
-                with torch.device(self.device):
-                    model = auto.from_config(cfg, attn_implementation=name)
+                model = self.from_config(auto, cfg, name)
                 how = f"attn_implementation={name!r}"
         model.train()
         return model, how
+
+    def from_config(self, auto, cfg, attn_implementation):
+        torch = self.torch
+        torch.manual_seed(self.args.seed)  # same initial weights for every implementation
+        try:
+            # Built on the device: initialising BERT-large on the CPU takes seconds per run.
+            with torch.device(self.device):
+                return auto.from_config(cfg, attn_implementation=attn_implementation)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
+            torch.manual_seed(self.args.seed)
+            return auto.from_config(cfg, attn_implementation=attn_implementation).to(self.device)
 
     def batch(self, family, cfg_vocab, B, N, padded):
         torch = self.torch
