@@ -42,7 +42,7 @@ _IGNORED_KWARGS = frozenset({
     "output_hidden_states", "return_dict", "sliding_window", "layer_idx", "labels",
     "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "token_type_ids",
     "position_embeddings", "logits_to_keep", "output_router_logits", "encoder_hidden_states",
-    "encoder_attention_mask", "kwargs",
+    "encoder_attention_mask", "kwargs", "num_items_in_batch",
 })
 
 # Keyword arguments whose presence (with a value that is not None/False) the kernel cannot honour.
