@@ -35,7 +35,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import run_metadata, short_reason, table, write_results  # noqa: E402
+from benchlib import output_dir, run_metadata, short_reason, table, write_results  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Settings
@@ -314,11 +314,7 @@ def main(argv=None):
                           optimizer="AdamW fused", lr=LR)
     suite = "dry-run" if args.dry_run else args.suite
     stem = f"models_{suite}" + (f"_{args.tag}" if args.tag else "")
-    if args.dry_run and args.out == "benchmarks/results":
-        import tempfile
-        out_dir = Path(tempfile.mkdtemp(prefix="hf_flash_dry_run_"))
-    else:
-        out_dir = Path(args.out)
+    out_dir = output_dir(args.out, args.dry_run)
 
     impls = [(i, None) for i in args.impl_list]
     if args.patch_opts is not None:

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import run_metadata, short_reason, table, write_results  # noqa: E402
+from benchlib import output_dir, run_metadata, short_reason, table, write_results  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Settings
@@ -644,11 +644,7 @@ def main(argv=None):
     if args.tag:
         parts.append(args.tag)
     stem = "_".join(parts)
-    if args.dry_run and args.out == "benchmarks/results":
-        import tempfile
-        out_dir = Path(tempfile.mkdtemp(prefix="hf_flash_dry_run_"))
-    else:
-        out_dir = Path(args.out)
+    out_dir = output_dir(args.out, args.dry_run)
 
     runner.ceil = runner.ceilings()
     meta["ceilings"] = runner.ceil

@@ -67,6 +67,15 @@ def run_metadata(args) -> dict:
     return meta
 
 
+def output_dir(out: str, dry_run: bool, default: str = "benchmarks/results") -> Path:
+    """Where results go; a dry run left at the default goes to a fresh temp folder so that
+    plumbing checks never mix with real results."""
+    if dry_run and out == default:
+        import tempfile
+        return Path(tempfile.mkdtemp(prefix="hf_flash_dry_run_"))
+    return Path(out)
+
+
 def write_results(out_dir: Path, stem: str, meta: dict, rows: list, extra: dict = None):
     """Rewrites <stem>.csv and <stem>.json; called after every case so a run cut short keeps
     everything measured so far."""
