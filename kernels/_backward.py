@@ -37,12 +37,12 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
 
 @triton.jit
 def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, LSE_H, DELTA_H,
-                start_m, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
+                start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
                 stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn,
                 N_Q, N_K, causal_offset,
                 CHECK_BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                 MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Works on transposed tiles (keys x queries) so that P^T and dS^T feed the dots directly.
     rows = start_m + offs_m
     row_ok = rows < N_Q
@@ -61,7 +61,7 @@ def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, LSE_H
     pT = tl.math.exp2(sT - lse[None, :])
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, bh, rows[None, :], offs_n[:, None], dropout_p)
+        keep = tl.trans(dropout_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N))
         pT_used = tl.where(keep, pT * dropout_scale, 0.0)
         dpT = tl.where(keep, dpT * dropout_scale, 0.0)
     else:
@@ -143,15 +143,17 @@ def _bwd_dkdv_kernel(
         for start_m in range(q_lo, q_full, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, LSE_H, DELTA_H,
-                start_m, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
-                stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
-                causal_offset, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION)
+                start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p,
+                dropout_scale, stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
+                causal_offset, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
+                BLOCK_M, BLOCK_N)
         for start_m in range(q_full, q_end, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, LSE_H, DELTA_H,
-                start_m, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
-                stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
-                causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION)
+                start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p,
+                dropout_scale, stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
+                causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
+                BLOCK_M, BLOCK_N)
 
     dk = dk * sm_scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
@@ -161,11 +163,13 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_n, offs_m, offs_n,
+def _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n, offs_m,
+              offs_n,
               d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
               stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K, causal_offset,
               CHECK_BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-              MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = start_n + offs_n
     if CHECK_BOUNDS:
         kv_mask = (cols[:, None] < N_K) & d_ok[None, :]
@@ -180,7 +184,7 @@ def _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_n,
     p = tl.math.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, bh, offs_m[:, None], cols[None, :], dropout_p)
+        keep = dropout_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -247,17 +251,19 @@ def _bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, full_hi, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_n, offs_m,
+        dq = _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n,
+                       offs_m,
                        offs_n, d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
                        stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
                        causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
-                       DOT_PRECISION)
+                       DOT_PRECISION, BLOCK_M, BLOCK_N)
     for start_n in range(full_hi, hi, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_n, offs_m,
+        dq = _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n,
+                       offs_m,
                        offs_n, d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
                        stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
                        causal_offset, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
-                       DOT_PRECISION)
+                       DOT_PRECISION, BLOCK_M, BLOCK_N)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)

@@ -11,18 +11,24 @@ import triton.language as tl
 
 
 @triton.jit
-def dropout_keep(seed, bh, rows, cols, dropout_p):
-    """Boolean tile, True where the score at (rows, cols) of head `bh` survives dropout.
+def dropout_keep(seed, bh, start_m, start_n, dropout_p,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Boolean (BLOCK_M, BLOCK_N) tile, True where score (start_m + i, start_n + j) of head `bh`
+    survives dropout. `start_n` must be a multiple of 4.
 
-    `rows` and `cols` are index tensors already broadcast against each other (either orientation:
-    the backward kernels work on transposed tiles and must draw the same bits).
+    One Philox call yields four 32-bit words: the call for counter (j // 4, row, head, 0) serves
+    columns 4*(j // 4) .. +3, so a tile costs BLOCK_M * BLOCK_N / 4 calls. Counters never repeat
+    within a launch. The backward kernels that work on transposed tiles transpose this tile
+    rather than drawing in another order, so both directions see the same bits.
     """
-    r = (rows + cols * 0).to(tl.uint32)
-    c = (cols + rows * 0).to(tl.uint32)
-    h = (r * 0 + bh).to(tl.uint32)
-    zero = r * 0
-    # One Philox call per score; counters (col, row, head, 0) never repeat within a launch.
-    bits, _, _, _ = tl.philox(seed, c, r, h, zero)
+    rows = start_m + tl.arange(0, BLOCK_M)[:, None]
+    quads = start_n // 4 + tl.arange(0, BLOCK_N // 4)[None, :]
+    c0 = (quads + rows * 0).to(tl.uint32)
+    c1 = (rows + quads * 0).to(tl.uint32)
+    c2 = (c0 * 0 + bh).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c0 * 0)
+    # [.., q, a, b] = r_(2a+b); flattening the last three dims puts word i at column 4q + i.
+    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
     return tl.uint_to_uniform_float(bits) >= dropout_p
 
 
@@ -36,7 +42,7 @@ def _dropout_mask_kernel(Out, SEED, dropout_p, H, N_Q, N_K,
     seed = tl.load(SEED)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], dropout_p)
+    keep = dropout_keep(seed, bh, pid_m * BLOCK_M, pid_n * BLOCK_N, dropout_p, BLOCK_M, BLOCK_N)
     ptrs = Out + bh.to(tl.int64) * N_Q * N_K + offs_m[:, None] * N_K + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
 

@@ -10,12 +10,14 @@ from ._dropout import dropout_keep
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_n, offs_m, offs_n,
+def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n, offs_m,
+               offs_n,
                d_ok, seed, bh, qk_scale, dropout_p,
                stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn,
                N_Q, N_K, causal_offset,
                CHECK_BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-               MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               CAN_BE_EMPTY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = start_n + offs_n
     if CHECK_BOUNDS:
         kv_mask = (cols[:, None] < N_K) & d_ok[None, :]
@@ -27,16 +29,19 @@ def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_n, off
                     stride_kpmn, N_Q, N_K, causal_offset,
                     CHECK_BOUNDS, IS_CAUSAL, HAS_KPM, MASK_KIND)
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row with every score so far masked has m_new = -inf; subtracting 0 instead keeps
-    # exp2(-inf - -inf) = NaN out of the sums.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if CAN_BE_EMPTY:
+        # A row with every score so far masked has m_new = -inf; subtracting 0 instead keeps
+        # exp2(-inf - -inf) = NaN out of the sums.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if HAS_DROPOUT:
         # The normaliser l_i sums the undropped probabilities; only the values see the mask.
-        keep = dropout_keep(seed, bh, offs_m[:, None], cols[None, :], dropout_p)
+        keep = dropout_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
         p = tl.where(keep, p, 0.0)
     v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
     acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -102,23 +107,25 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, full_hi, BLOCK_N):
         acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_n, offs_m, offs_n, d_ok,
-            seed, bh, qk_scale, dropout_p, stride_kn, stride_vn, stride_mm, stride_mn,
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n, offs_m, offs_n,
+            d_ok, seed, bh, qk_scale, dropout_p, stride_kn, stride_vn, stride_mm, stride_mn,
             stride_kpmn, N_Q, N_K, causal_offset,
-            False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION)
+            False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
+            HAS_KPM or MASK_KIND != 0, BLOCK_M, BLOCK_N)
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_n, offs_m, offs_n, d_ok,
-            seed, bh, qk_scale, dropout_p, stride_kn, stride_vn, stride_mm, stride_mn,
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n, offs_m, offs_n,
+            d_ok, seed, bh, qk_scale, dropout_p, stride_kn, stride_vn, stride_mm, stride_mn,
             stride_kpmn, N_Q, N_K, causal_offset,
-            True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION)
+            True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
+            True, BLOCK_M, BLOCK_N)
 
     # Rows with no visible key (l_i == 0) return zeros and lse = -inf instead of 0/0 = NaN.
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     if HAS_DROPOUT:
         o = o * dropout_scale
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_i))
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     o_ptrs = (O + off_b * stride_ob + off_h * stride_oh
               + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])

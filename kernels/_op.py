@@ -1,7 +1,10 @@
-"""The kernels as torch.library custom ops, with a fake (meta) implementation and autograd.
+"""The kernels behind autograd, two ways.
 
-Being a custom op makes attention one opaque node to torch.compile: a compiled model has no graph
-break at attention, and the fake implementation tells the compiler the output shapes and strides.
+- Under torch.compile: torch.library custom ops with fake (meta) implementations, so attention is
+  one opaque node and a compiled model has no graph break there.
+- In eager mode: a plain autograd.Function calling the same launchers. Custom-op dispatch costs
+  tens of microseconds of Python per call, which small attention calls cannot hide, and the
+  Function can keep the key range it computed in forward for backward.
 """
 
 from typing import Optional
@@ -98,3 +101,35 @@ def _backward(ctx, do, dlse):
 
 
 _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, kpm, causal, scale, dropout_p, seed):
+        lo, hi = _key_range(kpm)
+        offset = _causal_offset(causal, q.shape[2], k.shape[2])
+        o, lse = attention_forward(q, k, v, _as_u8(mask), _mask_kind(mask), _as_u8(kpm), lo, hi,
+                                   causal != CAUSAL_NONE, offset, scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, o, lse, mask, kpm, seed, lo, hi)
+        ctx.causal, ctx.scale, ctx.dropout_p, ctx.offset = causal, scale, dropout_p, offset
+        ctx.set_materialize_grads(False)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, mask, kpm, seed, lo, hi = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        elif do.stride(-1) != 1:
+            do = do.contiguous()
+        dq, dk, dv = attention_backward(
+            do, q, k, v, o, lse, dlse, _as_u8(mask), _mask_kind(mask), _as_u8(kpm), lo, hi,
+            ctx.causal != CAUSAL_NONE, ctx.offset, ctx.scale, ctx.dropout_p, seed)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def attention(q, k, v, mask, kpm, causal, scale, dropout_p, seed):
+    """(out, base-2 lse) with autograd; the custom op when compiling, the Function otherwise."""
+    if torch.compiler.is_compiling():
+        return _attention_forward_op(q, k, v, mask, kpm, causal, scale, dropout_p, seed)
+    return _FlashAttention.apply(q, k, v, mask, kpm, causal, scale, dropout_p, seed)

@@ -8,7 +8,7 @@ import torch
 
 from ._common import (CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, INTERPRET, LN2,
                       dropout_seed)
-from ._op import _attention_forward_op
+from ._op import attention as _attention
 from ._reference import reference_attention
 
 try:  # PyTorch's lazy causal masks; absent in very old releases
@@ -119,7 +119,7 @@ def _dispatch(q, k, v, mask, kpm, causal, scale, dropout_p):
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    out, lse2 = _attention_forward_op(q, k, v, mask, kpm, causal, float(scale), dropout_p, seed)
+    out, lse2 = _attention(q, k, v, mask, kpm, causal, float(scale), dropout_p, seed)
     return out, lse2 * LN2
 
 

@@ -88,10 +88,13 @@ def _run_case(B, H, H_KV, n_q, n_k, D, dtype, case, layout="bhnd"):
     check_ratio("out", out, o64, o_lo, OUT_RATIO, dtype)
     finite = torch.isfinite(lse64)
     assert torch.equal(torch.isfinite(lse), finite), "lse: -inf rows differ from the reference"
-    assert max_err(lse[finite], lse64[finite]) <= 1e-3 + 1e-5 * lse64[finite].abs().max().item()
+    if finite.any():
+        assert max_err(lse[finite], lse64[finite]) <= 1e-3 + 1e-5 * lse64[finite].abs().max().item()
     for name, t, r64, r_lo in zip(("dq", "dk", "dv"), (q, k, v), g64, g_lo):
-        # Gradients sum over a whole sequence: a few more units in the last place of floor.
-        check_ratio(name, t.grad, r64, r_lo, GRAD_RATIO, dtype, floor_ulps=16)
+        # dS = P * (dP - delta) cancels: its rounding noise is eps * |dP|, which a same-dtype
+        # reference can dodge by luck (one key: exactly 0). fp32 gets a floor of 64 ulps for it.
+        check_ratio(name, t.grad, r64, r_lo, GRAD_RATIO, dtype,
+                    floor_ulps=64 if dtype == torch.float32 else 4)
 
 
 # ---- the main grid --------------------------------------------------------------------------
@@ -315,7 +318,8 @@ def _t(*shape, dtype=torch.float32, device=DEVICE):
 ])
 def test_bad_input_raises_naming_the_problem(make, exc, words):
     q, k, v = make()
-    if "attn_mask" in exc and isinstance(exc["attn_mask"], torch.Tensor):
+    # type() is, not isinstance: some torch releases make CausalBias a Tensor subclass.
+    if "attn_mask" in exc and type(exc["attn_mask"]) is torch.Tensor:
         exc = dict(exc, attn_mask=exc["attn_mask"].to(DEVICE))
     if "key_padding_mask" in exc:
         exc = dict(exc, key_padding_mask=exc["key_padding_mask"].to(DEVICE))
