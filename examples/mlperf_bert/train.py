@@ -92,6 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--log_every", type=int)
     p.add_argument("--time_limit", type=float, default=None,
                    help="seconds since process start after which to checkpoint and exit (resume later)")
+    p.add_argument("--on_time_limit", choices=["save", "stop"], default="save",
+                   help="save: checkpoint for --resume; stop: just end (a calibration run)")
     p.add_argument("--time_check_every", type=int, default=TIME_CHECK_EVERY,
                    help="steps between --time_limit checks (each is an all-reduce under DDP)")
     p.add_argument("--resume", action="store_true",
@@ -166,17 +168,30 @@ def load_model(init_dir, attn):
     kw = dict(dtype=torch.float32)
     if attn != "hf_flash":
         return BertForMLPerfMLM.from_pretrained(init_dir, attn_implementation=attn, **kw), attn
-    import hf_flash  # registers the "hf_flash" attention backend with transformers
+    import hf_flash  # registers its backend with transformers' Attention(Mask)Interface
 
+    if hasattr(hf_flash, "patch"):
+        model = BertForMLPerfMLM.from_pretrained(init_dir, attn_implementation="eager", **kw)
+        # fallback="raise": a call the kernel cannot serve must fail, not run eager inside a timed run.
+        hf_flash.patch(model, fallback="raise")
+        return model, "hf_flash.patch(fallback=raise)"
+    name = getattr(hf_flash, "ATTN_NAME", "hf_flash")
+    model = BertForMLPerfMLM.from_pretrained(init_dir, attn_implementation=name, **kw)
+    return model, f"attn_implementation={name}"
+
+
+def attention_paths(model):
+    """hf_flash's own account of each attention layer (path, mask form, last call), if it gives one."""
     try:
-        model = BertForMLPerfMLM.from_pretrained(init_dir, attn_implementation="hf_flash", **kw)
-        return model, "attn_implementation=hf_flash"
-    except (ValueError, KeyError) as err:
-        if not hasattr(hf_flash, "patch"):
-            raise SystemExit(f"this hf_flash registers no 'hf_flash' backend and has no patch(): {err}")
-    model = BertForMLPerfMLM.from_pretrained(init_dir, attn_implementation="eager", **kw)
-    hf_flash.patch(model)
-    return model, "hf_flash.patch"
+        import hf_flash
+    except ImportError:
+        return None
+    if not hasattr(hf_flash, "explain"):
+        return None
+    import io
+
+    rows = hf_flash.explain(model, file=io.StringIO())
+    return json.loads(json.dumps(rows, default=str))
 
 
 # ---- timing, target and resume ----------------------------------------------------------------------
@@ -239,7 +254,7 @@ class TimeToTarget(TrainerCallback):
         if self.cli.time_limit is not None and state.global_step % self.cli.time_check_every == 0:
             over = int(time.time() - PROCESS_START > self.cli.time_limit)
             if _all_reduce(over, args.device, dist.ReduceOp.MAX):  # every rank stops at one step
-                control.should_save = True
+                control.should_save = self.cli.on_time_limit == "save"
                 control.should_training_stop = True
                 self.paused = True
 
@@ -395,10 +410,17 @@ def main(argv=None):
         "torch": torch.__version__, "transformers": transformers.__version__, "git": _git_sha(),
         "startup_s": round(time.time() - PROCESS_START, 1),
     }
+    if cli.attn == "hf_flash":
+        paths = attention_paths(model) or []
+        header["attn_paths"] = sorted({r.get("path") for r in paths})
     timer._write(header)
     if _rank0():
         print(json.dumps(header), flush=True)
     trainer.train(resume_from_checkpoint=checkpoint)
+    if cli.attn == "hf_flash" and _rank0():
+        # What the kernel was actually asked to do in the last call (e.g. key-padding lengths).
+        paths = attention_paths(model) or [{}]
+        timer._write({"event": "attn_check", "layer0": paths[0]})
     if _rank0():
         res = out / "result.json"
         print(res.read_text() if res.exists() else f"paused; continue with --resume into {out}",
