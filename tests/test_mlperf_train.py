@@ -92,3 +92,13 @@ def test_two_process_gloo_run_reaches_target(tiny, tmp_path):
     assert res["reached"]
     assert 16 * res["steps_to_target"] - 16 < res["samples_to_target"] <= 16 * res["steps_to_target"]
     assert all(e["eval_predictions"] == _evals(curve)[0]["eval_predictions"] for e in _evals(curve))
+
+
+@pytest.mark.gpu
+def test_hf_flash_tiny_run_on_gpu_uses_the_kernel_with_key_padding(tiny, tmp_path):
+    curve = _train(tiny, tmp_path / "flash", attn="hf_flash")
+    assert curve[0]["attn_paths"] == ["hf_flash kernel"]
+    assert json.loads((tmp_path / "flash" / "result.json").read_text())["reached"]
+    check = [r for r in curve if r["event"] == "attn_check"][-1]["layer0"]
+    # the last call was an eval batch of samples of unequal length: served as key-padding lengths
+    assert check["last_call"] == ["kernel", "key padding"]

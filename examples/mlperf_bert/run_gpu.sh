@@ -75,7 +75,7 @@ calibrate)
     limit=$(( secs + 75 < $(left) - 15 ? secs + 75 : $(left) - 15 ))
     launch --data "$DATA" --init "$INIT" --attn sdpa --target 1.01 --seed "$seed" --out "$dir" \
         --time_limit "$limit" --on_time_limit stop $EXTRA || echo "calibration run exited with $?"
-    cp "$dir/curve.jsonl" "$OUT/calibrate-sdpa-s$seed-n$NPROC.jsonl"
+    cp "$dir/curve.jsonl" "$OUT/calibrate-sdpa-s$seed-n$NPROC.jsonl" || { echo "no curve written"; exit 4; }
     python3 - "$dir/curve.jsonl" "$CALIBRATE_AT" <<'EOF' | tee -a "$OUT/calibration.txt"
 import json, math, sys
 ev = [r for r in map(json.loads, open(sys.argv[1])) if r["event"] == "eval"]
@@ -99,7 +99,7 @@ run)
         if [ "$limit" -lt 90 ]; then echo "no time left for $attn (issue the same line again)"; break; fi
         launch --data "$DATA" --init "$INIT" --attn "$attn" --target "$target" --seed "$seed" \
             --out "$dir" --time_limit "$limit" --resume $EXTRA || echo "$attn exited with $?"
-        cp "$dir/curve.jsonl" "$OUT/$attn-t$target-s$seed-n$NPROC.jsonl"
+        cp "$dir/curve.jsonl" "$OUT/$attn-t$target-s$seed-n$NPROC.jsonl" || { echo "$attn wrote no curve"; break; }
         [ -f "$dir/result.json" ] || break  # paused: the next command resumes it first
     done
     ;;
