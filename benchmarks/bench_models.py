@@ -207,7 +207,8 @@ class Bench:
             model(**batch)
         counts = {"hf_flash_calls": 0, "sdpa_calls": 0}
         for evt in prof.key_averages():
-            if evt.key == "hf_flash::attention_forward":
+            # Eager calls go through the autograd Function, compiled ones through the custom op.
+            if evt.key in ("hf_flash::attention_forward", "_FlashAttention"):
                 counts["hf_flash_calls"] += evt.count
             elif evt.key == "aten::scaled_dot_product_attention":
                 counts["sdpa_calls"] += evt.count

@@ -133,10 +133,10 @@ def _cheap_form(q_length, kv_length, q_offset, kv_offset, mask_function, attenti
     if attention_mask.shape[-1] < end:
         # Same convention as transformers: keys beyond the 2-D mask are not real tokens.
         attention_mask = torch.nn.functional.pad(attention_mask, (0, end - attention_mask.shape[-1]))
-    kpm = attention_mask[:, kv_offset:end]
-    if not _is_tracing(kpm) and bool(kpm.all()):
-        return None  # no padding at all: the cheapest form (one host sync, as SDPA's check)
-    return kpm
+    # Handed over even when it holds no padding: testing for that would cost a host sync every
+    # forward pass (it stalls the launch queue), while an all-True mask costs the kernel one byte
+    # load per key tile.
+    return attention_mask[:, kv_offset:end]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import AUTOTUNE, bucket, default_config, dot_precision, mask_scores, smem_ok
+from . import _tuning
+from ._common import AUTOTUNE, bucket, cfg, default_config, dot_precision, mask_scores, smem_ok
 from ._dropout import dropout_keep
 
 
@@ -84,7 +85,6 @@ def _bwd_dkdv_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_kpmb, stride_kpmn,
     H, N_Q, N_K, GROUP, qk_scale, sm_scale, dropout_p, dropout_scale, causal_offset,
-    NQ_BUCKET, NK_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -202,7 +202,6 @@ def _bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_kpmb, stride_kpmn,
     H, N_Q, N_K, GROUP, qk_scale, sm_scale, dropout_p, dropout_scale, causal_offset,
-    NQ_BUCKET, NK_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -269,33 +268,17 @@ def _bwd_dq_kernel(
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
-def _bwd_configs():
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(64, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2), (32, 64, 4, 3),
-                             (64, 32, 4, 3), (32, 32, 4, 2)]
-    ]
+_BWD_CONFIGS = [cfg(64, 128, 8, 2), cfg(64, 64, 4, 3), cfg(128, 64, 8, 2), cfg(32, 64, 4, 3),
+                cfg(64, 32, 4, 3), cfg(32, 32, 4, 2)]
 
 
-def _prune_bwd(configs, named_args, **kwargs):
-    elt = named_args["Q"].element_size()
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+def _bwd_candidates(block_d, elt_size):
+    first = default_config("bwd", block_d, elt_size)
+    if not AUTOTUNE:
+        return [first]
     # Two resident tiles (K, V or Q, dO) plus two streamed, pipelined tiles.
-    kept = [c for c in configs if smem_ok(c, block_d, elt, 2, 2)]
-    return kept or configs[-1:]
-
-
-_KEYS = ["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_KPM", "MASK_KIND", "HAS_DROPOUT",
-         "GROUP"]
-if AUTOTUNE:
-    _dkdv_launch = triton.autotune(configs=_bwd_configs(), key=_KEYS,
-                                   prune_configs_by={"early_config_prune": _prune_bwd})(
-        _bwd_dkdv_kernel)
-    _dq_launch = triton.autotune(configs=_bwd_configs(), key=_KEYS,
-                                 prune_configs_by={"early_config_prune": _prune_bwd})(
-        _bwd_dq_kernel)
-else:
-    _dkdv_launch, _dq_launch = _bwd_dkdv_kernel, _bwd_dq_kernel
+    kept = [c for c in _BWD_CONFIGS if smem_ok(c, block_d, elt_size, 2, 2)]
+    return [first] + [c for c in kept if c != first]
 
 
 def attention_backward(do, q, k, v, o, lse, dlse, mask, mask_kind, kpm, kv_lo, kv_hi, causal,
@@ -328,21 +311,25 @@ def attention_backward(do, q, k, v, o, lse, dlse, mask, mask_kind, kpm, kv_lo, k
     lo_t = kv_lo if kv_lo is not None else lse
     hi_t = kv_hi if kv_hi is not None else lse
     seed_t = seed if seed is not None else lse
-    common = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
-                  MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
-                  DOT_PRECISION=dot_precision(q.dtype))
-    if not AUTOTUNE:
-        common.update(default_config("bwd", block_d, q.element_size()))
-    scalars = (H, N_Q, N_K, H // H_KV, scale * 1.4426950408889634, scale, float(dropout_p),
-               1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0, causal_offset,
-               bucket(N_Q), bucket(N_K))
-
-    _dkdv_launch[lambda meta: (triton.cdiv(N_K, meta["BLOCK_N"]), B * H_KV)](
-        q, k, v, do, dk, dv, lse, delta, mask_t, kpm_t, lo_t, hi_t, seed_t,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        *mask_strides, *kpm_strides, *scalars, **common)
-    _dq_launch[lambda meta: (triton.cdiv(N_Q, meta["BLOCK_M"]), B * H)](
-        q, k, v, do, dq, lse, delta, mask_t, kpm_t, lo_t, hi_t, seed_t,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        *mask_strides, *kpm_strides, *scalars, **common)
+    group = H // H_KV
+    constexprs = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
+                      MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
+                      DOT_PRECISION=dot_precision(q.dtype))
+    scalars = (H, N_Q, N_K, group, scale * 1.4426950408889634, scale, float(dropout_p),
+               1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0, causal_offset)
+    key = (bucket(N_Q), bucket(N_K), B * H > 64, group, q.dtype, q.device.index,
+           *constexprs.values())
+    candidates = _bwd_candidates(block_d, q.element_size())
+    _tuning.launch(
+        _bwd_dkdv_kernel, "dkdv", key, candidates,
+        lambda c: (triton.cdiv(N_K, c["BLOCK_N"]), B * H_KV),
+        (q, k, v, do, dk, dv, lse, delta, mask_t, kpm_t, lo_t, hi_t, seed_t,
+         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+         *mask_strides, *kpm_strides, *scalars), constexprs)
+    _tuning.launch(
+        _bwd_dq_kernel, "dq", key, candidates,
+        lambda c: (triton.cdiv(N_Q, c["BLOCK_M"]), B * H),
+        (q, k, v, do, dq, lse, delta, mask_t, kpm_t, lo_t, hi_t, seed_t,
+         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+         *mask_strides, *kpm_strides, *scalars), constexprs)
     return dq, dk, dv

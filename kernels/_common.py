@@ -96,9 +96,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def smem_ok(cfg: triton.Config, head_dim_padded: int, elt_size: int, tiles_m: int, tiles_n: int,
+def smem_ok(cfg: dict, head_dim_padded: int, elt_size: int, tiles_m: int, tiles_n: int,
             limit: int = 227 * 1024) -> bool:
     """Rough shared-memory estimate: pipelined K/V (or Q/dO) tiles times stages."""
-    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-    need = (tiles_m * bm + tiles_n * bn * cfg.num_stages) * head_dim_padded * elt_size
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    need = (tiles_m * bm + tiles_n * bn * cfg["num_stages"]) * head_dim_padded * elt_size
     return need <= limit
+
+
+def cfg(bm, bn, warps, stages) -> dict:
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}

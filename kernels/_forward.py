@@ -5,7 +5,8 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import AUTOTUNE, bucket, default_config, dot_precision, mask_scores, smem_ok
+from . import _tuning
+from ._common import AUTOTUNE, bucket, cfg, default_config, dot_precision, mask_scores, smem_ok
 from ._dropout import dropout_keep
 
 
@@ -58,7 +59,6 @@ def _fwd_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_kpmb, stride_kpmn,
     H, N_Q, N_K, GROUP, qk_scale, dropout_p, dropout_scale, causal_offset,
-    NQ_BUCKET, NK_BUCKET,  # autotuning keys only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -132,36 +132,18 @@ def _fwd_kernel(
     tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_ok)
 
 
-def _fwd_configs():
-    cfgs = []
-    for bm, bn, warps, stages in [
-        (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
-        (64, 64, 4, 3), (64, 32, 4, 4), (32, 32, 4, 2),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
-                                  num_stages=stages))
-    return cfgs
+_FWD_CONFIGS = [cfg(128, 128, 8, 3), cfg(128, 64, 8, 3), cfg(128, 64, 4, 3), cfg(128, 32, 4, 4),
+                cfg(64, 64, 4, 3), cfg(64, 32, 4, 4), cfg(32, 32, 4, 2)]
 
 
-def _prune_fwd(configs, named_args, **kwargs):
-    d = named_args["Q"].element_size()
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    kept = [c for c in configs if smem_ok(c, block_d, d, 1, 2)]
-    # Very short sequences waste most of a 128-row block: drop those configs there.
-    n_q = named_args["N_Q"]
-    small = [c for c in kept if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(n_q))]
-    return small or kept[-1:]
-
-
-if AUTOTUNE:
-    _fwd_launch = triton.autotune(
-        configs=_fwd_configs(),
-        key=["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_KPM", "MASK_KIND",
-             "HAS_DROPOUT", "GROUP"],
-        prune_configs_by={"early_config_prune": _prune_fwd},
-    )(_fwd_kernel)
-else:
-    _fwd_launch = _fwd_kernel
+def _fwd_candidates(block_d, elt_size, n_q):
+    first = default_config("fwd", block_d, elt_size)
+    if not AUTOTUNE:
+        return [first]
+    kept = [c for c in _FWD_CONFIGS if smem_ok(c, block_d, elt_size, 1, 2)]
+    # Short query sequences waste most of a 128-row block: drop those configs there.
+    kept = [c for c in kept if c["BLOCK_M"] <= max(32, triton.next_power_of_2(n_q))] or [first]
+    return [first] + [c for c in kept if c != first]
 
 
 def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causal_offset,
@@ -184,19 +166,16 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
     hi_t = kv_hi if kv_hi is not None else lse
     seed_t = seed if seed is not None else lse
     block_d = max(16, triton.next_power_of_2(D))
-    fixed = {} if AUTOTUNE else default_config("fwd", block_d, q.element_size())
-
-    def grid(meta):
-        return (triton.cdiv(N_Q, meta["BLOCK_M"]), B * H)
-
-    _fwd_launch[grid](
-        q, k, v, o, lse, mask_t, kpm_t, lo_t, hi_t, seed_t,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *mask_strides, *kpm_strides,
-        H, N_Q, N_K, H // k.shape[1], scale * 1.4426950408889634, float(dropout_p),
-        1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0, causal_offset,
-        bucket(N_Q), bucket(N_K),
-        HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
-        MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=dot_precision(q.dtype),
-        **fixed,
-    )
+    group = H // k.shape[1]
+    args = (q, k, v, o, lse, mask_t, kpm_t, lo_t, hi_t, seed_t,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *mask_strides, *kpm_strides,
+            H, N_Q, N_K, group, scale * 1.4426950408889634, float(dropout_p),
+            1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0, causal_offset)
+    constexprs = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
+                      MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
+                      DOT_PRECISION=dot_precision(q.dtype))
+    key = (bucket(N_Q), bucket(N_K), B * H > 64, group, q.dtype, q.device.index,
+           *constexprs.values())
+    _tuning.launch(_fwd_kernel, "fwd", key, _fwd_candidates(block_d, q.element_size(), N_Q),
+                   lambda c: (triton.cdiv(N_Q, c["BLOCK_M"]), B * H), args, constexprs)
     return o, lse

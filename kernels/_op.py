@@ -7,6 +7,7 @@
   Function can keep the key range it computed in forward for backward.
 """
 
+import weakref
 from typing import Optional
 
 import torch
@@ -22,14 +23,30 @@ def _mask_kind(mask: Optional[torch.Tensor]) -> int:
     return MASK_BOOL if mask.dtype in (torch.bool, torch.uint8) else MASK_FLOAT
 
 
+_last_range = (None, -1, None, None)  # (weakref to kpm, its version, lo, hi)
+
+
 def _key_range(kpm: Optional[torch.Tensor]):
     """Per-batch [lo, hi) holding every real key, computed on the device without a host sync.
 
     Tiles outside the range are skipped; holes inside it are still masked from `kpm` itself, so
     any boolean key padding mask is exact, and contiguous (left or right) padding is also fast.
+    A model hands the same mask to every layer, so the last result is kept (keyed by the tensor
+    object and its version counter, which in-place writes bump).
     """
+    global _last_range
     if kpm is None:
         return None, None
+    ref, version, lo, hi = _last_range
+    if ref is not None and ref() is kpm and version == kpm._version:
+        return lo, hi
+    lo, hi = _compute_key_range(kpm)
+    if not torch.compiler.is_compiling():
+        _last_range = (weakref.ref(kpm), kpm._version, lo, hi)
+    return lo, hi
+
+
+def _compute_key_range(kpm: torch.Tensor):
     n_k = kpm.shape[1]
     as_int = kpm.to(torch.int32)
     any_key = kpm.any(dim=1)

@@ -219,12 +219,14 @@ def test_mask_forms():
     left = full.clone()
     left[1, :2] = False
     assert _mask() is None
-    assert _mask(attention_mask=full) is None
+    # An all-True mask is handed over as is: checking for "no padding" would cost a host sync.
+    assert torch.equal(_mask(attention_mask=full), full)
     assert torch.equal(_mask(attention_mask=right), right)
     assert torch.equal(_mask(attention_mask=left), left)
     # KV cache: 1 new query after 4 cached keys, bottom-right aligned -> still cheap.
     cache_mask = torch.ones(2, 5, dtype=torch.bool)
-    assert _mask(q_length=1, kv_length=5, q_offset=4, attention_mask=cache_mask) is None
+    assert torch.equal(_mask(q_length=1, kv_length=5, q_offset=4, attention_mask=cache_mask),
+                       cache_mask)
     # Bidirectional: cheap only when the caller allows skipping a materialised mask.
     assert _mask(mask_function=bidirectional_mask_function, allow_is_bidirectional_skip=True,
                  attention_mask=right).shape == (2, 5)

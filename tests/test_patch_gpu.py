@@ -53,6 +53,13 @@ def test_family_parity_gpu(name, dtype):
     _ratio(f"{name} logits", g[0], e[0], r[0], where)
     _ratio(f"{name} loss", g[1], e[1], r[1])
     for n in r[2]:
+        if n.endswith("key.bias"):
+            # Softmax ignores a shift shared by a row's scores, so the key bias gradient is zero
+            # in exact arithmetic: every implementation returns rounding noise there, which the
+            # ratio cannot judge. Bound it by the size of the query bias gradient instead.
+            scale = r[2][n.replace("key.bias", "query.bias")].abs().max().item()
+            assert g[2][n].abs().max().item() <= 1e-2 * scale, f"{name} grad {n}"
+            continue
         _ratio(f"{name} grad {n}", g[2][n], e[2][n], r[2][n])
 
 
@@ -86,12 +93,14 @@ def test_minilm_bf16_gpu():
 
 
 def test_torch_compile_fullgraph_inductor_gpu():
-    model = hf_flash.patch(build("gpt2", n_positions=256)).cuda().to(torch.bfloat16).eval()
+    # fp32: inductor's fused bf16 elementwise code rounds differently from eager, which would
+    # swamp what this test is about (the attention op inside a compiled graph).
+    model = hf_flash.patch(build("gpt2", n_positions=256)).cuda().eval()
     ids, mask, _ = (t.cuda() for t in batch("gpt2", "right", seq=128, batch_size=4))
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
         got = torch.compile(model, fullgraph=True)(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_dropout_kept_fraction_gpu():
