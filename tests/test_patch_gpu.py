@@ -56,9 +56,11 @@ def test_family_parity_gpu(name, dtype):
         if n.endswith("key.bias"):
             # Softmax ignores a shift shared by a row's scores, so the key bias gradient is zero
             # in exact arithmetic: every implementation returns rounding noise there, which the
-            # ratio cannot judge. Bound it by the size of the query bias gradient instead.
+            # ratio cannot judge. Bound it by eager's own noise there, and by the size of the
+            # query bias gradient (a real error would be of that order).
             scale = r[2][n.replace("key.bias", "query.bias")].abs().max().item()
-            assert g[2][n].abs().max().item() <= 1e-2 * scale, f"{name} grad {n}"
+            noise = e[2][n].abs().max().item()
+            assert g[2][n].abs().max().item() <= 8 * noise + 1e-3 * scale, f"{name} grad {n}"
             continue
         _ratio(f"{name} grad {n}", g[2][n], e[2][n], r[2][n])
 
