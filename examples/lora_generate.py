@@ -138,7 +138,8 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(args.seed)
     train_data, eval_data = read_bytes(args.train_text), read_bytes(args.eval_text)
-    eval_batches = [windows(eval_data, args.seq, args.batch, g).to(device) for _ in range(1 if args.tiny else 8)]
+    eval_batches = [windows(eval_data, args.seq, args.batch, g).to(device)
+                    for _ in range(1 if args.tiny else 8)]
 
     # 1. The base model, patched, saved as a normal checkpoint (patching leaves no trace in it).
     if args.base:

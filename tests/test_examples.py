@@ -79,3 +79,28 @@ def test_lora_generate_reload(tmp_path):
     assert r["reload_logits_max_abs_diff"] == 0.0 and r["reload_same_text"]
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert r["trainable_parameters"] < r["parameters"]
+
+
+def test_onpolicy_distillation(tmp_path):
+    ex = load("onpolicy_distillation")
+    r = ex.main(["--tiny", "--out", str(tmp_path)])
+    for kl in (r["kl_start"], r["on_policy"]["kl"], r["off_policy"]["kl"]):
+        assert math.isfinite(kl) and kl >= 0.0
+    for method in ("on_policy", "off_policy"):
+        assert len(r[method]["losses"]) == 2 and all(math.isfinite(x) for x in r[method]["losses"])
+        assert r[method]["wall_s"] > 0
+    # Reverse-KL losses are KLs themselves: non-negative; the trained teacher was saved for reuse.
+    assert min(r["on_policy"]["losses"]) >= 0.0
+    assert (tmp_path / "teacher" / "config.json").is_file()
+
+
+def test_reverse_kl_is_a_kl():
+    import torch
+
+    ex = load("onpolicy_distillation")
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 5, 7, generator=g), torch.randn(3, 5, 7, generator=g)
+    assert torch.allclose(ex.reverse_kl(a, a), torch.zeros(3, 5), atol=1e-6)
+    kl = ex.reverse_kl(a, b)
+    want = (a.softmax(-1) * (a.log_softmax(-1) - b.log_softmax(-1))).sum(-1)
+    assert torch.allclose(kl, want, atol=1e-6) and (kl > 0).all()
