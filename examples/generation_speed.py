@@ -114,7 +114,7 @@ def switch(model, backend):
 
 
 class _Clock(LogitsProcessor):
-    """Records the time each time generate asks for next-token scores (after the forward that made them)."""
+    """Stamps the time whenever generate asks for next-token scores (after the forward made them)."""
 
     def __init__(self, device):
         self.device, self.stamps = device, []
@@ -126,7 +126,7 @@ class _Clock(LogitsProcessor):
         return scores
 
 
-def generate(model, ids, mask, new_tokens, timed=False):
+def generate(model, ids, mask, new_tokens):
     clock = _Clock(ids.device)
     if ids.device.type == "cuda":
         torch.cuda.synchronize(ids.device)

@@ -45,7 +45,7 @@ MODEL = dict(hidden=512, layers=8, heads=8)
 SEQ = 256                   # bytes per training window
 BATCH = 32
 STEPS = 300
-LR = 2e-3                   # LoRA trains few parameters from B = 0; it takes a larger rate than full fine-tuning
+LR = 2e-3                   # LoRA trains few parameters, from B = 0: a larger rate than full fine-tuning
 RANK = 16
 ALPHA = 32
 PROMPT = "And it came to pass"

@@ -58,7 +58,7 @@ def test_generation_speed_detects_different_tokens(monkeypatch):
     ex = load("generation_speed")
     real = ex.generate
 
-    def wrong_for_hf_flash(model, ids, mask, new_tokens, timed=False):
+    def wrong_for_hf_flash(model, ids, mask, new_tokens):
         tokens, prefill, decode = real(model, ids, mask, new_tokens)
         if ex.hf_flash.is_patched(model):
             tokens = tokens.clone()
