@@ -37,6 +37,8 @@ def _key_range(kpm: Optional[torch.Tensor]):
     global _last_range
     if kpm is None:
         return None, None
+    if kpm.is_inference():  # inference tensors keep no version counter: nothing safe to key on
+        return _compute_key_range(kpm)
     ref, version, lo, hi = _last_range
     if ref is not None and ref() is kpm and version == kpm._version:
         return lo, hi

@@ -212,6 +212,19 @@ def test_bool_key_mask_in_4d_form_matches_key_padding():
     assert torch.equal(a, b)
 
 
+def test_inference_mode_with_key_padding():
+    # Inference tensors have no version counter; the key-range cache must not need one.
+    q, k, v = make_qkv(2, 2, 2, 9, 13, 16, torch.float32, DEVICE)
+    kpm = torch.arange(13, device=DEVICE)[None, :] < torch.tensor([13, 5], device=DEVICE)[:, None]
+    want = hf_flash.flash_attention(q, k, v, key_padding_mask=kpm)
+    with torch.inference_mode():
+        kpm_i = kpm.clone()
+        got = hf_flash.flash_attention(q.detach(), k.detach(), v.detach(), key_padding_mask=kpm_i)
+        got_again = hf_flash.flash_attention(q.detach(), k.detach(), v.detach(),
+                                             key_padding_mask=kpm_i)
+    assert torch.equal(got, want.detach()) and torch.equal(got_again, got)
+
+
 def test_lse_is_differentiable():
     q, k, v = make_qkv(1, 2, 2, 33, 47, 32, torch.float32, DEVICE)
     out, lse = hf_flash.flash_attention(q, k, v, is_causal=True, return_lse=True)
