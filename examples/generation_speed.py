@@ -131,8 +131,6 @@ def generate(model, ids, mask, new_tokens):
     if ids.device.type == "cuda":
         torch.cuda.synchronize(ids.device)
     start = time.perf_counter()
-    # no_grad, not inference_mode: hf_flash 0.1.0 reads the version counter of the key-padding
-    # tensor, which inference tensors do not have.
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, use_cache=True,
