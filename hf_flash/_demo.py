@@ -25,7 +25,8 @@ def _configs(model: str, gpu: bool):
             cfg = GPT2Config(n_embd=1024, n_layer=24, n_head=16, n_positions=1024)
             shape = (8, 1024)
         else:
-            cfg = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+            cfg = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                             bos_token_id=0, eos_token_id=0)
             shape = (2, 24)
         return "GPT-2 medium" if gpu else "tiny GPT-2", cfg, AutoModelForCausalLM, shape
     raise SystemExit(f"unknown demo model {model!r}; choose from bert, gpt2")
