@@ -235,9 +235,7 @@ def _bwd_dq_kernel(
     if HAS_DROPOUT:
         seed = tl.load(SEED)
 
-    # Same key range as forward (see _fwd_kernel). Kept inline rather than in a shared helper:
-    # which of these values are compile-time constants depends on the flags, and returning
-    # constants from a jitted helper is not something every supported Triton release accepts.
+    # Same key range as forward (see _fwd_kernel); the two must stay in step.
     lo = 0
     hi = N_K
     if HAS_KPM:
