@@ -1,0 +1,146 @@
+"""Hostile inputs: random shapes, strides and masks against the float64 reference, and special
+values (NaN, inf, huge scores, fp16 near its top) behaving as eager attention does.
+
+The property test draws few examples on the CPU (the interpreter is slow) and more on a GPU.
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.nn.attention.bias import causal_lower_right
+
+import hf_flash
+from conftest import DEVICE, GPU_GRID
+from kernel_utils import GRAD_RATIO, OUT_RATIO, check_ratio, reference_with_grads
+
+EXAMPLES = 150 if GPU_GRID else 30
+
+
+@st.composite
+def attention_case(draw):
+    B = draw(st.integers(1, 2))
+    h_kv = draw(st.integers(1, 2))
+    group = draw(st.integers(1, 2))
+    n_q = draw(st.integers(1, 40))
+    n_k = draw(st.integers(1, 40))
+    D = draw(st.sampled_from([1, 3, 8, 24, 40]))
+    causal = draw(st.sampled_from(["none", "top_left", "bottom_right"]))
+    kpm_kind = draw(st.sampled_from(["none", "random", "all_masked_row", "single_key"]))
+    float_mask = draw(st.sampled_from(["none", "neg_inf", "large_negative"]))
+    layout = draw(st.sampled_from(["bhnd", "bnhd", "sliced"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dict(B=B, h_kv=h_kv, group=group, n_q=n_q, n_k=n_k, D=D, causal=causal,
+                kpm_kind=kpm_kind, float_mask=float_mask, layout=layout, seed=seed)
+
+
+def _tensor(shape, layout, gen):
+    B, H, N, D = shape
+    if layout == "bnhd":  # HF's transposed view
+        return torch.randn(B, N, H, D, generator=gen).transpose(1, 2)
+    if layout == "sliced":  # a view with a last-dim stride of 2
+        return torch.randn(B, H, N, 2 * D, generator=gen)[..., ::2]
+    return torch.randn(B, H, N, D, generator=gen)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(attention_case())
+def test_random_cases_match_reference(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    B, h_kv, n_q, n_k, D = case["B"], case["h_kv"], case["n_q"], case["n_k"], case["D"]
+    H = h_kv * case["group"]
+    q = _tensor((B, H, n_q, D), case["layout"], gen).to(DEVICE).requires_grad_()
+    k = _tensor((B, h_kv, n_k, D), case["layout"], gen).to(DEVICE).requires_grad_()
+    v = _tensor((B, h_kv, n_k, D), case["layout"], gen).to(DEVICE).requires_grad_()
+    fa, ref = {}, {}
+    if case["causal"] == "top_left":
+        fa["is_causal"], ref["causal"] = True, 1
+    elif case["causal"] == "bottom_right":
+        fa["attn_mask"], ref["causal"] = causal_lower_right(n_q, n_k), 2
+    if case["kpm_kind"] != "none":
+        kpm = torch.rand(B, n_k, generator=gen) > 0.3
+        if case["kpm_kind"] == "all_masked_row":
+            kpm[0] = False
+        elif case["kpm_kind"] == "single_key":
+            kpm[:] = False
+            kpm[:, n_k // 2] = True
+        fa["key_padding_mask"] = ref["kpm"] = kpm.to(DEVICE)
+    if case["float_mask"] != "none" and "attn_mask" not in fa:
+        m = torch.randn(B, 1, n_q, n_k, generator=gen)
+        # -1e4 is the "large negative" HF's older models add; far larger finite values on fully
+        # masked rows are a known gap (see the xfail test below).
+        fill = float("-inf") if case["float_mask"] == "neg_inf" else -1e4
+        m[torch.rand(B, 1, n_q, n_k, generator=gen) > 0.6] = fill
+        fa["attn_mask"] = m.to(DEVICE)
+        ref["float_mask"] = m.double().to(DEVICE)
+    out = hf_flash.flash_attention(q, k, v, enable_gqa=case["group"] > 1, **fa)
+    do = torch.randn(out.shape, generator=gen).to(DEVICE)
+    out.backward(do)
+    o64, _, g64 = reference_with_grads(q, k, v, do, **ref)
+    o32, _, g32 = reference_with_grads(q, k, v, do, dtype=torch.float32, **ref)
+    check_ratio("out", out, o64, o32, OUT_RATIO, torch.float32)
+    for name, t, r64, r32 in zip(("dq", "dk", "dv"), (q, k, v), g64, g32):
+        check_ratio(name, t.grad, r64, r32, GRAD_RATIO, torch.float32, floor_ulps=64)
+
+
+def _sdpa_math(q, k, v, **kw):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("where", ["query", "key", "value"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_and_inf_propagate_like_eager(where, value):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 24, 16, device=DEVICE) for _ in range(3))
+    {"query": q, "key": k, "value": v}[where][0, 1, 5, 3] = value
+    got = hf_flash.flash_attention(q, k, v)
+    want = _sdpa_math(q, k, v)
+    # The same elements are NaN (no silent zero or number), and the untouched head is unharmed.
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    finite = torch.isfinite(want)
+    assert torch.allclose(got[finite], want[finite], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(got[0, 0]).all()
+
+
+def test_huge_scores_stay_exact():
+    # Scores around 1e4: a softmax that does not subtract the running max would overflow.
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 33, 32, device=DEVICE) * 30
+    k = torch.randn(1, 2, 33, 32, device=DEVICE) * 30
+    v = torch.randn(1, 2, 33, 32, device=DEVICE)
+    got = hf_flash.flash_attention(q, k, v, is_causal=True)
+    want = _sdpa_math(q.double(), k.double(), v.double(), is_causal=True)
+    assert torch.isfinite(got).all()
+    assert (got.double() - want).abs().max() < 1e-4
+
+
+def test_fp16_near_its_top_does_not_overflow():
+    # q.k reaches ~1e6, far past fp16's 65504: the kernel accumulates scores in fp32.
+    torch.manual_seed(0)
+    q, k = (torch.full((1, 1, 20, 64), 120.0, device=DEVICE) * (1 + torch.rand(1, 1, 20, 64,
+            device=DEVICE)) for _ in range(2))
+    v = torch.randn(1, 1, 20, 64, device=DEVICE)
+    got = hf_flash.flash_attention(q.half(), k.half(), v.half())
+    want = _sdpa_math(q.half().double(), k.half().double(), v.half().double())
+    assert torch.isfinite(got).all()
+    assert (got.double() - want).abs().max() < 2e-2
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known gap: a row whose every key carries a huge finite additive mask (-1e9) has "
+    "|max score| ~1.4e9 in base 2, so the stored lse = max + log2(sum) loses log2(sum) to fp32 "
+    "rounding and backward rebuilds P = exp2(s - lse) without the 1/sum; forward is right. Fix: "
+    "save the row max and log2(sum) separately for backward."))
+def test_huge_finite_mask_on_a_fully_masked_row_gradients():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 2, 8, device=DEVICE, requires_grad=True) for _ in range(3))
+    mask = torch.full((1, 1, 2, 2), -1e9, device=DEVICE)
+    do = torch.randn(1, 1, 2, 8, device=DEVICE)
+    hf_flash.flash_attention(q, k, v, attn_mask=mask).backward(do)
+    o64, _, g64 = reference_with_grads(q, k, v, do, float_mask=mask.double())
+    o32, _, g32 = reference_with_grads(q, k, v, do, dtype=torch.float32, float_mask=mask)
+    for name, t, r64, r32 in zip(("dq", "dk", "dv"), (q, k, v), g64, g32):
+        check_ratio(name, t.grad, r64, r32, GRAD_RATIO, torch.float32, floor_ulps=64)
