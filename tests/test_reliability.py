@@ -72,6 +72,12 @@ def test_random_cases_match_reference(case):
         # masked rows are a known gap (see the xfail test below).
         fill = float("-inf") if case["float_mask"] == "neg_inf" else -1e4
         m[torch.rand(B, 1, n_q, n_k, generator=gen) > 0.6] = fill
+        if fill != float("-inf"):
+            # Keep one key per row off the finite mask: a row made only of -1e4 scores is
+            # exact only to ~1e-3 relative (fp32 spacing at 1.4e4), the gap the xfail test
+            # below records in its extreme form.
+            keep = torch.randint(n_k, (B, 1, n_q, 1), generator=gen)
+            m = torch.where(torch.arange(n_k) == keep, torch.randn(m.shape, generator=gen), m)
         fa["attn_mask"] = m.to(DEVICE)
         ref["float_mask"] = m.double().to(DEVICE)
     out = hf_flash.flash_attention(q, k, v, enable_gqa=case["group"] > 1, **fa)
