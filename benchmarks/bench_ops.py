@@ -48,7 +48,7 @@ SWEEP_TOKENS, SWEEP_HIDDEN = 16384, 2048
 SWEEP_VARIANTS = ("plain", "causal", "padded", "dropout")
 MEMORY_SEQS = (1024, 2048, 4096, 8192)
 DROPOUT = 0.1
-# Time budget (s) for one run, under the remote machine's 10-minute limit per command with room
+# Time budget (s) for one run: it fits a 10-minute batch job with room
 # for start-up, install and writing results: what does not fit is recorded as skipped.
 DEFAULT_BUDGET_S = 500
 # The fp64 reference of the spot check materialises (b, h, n_q, n_k) scores a few times over.

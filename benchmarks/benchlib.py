@@ -46,7 +46,7 @@ def run_metadata(args) -> dict:
         "cuda": torch.version.cuda,
         "kernel_src_sha256_16": kernel_source_hash(),
     }
-    # A copy of the tree without .git (as on a remote machine) can pass the sha in by hand.
+    # A copy of the tree without .git can pass the sha in by hand.
     sha = _git("rev-parse", "HEAD") or os.environ.get("GIT_SHA") or "unknown"
     dirty = _git("status", "--porcelain", "--", "kernels", "hf_flash", "patches")
     meta["git_sha"] = sha
