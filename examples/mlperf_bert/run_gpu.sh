@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU side of the MLPerf-style BERT run: one invocation = one device command (at most 10 minutes).
+# The GPU side of the MLPerf-style BERT run: one invocation = one GPU job of at most 10 minutes.
 # Run from the repo root on the GPU machine, with .carry/ (prepared data + vocab) and .whl/ (evaluate,
 # datasets, dill, multiprocess wheels) carried along; logs go to $OUT (default runs/mlperf_bert/out).
 #

@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-PROCESS_START = time.time()  # --time_limit counts from here: a device command's limit covers start-up
+PROCESS_START = time.time()  # --time_limit counts from here: a job's time limit covers start-up
 
 import numpy as np
 import torch
