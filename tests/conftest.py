@@ -32,3 +32,20 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+def run_fresh(code: str, timeout: int = 600) -> str:
+    """Run `code` in a new Python process (same environment, tests/ importable); return stdout.
+
+    torch.compile tests run this way: dynamo and the custom-op registry are process-wide, and a
+    compile test should see what a user's fresh process sees, not what earlier tests left behind.
+    """
+    import subprocess
+    import sys
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res.stdout

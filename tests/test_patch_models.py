@@ -9,6 +9,8 @@ import warnings
 import pytest
 import torch
 
+from conftest import run_fresh
+
 import hf_flash
 from hf_flash.kernels import dropout_mask
 from patch_utils import VOCAB, batch, build
@@ -189,11 +191,16 @@ def test_torch_compile_fullgraph_captures_one_graph():
     # On the CPU the kernel runs in Triton's Python interpreter; what matters here is that
     # dynamo captures the patched model in one graph (fullgraph=True raises on any graph break)
     # with attention as the opaque custom op. aot_eager runs that graph without generating C++;
-    # the GPU test compiles with inductor.
-    model = hf_flash.patch(build("gpt2")).eval()
-    ids, mask, _ = batch("gpt2", "right")
-    with torch.no_grad():
-        want = model(input_ids=ids, attention_mask=mask).logits
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-        got = compiled(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the GPU test compiles with inductor. A fresh process: see conftest.run_fresh.
+    out = run_fresh("""
+import conftest, torch, hf_flash
+from patch_utils import batch, build
+model = hf_flash.patch(build("gpt2")).eval()
+ids, mask, _ = batch("gpt2", "right")
+with torch.no_grad():
+    want = model(input_ids=ids, attention_mask=mask).logits
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(input_ids=ids, attention_mask=mask).logits
+print((got - want).abs().max().item())
+""")
+    assert float(out.split()[-1]) < 1e-5
