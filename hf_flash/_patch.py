@@ -35,7 +35,8 @@ def find_pretrained(model) -> "torch.nn.Module":
         for m in model.modules():  # outermost first
             if isinstance(m, PreTrainedModel):
                 return m
-    raise TypeError(f"hf_flash.patch() expects a transformers PreTrainedModel (or a wrapper such "
+    # Also reached from unpatch/patched/explain/is_patched, so the message names no one function.
+    raise TypeError(f"hf_flash: model must be a transformers PreTrainedModel (or a wrapper such "
                     f"as a peft model holding one), got {type(model).__name__}")
 
 

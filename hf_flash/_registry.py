@@ -47,10 +47,12 @@ _FAMILIES: list = []
 def register_family(family: Family) -> Family:
     for other in _FAMILIES:
         if other.name == family.name:
-            raise ValueError(f"a family named {family.name!r} is already registered")
+            raise ValueError(f"a family named {family.name!r} is already registered; Family.name "
+                             f"must differ from {[f.name for f in _FAMILIES]}")
         clash = set(other.model_types) & set(family.model_types)
         if clash:
-            raise ValueError(f"model types {sorted(clash)} are already served by {other.name!r}")
+            raise ValueError(f"Family.model_types {sorted(clash)} are already served by "
+                             f"{other.name!r}; a model type belongs to one family")
     _FAMILIES.append(family)
     return family
 

@@ -74,11 +74,13 @@ def flash_attention(
     if CausalBias is not None and isinstance(attn_mask, CausalBias):
         if is_causal:
             raise ValueError("is_causal=True cannot be combined with a CausalBias attn_mask: "
-                             "the CausalBias already says which causal alignment to use")
+                             "the CausalBias already says which causal alignment to use (pass "
+                             "is_causal=False)")
         if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (n_q, n_k):
             raise ValueError(
-                f"CausalBias is for q_len={attn_mask.seq_len_q}, k_len={attn_mask.seq_len_kv} "
-                f"but query has q_len={n_q} and key has k_len={n_k}")
+                f"attn_mask: CausalBias is for q_len={attn_mask.seq_len_q}, "
+                f"k_len={attn_mask.seq_len_kv} but query has q_len={n_q} and key has k_len={n_k}; "
+                f"they must match")
         causal = (CAUSAL_BOTTOM_RIGHT if attn_mask.variant == CausalVariant.LOWER_RIGHT
                   else CAUSAL_TOP_LEFT)
     elif attn_mask is not None:
@@ -140,11 +142,12 @@ def _check_tensors(q, k, v, enable_gqa):
         raise ValueError(f"query, key and value must be on one device, got {q.device}, "
                          f"{k.device}, {v.device}")
     if q.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"device {q.device} is not supported: hf_flash runs on CUDA (and on the "
-                         f"CPU through Triton's interpreter or the PyTorch fallback)")
+        raise ValueError(f"query, key and value are on device {q.device}, which is not supported: "
+                         f"hf_flash runs on cuda (and on cpu through Triton's interpreter or the "
+                         f"PyTorch fallback)")
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
         raise ValueError(f"batch sizes differ: query {q.shape[0]}, key {k.shape[0]}, value "
-                         f"{v.shape[0]}")
+                         f"{v.shape[0]}; query, key and value must have the same batch size")
     if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
         raise ValueError(f"key {tuple(k.shape)} and value {tuple(v.shape)} must have the same "
                          f"heads and sequence length")
@@ -153,7 +156,8 @@ def _check_tensors(q, k, v, enable_gqa):
         raise ValueError(f"head dims differ: query {D}, key {k.shape[3]}, value {v.shape[3]}; "
                          f"hf_flash needs one head dim")
     if not 1 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim {D} is not supported: hf_flash supports 1 to {MAX_HEAD_DIM}")
+        raise ValueError(f"head dim {D} (the last dim of query, key and value) is not supported: "
+                         f"hf_flash supports 1 to {MAX_HEAD_DIM}")
     h_q, h_kv = q.shape[1], k.shape[1]
     if h_kv == 0 or h_q % h_kv != 0:
         raise ValueError(f"query heads ({h_q}) must be a multiple of key/value heads ({h_kv})")
@@ -168,7 +172,8 @@ def _normalize_mask(attn_mask, q, B, H, n_q, n_k):
         raise TypeError(f"attn_mask must be a bool or float tensor or a CausalBias, got "
                         f"{type(attn_mask).__name__}")
     if attn_mask.device != q.device:
-        raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {q.device}")
+        raise ValueError(f"attn_mask is on {attn_mask.device} but must be on query's device, "
+                         f"{q.device}")
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         raise TypeError(f"attn_mask has dtype {attn_mask.dtype}: use bool (True = attend) or a "
                         f"float additive mask")
@@ -197,7 +202,8 @@ def _check_key_padding_mask(kpm, q, B, n_k):
     if kpm.dtype != torch.bool:
         raise TypeError(f"key_padding_mask must be bool (True = real token), got {kpm.dtype}")
     if kpm.device != q.device:
-        raise ValueError(f"key_padding_mask is on {kpm.device} but query is on {q.device}")
+        raise ValueError(f"key_padding_mask is on {kpm.device} but must be on query's device, "
+                         f"{q.device}")
     if tuple(kpm.shape) != (B, n_k):
         raise ValueError(f"key_padding_mask must have shape (batch, k_len) = {(B, n_k)}, got "
                          f"{tuple(kpm.shape)}")
