@@ -386,3 +386,19 @@ def test_cpu_fallback_without_interpreter_warns_once_and_matches():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_started_in_the_repo_root_the_kernels_load_once():
+    # From a checkout, the repo root is on sys.path and transformers probes for a Hub package named
+    # "kernels": the kernels must not load a second time under that name (that registered the torch
+    # custom ops twice and crashed torch.compile's tracing).
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, hf_flash, transformers.utils.import_utils as iu\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kernels'),"
+            " iu.is_kernels_available())\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split("\n")[0] in ("[] False", "['kernels'] False"), res.stdout
