@@ -37,7 +37,24 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, LSE_H, DELTA_H,
+def _row_stats(stats_h, rows, row_ok, N_Q, MASK_KIND: tl.constexpr):
+    """What backward subtracts from the scores to rebuild P = exp2(S - lse), as (a, b) with
+    P = exp2((S - a) - b). Under a float mask a, b are the row max and log2(sum), kept apart because
+    a huge finite mask can make the max so large that their fp32 sum loses log2(sum); otherwise
+    a = lse and b is unused. Rows past N_Q, and rows that saw no key (max = -inf), get a = +inf,
+    hence P = 0."""
+    if MASK_KIND == 2:
+        a = tl.load(stats_h + N_Q + rows, mask=row_ok, other=float("inf"))
+        b = tl.load(stats_h + 2 * N_Q + rows, mask=row_ok, other=0.0)
+    else:
+        a = tl.load(stats_h + rows, mask=row_ok, other=float("inf"))
+        b = a
+    a = tl.where(a == float("-inf"), float("inf"), a)
+    return a, b
+
+
+@triton.jit
+def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS_H, DELTA_H,
                 start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
                 stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn,
                 N_Q, N_K, causal_offset,
@@ -49,9 +66,7 @@ def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, LSE_H
     row_ok = rows < N_Q
     q = tl.load(q_ptrs + start_m * stride_qm, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     do = tl.load(do_ptrs + start_m * stride_dom, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    # Rows past N_Q, and rows that saw no key (lse = -inf), get lse = +inf, hence P = 0.
-    lse = tl.load(LSE_H + rows, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    stat_a, stat_b = _row_stats(STATS_H, rows, row_ok, N_Q, MASK_KIND)
     delta = tl.load(DELTA_H + rows, mask=row_ok, other=0.0)
     sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
     sT = mask_scores(sT, rows[None, :], offs_n[:, None], mask_ptr, kpm_ptr, stride_mm, stride_mn,
@@ -59,7 +74,10 @@ def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, LSE_H
                      CHECK_BOUNDS, IS_CAUSAL, False, MASK_KIND)
     if HAS_KPM:
         sT = tl.where(kp_cols[:, None] != 0, sT, float("-inf"))
-    pT = tl.math.exp2(sT - lse[None, :])
+    if MASK_KIND == 2:
+        pT = tl.math.exp2((sT - stat_a[None, :]) - stat_b[None, :])
+    else:
+        pT = tl.math.exp2(sT - stat_a[None, :])
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         keep = tl.trans(dropout_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N))
@@ -75,7 +93,7 @@ def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, LSE_H
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, MASK, KPM, KV_LO, KV_HI, SEED,
+    Q, K, V, DO, DK, DV, STATS, DELTA, MASK, KPM, KV_LO, KV_HI, SEED,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -138,18 +156,18 @@ def _bwd_dkdv_kernel(
         do_ptrs = (DO + off_b * stride_dob + off_h * stride_doh
                    + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod)
         mask_ptr = MASK + off_b * stride_mb + off_h * stride_mh
-        LSE_H = LSE + bh * N_Q
+        STATS_H = STATS + bh * 3 * N_Q
         DELTA_H = DELTA + bh * N_Q
         for start_m in range(q_lo, q_full, BLOCK_M):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, LSE_H, DELTA_H,
+                dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS_H, DELTA_H,
                 start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p,
                 dropout_scale, stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
                 causal_offset, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
                 BLOCK_M, BLOCK_N)
         for start_m in range(q_full, q_end, BLOCK_M):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, LSE_H, DELTA_H,
+                dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS_H, DELTA_H,
                 start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p,
                 dropout_scale, stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
                 causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
@@ -163,7 +181,7 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n, offs_m,
+def _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n, offs_m,
               offs_n,
               d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
               stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K, causal_offset,
@@ -181,7 +199,10 @@ def _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m,
     s = mask_scores(s, offs_m[:, None], cols[None, :], mask_ptr, kpm_ptr, stride_mm, stride_mn,
                     stride_kpmn, N_Q, N_K, causal_offset,
                     CHECK_BOUNDS, IS_CAUSAL, HAS_KPM, MASK_KIND)
-    p = tl.math.exp2(s - lse[:, None])
+    if MASK_KIND == 2:
+        p = tl.math.exp2((s - stat_a[:, None]) - stat_b[:, None])
+    else:
+        p = tl.math.exp2(s - stat_a[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         keep = dropout_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
@@ -193,7 +214,7 @@ def _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m,
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, MASK, KPM, KV_LO, KV_HI, SEED,
+    Q, K, V, DO, DQ, STATS, DELTA, MASK, KPM, KV_LO, KV_HI, SEED,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -222,8 +243,7 @@ def _bwd_dq_kernel(
                 + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
                  + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    stat_a, stat_b = _row_stats(STATS + bh.to(tl.int64) * 3 * N_Q, offs_m, m_ok, N_Q, MASK_KIND)
     delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=0.0)
     k_ptrs = (K + off_b * stride_kb + off_hk * stride_kh
               + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
@@ -250,14 +270,14 @@ def _bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, full_hi, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n,
+        dq = _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n,
                        offs_m,
                        offs_n, d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
                        stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
                        causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
                        DOT_PRECISION, BLOCK_M, BLOCK_N)
     for start_n in range(full_hi, hi, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n,
+        dq = _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n,
                        offs_m,
                        offs_n, d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
                        stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
@@ -281,7 +301,7 @@ def _bwd_candidates(block_d, elt_size):
     return [first] + [c for c in kept if c != first]
 
 
-def attention_backward(do, q, k, v, o, lse, dlse, mask, mask_kind, kpm, kv_lo, kv_hi, causal,
+def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo, kv_hi, causal,
                        causal_offset, scale, dropout_p, seed):
     """Launch the backward kernels; returns (dq, dk, dv) with the layouts of q, k, v."""
     B, H, N_Q, D = q.shape
@@ -295,7 +315,9 @@ def attention_backward(do, q, k, v, o, lse, dlse, mask, mask_kind, kpm, kv_lo, k
     if N_Q == 0 or N_K == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     block_d = max(16, triton.next_power_of_2(D))
-    delta = torch.full_like(lse, float("nan")) if _common.POISON_OUTPUTS else torch.empty_like(lse)
+    delta = stats.new_empty((B, H, N_Q))
+    if _common.POISON_OUTPUTS:
+        delta.fill_(float("nan"))
     _bwd_delta_kernel[(triton.cdiv(N_Q, 64), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, N_Q,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=64)
@@ -308,9 +330,9 @@ def attention_backward(do, q, k, v, o, lse, dlse, mask, mask_kind, kpm, kv_lo, k
     mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
     kpm_t = kpm if kpm is not None else q
     kpm_strides = kpm.stride() if kpm is not None else (0, 0)
-    lo_t = kv_lo if kv_lo is not None else lse
-    hi_t = kv_hi if kv_hi is not None else lse
-    seed_t = seed if seed is not None else lse
+    lo_t = kv_lo if kv_lo is not None else stats
+    hi_t = kv_hi if kv_hi is not None else stats
+    seed_t = seed if seed is not None else stats
     group = H // H_KV
     constexprs = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
                       MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
@@ -323,13 +345,13 @@ def attention_backward(do, q, k, v, o, lse, dlse, mask, mask_kind, kpm, kv_lo, k
     _tuning.launch(
         _bwd_dkdv_kernel, "dkdv", key, candidates,
         lambda c: (triton.cdiv(N_K, c["BLOCK_N"]), B * H_KV),
-        (q, k, v, do, dk, dv, lse, delta, mask_t, kpm_t, lo_t, hi_t, seed_t,
+        (q, k, v, do, dk, dv, stats, delta, mask_t, kpm_t, lo_t, hi_t, seed_t,
          *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
          *mask_strides, *kpm_strides, *scalars), constexprs)
     _tuning.launch(
         _bwd_dq_kernel, "dq", key, candidates,
         lambda c: (triton.cdiv(N_Q, c["BLOCK_M"]), B * H),
-        (q, k, v, do, dq, lse, delta, mask_t, kpm_t, lo_t, hi_t, seed_t,
+        (q, k, v, do, dq, stats, delta, mask_t, kpm_t, lo_t, hi_t, seed_t,
          *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
          *mask_strides, *kpm_strides, *scalars), constexprs)
     return dq, dk, dv

@@ -51,7 +51,7 @@ def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, sta
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, MASK, KPM, KV_LO, KV_HI, SEED,
+    Q, K, V, O, STATS, MASK, KPM, KV_LO, KV_HI, SEED,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -125,11 +125,18 @@ def _fwd_kernel(
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     if HAS_DROPOUT:
         o = o * dropout_scale
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    log2_l = tl.math.log2(tl.where(empty, 1.0, l_i))
+    lse = tl.where(empty, float("-inf"), m_i + log2_l)
     o_ptrs = (O + off_b * stride_ob + off_h * stride_oh
               + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_ok)
+    # STATS is (B, H, 3, N_Q): the lse, then its two terms, the row max and log2(sum). Backward
+    # under an additive float mask rebuilds P from the terms: a mask of -1e9 on every key of a row
+    # makes |max| ~ 1.4e9, where fp32 rounding drops log2(sum) from their sum entirely.
+    stats = STATS + bh.to(tl.int64) * 3 * N_Q + offs_m
+    tl.store(stats, lse, mask=m_ok)
+    tl.store(stats + N_Q, m_i, mask=m_ok)
+    tl.store(stats + 2 * N_Q, log2_l, mask=m_ok)
 
 
 _FWD_CONFIGS = [cfg(128, 128, 8, 3), cfg(128, 64, 8, 3), cfg(128, 64, 4, 3), cfg(128, 32, 4, 4),
@@ -148,26 +155,27 @@ def _fwd_candidates(block_d, elt_size, n_q):
 
 def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causal_offset,
                       scale, dropout_p, seed):
-    """Launch the forward kernel. Returns (out with q's layout, lse in base 2, fp32 (B, H, Nq))."""
+    """Launch the forward kernel. Returns (out with q's layout, stats): stats is fp32 (B, H, 3, Nq)
+    holding, in base 2, the lse and its two terms (row max, log2 of the row sum)."""
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     o = torch.empty_like(q)
-    lse = torch.empty((B, H, N_Q), device=q.device, dtype=torch.float32)
+    stats = torch.empty((B, H, 3, N_Q), device=q.device, dtype=torch.float32)
     if _common.POISON_OUTPUTS:
         o.fill_(float("nan"))
-        lse.fill_(float("nan"))
+        stats.fill_(float("nan"))
     if N_Q == 0:
-        return o, lse
+        return o, stats
     mask_t = mask if mask is not None else q  # any tensor: never read when MASK_KIND is 0
     mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
     kpm_t = kpm if kpm is not None else q
     kpm_strides = kpm.stride() if kpm is not None else (0, 0)
-    lo_t = kv_lo if kv_lo is not None else lse
-    hi_t = kv_hi if kv_hi is not None else lse
-    seed_t = seed if seed is not None else lse
+    lo_t = kv_lo if kv_lo is not None else stats
+    hi_t = kv_hi if kv_hi is not None else stats
+    seed_t = seed if seed is not None else stats
     block_d = max(16, triton.next_power_of_2(D))
     group = H // k.shape[1]
-    args = (q, k, v, o, lse, mask_t, kpm_t, lo_t, hi_t, seed_t,
+    args = (q, k, v, o, stats, mask_t, kpm_t, lo_t, hi_t, seed_t,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *mask_strides, *kpm_strides,
             H, N_Q, N_K, group, scale * 1.4426950408889634, float(dropout_p),
             1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0, causal_offset)
@@ -178,4 +186,4 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
            *constexprs.values())
     _tuning.launch(_fwd_kernel, "fwd", key, _fwd_candidates(block_d, q.element_size(), N_Q),
                    lambda c: (triton.cdiv(N_Q, c["BLOCK_M"]), B * H), args, constexprs)
-    return o, lse
+    return o, stats

@@ -82,12 +82,12 @@ def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @_attention_forward_op.register_fake
 def _(q, k, v, mask, kpm, causal, scale, dropout_p, seed):
     B, H, n_q, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, H, n_q), dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty((B, H, 3, n_q), dtype=torch.float32)
 
 
 @torch.library.custom_op("hf_flash::attention_backward", mutates_args=())
 def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           o: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
+                           o: torch.Tensor, stats: torch.Tensor, dlse: Optional[torch.Tensor],
                            mask: Optional[torch.Tensor], kpm: Optional[torch.Tensor], causal: int,
                            scale: float, dropout_p: float, seed: Optional[torch.Tensor]
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,26 +95,28 @@ def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     if do.stride(-1) != 1:  # e.g. the all-zero-stride gradient of out.sum()
         do = do.contiguous()
     return attention_backward(
-        do, q, k, v, o, lse, dlse, _as_u8(mask), _mask_kind(mask), _as_u8(kpm), lo, hi,
+        do, q, k, v, o, stats, dlse, _as_u8(mask), _mask_kind(mask), _as_u8(kpm), lo, hi,
         causal != CAUSAL_NONE, _causal_offset(causal, q.shape[2], k.shape[2]), scale,
         dropout_p, seed)
 
 
 @_attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, dlse, mask, kpm, causal, scale, dropout_p, seed):
+def _(do, q, k, v, o, stats, dlse, mask, kpm, causal, scale, dropout_p, seed):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, kpm, causal, scale, dropout_p, seed = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, mask, kpm, seed)
+    o, stats = output
+    ctx.save_for_backward(q, k, v, o, stats, mask, kpm, seed)
     ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
 
 
-def _backward(ctx, do, dlse):
-    q, k, v, o, lse, mask, kpm, seed = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(do, q, k, v, o, lse, dlse, mask, kpm, ctx.causal,
+def _backward(ctx, do, dstats):
+    q, k, v, o, stats, mask, kpm, seed = ctx.saved_tensors
+    # Only the lse plane of stats reaches the user (see attention()); its terms get no gradient.
+    dlse = dstats[:, :, 0] if dstats is not None else None
+    dq, dk, dv = _attention_backward_op(do, q, k, v, o, stats, dlse, mask, kpm, ctx.causal,
                                         ctx.scale, ctx.dropout_p, seed)
     return dq, dk, dv, None, None, None, None, None, None
 
@@ -127,22 +129,22 @@ class _FlashAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, mask, kpm, causal, scale, dropout_p, seed):
         lo, hi = _key_range(kpm)
         offset = _causal_offset(causal, q.shape[2], k.shape[2])
-        o, lse = attention_forward(q, k, v, _as_u8(mask), _mask_kind(mask), _as_u8(kpm), lo, hi,
-                                   causal != CAUSAL_NONE, offset, scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, o, lse, mask, kpm, seed, lo, hi)
+        o, stats = attention_forward(q, k, v, _as_u8(mask), _mask_kind(mask), _as_u8(kpm), lo,
+                                     hi, causal != CAUSAL_NONE, offset, scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, o, stats, mask, kpm, seed, lo, hi)
         ctx.causal, ctx.scale, ctx.dropout_p, ctx.offset = causal, scale, dropout_p, offset
         ctx.set_materialize_grads(False)
-        return o, lse
+        return o, stats[:, :, 0]
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, mask, kpm, seed, lo, hi = ctx.saved_tensors
+        q, k, v, o, stats, mask, kpm, seed, lo, hi = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
         elif do.stride(-1) != 1:
             do = do.contiguous()
         dq, dk, dv = attention_backward(
-            do, q, k, v, o, lse, dlse, _as_u8(mask), _mask_kind(mask), _as_u8(kpm), lo, hi,
+            do, q, k, v, o, stats, dlse, _as_u8(mask), _mask_kind(mask), _as_u8(kpm), lo, hi,
             ctx.causal != CAUSAL_NONE, ctx.offset, ctx.scale, ctx.dropout_p, seed)
         return dq, dk, dv, None, None, None, None, None, None
 
@@ -150,5 +152,6 @@ class _FlashAttention(torch.autograd.Function):
 def attention(q, k, v, mask, kpm, causal, scale, dropout_p, seed):
     """(out, base-2 lse) with autograd; the custom op when compiling, the Function otherwise."""
     if torch.compiler.is_compiling():
-        return _attention_forward_op(q, k, v, mask, kpm, causal, scale, dropout_p, seed)
+        o, stats = _attention_forward_op(q, k, v, mask, kpm, causal, scale, dropout_p, seed)
+        return o, stats[:, :, 0]
     return _FlashAttention.apply(q, k, v, mask, kpm, causal, scale, dropout_p, seed)
