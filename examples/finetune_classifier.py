@@ -113,8 +113,9 @@ def load_model(args, num_labels, id2label):
         torch.manual_seed(args.seed)
         model = AutoModelForSequenceClassification.from_config(config, attn_implementation=load_attn)
     else:
+        # fp32 master weights whatever the checkpoint's storage dtype (bf16 autocast comes later).
         model = AutoModelForSequenceClassification.from_pretrained(
-            args.model, attn_implementation=load_attn, **labels)
+            args.model, attn_implementation=load_attn, dtype=torch.float32, **labels)
     if args.attn == "hf_flash":
         # fallback="raise": a call the kernel cannot serve is an error here, not a silent eager run.
         hf_flash.patch(model, fallback="raise")
