@@ -6,8 +6,8 @@ if __name__ == "hf_flash.kernels":
     from ._reference import reference_attention
     from .attention import MAX_HEAD_DIM, flash_attention
 
-    __all__ = ["flash_attention", "dropout_mask", "reference_attention", "MAX_HEAD_DIM", "INTERPRET",
-               "dropout_seed"]
+    __all__ = ["flash_attention", "dropout_mask", "reference_attention", "MAX_HEAD_DIM",
+               "INTERPRET", "dropout_seed"]
 else:
     # Imported as a top-level "kernels": Python was started in a checkout of this repository, whose
     # root is then on sys.path, and transformers probes for the unrelated Hub package of that name.

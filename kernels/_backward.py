@@ -39,7 +39,7 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
 @triton.jit
 def _row_stats(stats_h, rows, row_ok, N_Q, MASK_KIND: tl.constexpr):
     """What backward subtracts from the scores to rebuild P = exp2(S - lse), as (a, b) with
-    P = exp2((S - a) - b). Under a float mask a, b are the row max and log2(sum), kept apart because
+    P = exp2((S - a) - b). Under a float mask a, b are the row max and log2(sum), kept apart as
     a huge finite mask can make the max so large that their fp32 sum loses log2(sum); otherwise
     a = lse and b is unused. Rows past N_Q, and rows that saw no key (max = -inf), get a = +inf,
     hence P = 0."""
@@ -181,8 +181,8 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n, offs_m,
-              offs_n,
+def _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m,
+              start_n, offs_m, offs_n,
               d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
               stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K, causal_offset,
               CHECK_BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -270,16 +270,16 @@ def _bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, full_hi, BLOCK_N):
-        dq = _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n,
-                       offs_m,
-                       offs_n, d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
+        dq = _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr,
+                       start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p,
+                       dropout_scale,
                        stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
                        causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
                        DOT_PRECISION, BLOCK_M, BLOCK_N)
     for start_n in range(full_hi, hi, BLOCK_N):
-        dq = _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n,
-                       offs_m,
-                       offs_n, d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
+        dq = _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr,
+                       start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p,
+                       dropout_scale,
                        stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
                        causal_offset, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
                        DOT_PRECISION, BLOCK_M, BLOCK_N)
