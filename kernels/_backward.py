@@ -1,9 +1,10 @@
 """Backward kernels, recomputing the probabilities from the saved log-sum-exp.
 
 Two kernels, no atomics, so gradients are bit-for-bit deterministic:
+- `_bwd_dq_kernel`, launched first: one program per (query block, batch x head), walking key
+  blocks like forward; it also writes the per-row correction term delta that dK needs.
 - `_bwd_dkdv_kernel`: one program per (key block, batch x K/V head); it walks every query block
   of every query head in its group, so grouped-query gradients are summed in a fixed order.
-- `_bwd_dq_kernel`: one program per (query block, batch x head), walking key blocks like forward.
 Both rebuild P = exp2(S - lse) tile by tile; nothing of size (q_len x k_len) is ever stored.
 """
 
@@ -15,25 +16,6 @@ from . import _common
 from . import _tuning
 from ._common import AUTOTUNE, bucket, cfg, default_config, dot_precision, mask_scores, smem_ok
 from ._dropout import dropout_keep
-
-
-@triton.jit
-def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
-                      stride_dob, stride_doh, stride_dom, stride_dod, H, N_Q,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    # delta_i = sum_d dO_id * O_id = rowsum(P * dP): the softmax-backward correction term.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    off_b = (bh // H).to(tl.int64)
-    off_h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
-                + offs_d[None, :] * stride_od, mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=ok, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < N_Q)
 
 
 @triton.jit
@@ -94,12 +76,12 @@ def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, STATS, DELTA, MASK, KPM, KV_LO, KV_HI, SEED,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_kpmb, stride_kpmn,
     H, N_Q, N_K, GROUP, qk_scale, sm_scale, dropout_p, dropout_scale, causal_offset,
@@ -119,9 +101,9 @@ def _bwd_dkdv_kernel(
     d_ok = offs_d < HEAD_DIM
     kv_ok = (offs_n[:, None] < N_K) & d_ok[None, :]
     k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn
-                + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+                + offs_d[None, :], mask=kv_ok, other=0.0)
     v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn
-                + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+                + offs_d[None, :], mask=kv_ok, other=0.0)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
@@ -152,9 +134,9 @@ def _bwd_dkdv_kernel(
         off_h = off_hk * GROUP + g
         bh = off_b * H + off_h
         q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
-                  + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+                  + offs_m[:, None] * stride_qm + offs_d[None, :])
         do_ptrs = (DO + off_b * stride_dob + off_h * stride_doh
-                   + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod)
+                   + offs_m[:, None] * stride_dom + offs_d[None, :])
         mask_ptr = MASK + off_b * stride_mb + off_h * stride_mh
         STATS_H = STATS + bh * 3 * N_Q
         DELTA_H = DELTA + bh * N_Q
@@ -175,9 +157,9 @@ def _bwd_dkdv_kernel(
 
     dk = dk * sm_scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
-             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok)
+             + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn
-             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_ok)
+             + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit
@@ -214,19 +196,21 @@ def _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_pt
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, STATS, DELTA, MASK, KPM, KV_LO, KV_HI, SEED,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    Q, K, V, O, DO, DQ, STATS, DELTA, DLSE, MASK, KPM, KV_LO, KV_HI, SEED,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_kpmb, stride_kpmn,
     H, N_Q, N_K, GROUP, qk_scale, sm_scale, dropout_p, dropout_scale, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
+    # Runs before the dK/dV kernel: it also writes delta, which that kernel reads.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     off_b = (bh // H).to(tl.int64)
@@ -240,15 +224,26 @@ def _bwd_dq_kernel(
     m_ok = offs_m < N_Q
     q_mask = m_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm
-                + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+                + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
+                 + offs_d[None, :], mask=q_mask, other=0.0)
     stat_a, stat_b = _row_stats(STATS + bh.to(tl.int64) * 3 * N_Q, offs_m, m_ok, N_Q, MASK_KIND)
-    delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=0.0)
+    # delta_i = sum_d dO_id * O_id = rowsum(P * dP), the softmax-backward correction term. Made
+    # here rather than in a pass of its own: this program holds dO already, and one launch fewer
+    # matters to short calls.
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
+                + offs_d[None, :], mask=q_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        # The lse is differentiable too: d(lse_e)/dS = P, so its gradient folds into the
+        # correction term, dS = P * (dP - (delta - dlse_e)); dlse_e in base 2 is dlse * log2(e).
+        dlse = tl.load(DLSE + bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=0.0)
+        delta -= dlse * 1.4426950408889634
+    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_ok)
     k_ptrs = (K + off_b * stride_kb + off_hk * stride_kh
-              + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+              + offs_n[:, None] * stride_kn + offs_d[None, :])
     v_ptrs = (V + off_b * stride_vb + off_hk * stride_vh
-              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+              + offs_n[:, None] * stride_vn + offs_d[None, :])
     mask_ptr = MASK + off_b * stride_mb + off_h * stride_mh
     kpm_ptr = KPM + off_b * stride_kpmb
     seed = 0
@@ -285,7 +280,7 @@ def _bwd_dq_kernel(
                        DOT_PRECISION, BLOCK_M, BLOCK_N)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
-             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
+             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 _BWD_CONFIGS = [cfg(64, 128, 8, 2), cfg(64, 64, 4, 3), cfg(128, 64, 8, 2), cfg(32, 64, 4, 3),
@@ -318,13 +313,8 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
     delta = stats.new_empty((B, H, N_Q))
     if _common.POISON_OUTPUTS:
         delta.fill_(float("nan"))
-    _bwd_delta_kernel[(triton.cdiv(N_Q, 64), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, N_Q,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=64)
     if dlse is not None:
-        # The base-2 lse is differentiable too: d(lse_e)/dS = P, so its gradient folds into the
-        # softmax correction term, dS = P * (dP - (delta - dlse_e)), with dlse_e = dlse * log2(e).
-        delta = delta - dlse.float() * 1.4426950408889634
+        dlse = dlse.float().contiguous()
 
     mask_t = mask if mask is not None else q
     mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
@@ -341,17 +331,18 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
                1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0, causal_offset)
     key = (bucket(N_Q), bucket(N_K), B * H > 64, group, q.dtype, q.device.index,
            *constexprs.values())
-    candidates = _bwd_candidates(block_d, q.element_size())
+    candidates = lambda: _bwd_candidates(block_d, q.element_size())  # noqa: E731
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    _tuning.launch(
+        _bwd_dq_kernel, "dq", key, candidates,
+        lambda c: (triton.cdiv(N_Q, c["BLOCK_M"]), B * H),
+        (q, k, v, o, do, dq, stats, delta, dlse if dlse is not None else stats, mask_t, kpm_t,
+         lo_t, hi_t, seed_t, *strides, *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+         *mask_strides, *kpm_strides, *scalars), {**constexprs, "HAS_DLSE": dlse is not None})
     _tuning.launch(
         _bwd_dkdv_kernel, "dkdv", key, candidates,
         lambda c: (triton.cdiv(N_K, c["BLOCK_N"]), B * H_KV),
         (q, k, v, do, dk, dv, stats, delta, mask_t, kpm_t, lo_t, hi_t, seed_t,
-         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-         *mask_strides, *kpm_strides, *scalars), constexprs)
-    _tuning.launch(
-        _bwd_dq_kernel, "dq", key, candidates,
-        lambda c: (triton.cdiv(N_Q, c["BLOCK_M"]), B * H),
-        (q, k, v, do, dq, stats, delta, mask_t, kpm_t, lo_t, hi_t, seed_t,
-         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+         *strides, *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
          *mask_strides, *kpm_strides, *scalars), constexprs)
     return dq, dk, dv

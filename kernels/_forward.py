@@ -52,10 +52,10 @@ def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, sta
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, STATS, MASK, KPM, KV_LO, KV_HI, SEED,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_kpmb, stride_kpmn,
     H, N_Q, N_K, GROUP, qk_scale, dropout_p, dropout_scale, causal_offset,
@@ -76,12 +76,12 @@ def _fwd_kernel(
     m_ok = offs_m < N_Q
 
     q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
-              + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+              + offs_m[:, None] * stride_qm + offs_d[None, :])
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     k_ptrs = (K + off_b * stride_kb + off_hk * stride_kh
-              + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+              + offs_n[:, None] * stride_kn + offs_d[None, :])
     v_ptrs = (V + off_b * stride_vb + off_hk * stride_vh
-              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+              + offs_n[:, None] * stride_vn + offs_d[None, :])
     mask_ptr = MASK + off_b * stride_mb + off_h * stride_mh
     kpm_ptr = KPM + off_b * stride_kpmb
     seed = 0
@@ -128,7 +128,7 @@ def _fwd_kernel(
     log2_l = tl.math.log2(tl.where(empty, 1.0, l_i))
     lse = tl.where(empty, float("-inf"), m_i + log2_l)
     o_ptrs = (O + off_b * stride_ob + off_h * stride_oh
-              + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
+              + offs_m[:, None] * stride_om + offs_d[None, :])
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     # STATS is (B, H, 3, N_Q): the lse, then its two terms, the row max and log2(sum). Backward
     # under an additive float mask rebuilds P from the terms: a mask of -1e9 on every key of a row
@@ -176,7 +176,8 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
     block_d = max(16, triton.next_power_of_2(D))
     group = H // k.shape[1]
     args = (q, k, v, o, stats, mask_t, kpm_t, lo_t, hi_t, seed_t,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *mask_strides, *kpm_strides,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *mask_strides,
+            *kpm_strides,
             H, N_Q, N_K, group, scale * 1.4426950408889634, float(dropout_p),
             1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0, causal_offset)
     constexprs = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
@@ -184,6 +185,7 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
                       DOT_PRECISION=dot_precision(q.dtype))
     key = (bucket(N_Q), bucket(N_K), B * H > 64, group, q.dtype, q.device.index,
            *constexprs.values())
-    _tuning.launch(_fwd_kernel, "fwd", key, _fwd_candidates(block_d, q.element_size(), N_Q),
+    _tuning.launch(_fwd_kernel, "fwd", key,
+                   lambda: _fwd_candidates(block_d, q.element_size(), N_Q),
                    lambda c: (triton.cdiv(N_Q, c["BLOCK_M"]), B * H), args, constexprs)
     return o, stats

@@ -1,29 +1,99 @@
-"""Config choice for the kernels: time the candidates once per shape class, then launch directly.
+"""Launching the kernels: pick a config once per shape class, then launch the compiled kernel
+directly.
 
-Triton's own autotuner spends ~100 us of Python per launch looking up its cache (measured on an
-H100 host, Triton 3.6), which small attention calls cannot hide: a BERT-sized fwd+bwd launched
-for 0.7 ms of host time against 0.45 ms of GPU time. This keeps one dict lookup per launch.
+Why not `kernel[grid](...)` on every call: Triton's launch path binds and specialises every
+argument on each call (its binder, the cache-key build, the options), and its autotuner adds a
+cache look-up of its own. With ~40 arguments that is ~100-150 us of Python per launch on an H100
+host (Triton 3.6), more than the GPU time of a BERT-sized attention call. Here the first call with
+a given specialisation goes through Triton (which compiles), and later calls hand the arguments
+straight to the compiled kernel's launcher.
+
+The specialisation key repeats what Triton itself specialises on, so a compiled kernel is only
+reused where Triton would reuse it: for an int, whether it is 1 (then a constant), divisible by 16
+and whether it fits 32 bits; for a tensor, its dtype and whether its address is 16-byte aligned.
+Floats are never specialised. Any other argument type takes Triton's own path.
 """
 
+import torch
 import triton
 import triton.testing
 
 from . import _common
 
-_CHOSEN: dict = {}
+_CHOSEN: dict = {}    # (name, shape key) -> config
+_COMPILED: dict = {}  # (name, shape key, config, specialisation) -> (compiled kernel, constexprs)
+
+_INT32 = range(-2**31, 2**31)
+
+
+def _spec_key(args):
+    """What Triton specialises on, per argument; None when an argument is of a kind not handled."""
+    key = []
+    for a in args:
+        t = type(a)
+        if t is int:
+            key.append(3 if a == 1 else (a % 16 == 0) + 4 * (a not in _INT32))
+        elif t is float:
+            key.append(0)
+        elif isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            return None
+    return tuple(key)
+
+
+def _current_stream(device_index):
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
+try:
+    _current_stream = torch._C._cuda_getCurrentRawStream  # noqa: F811  (the launcher's own call)
+except AttributeError:  # CPU-only builds of torch
+    pass
+
+
+def _hooks_active() -> bool:
+    # A profiler (e.g. Triton's proton) listens through these hooks: leave the launch to Triton.
+    try:
+        rt = triton.knobs.runtime
+        return rt.launch_enter_hook is not None or rt.launch_exit_hook is not None
+    except AttributeError:  # pragma: no cover - Triton without knobs
+        return True
 
 
 def launch(kernel, name, key, candidates, grid, args, constexprs):
-    """Launch `kernel` with the best of `candidates` (dicts of BLOCK_M/BLOCK_N/num_warps/
-    num_stages) for `key`; `grid(cfg)` gives the launch grid. Every output must be fully
-    rewritten by each launch (true of all hf_flash kernels), so timing runs are harmless."""
+    """Launch `kernel` with the best config for `key` (`candidates()` lists dicts of
+    BLOCK_M/BLOCK_N/num_warps/num_stages, best guess first); `grid(cfg)` gives the launch grid.
+    Every output must be fully rewritten by each launch (true of all hf_flash kernels), so the
+    timing runs of a first call are harmless."""
     full_key = (name, key)
     cfg = _CHOSEN.get(full_key)
     if cfg is None:
-        cfg = _pick(kernel, candidates, grid, args, constexprs) if _common.AUTOTUNE \
-            else candidates[0]
+        cands = candidates()
+        cfg = _pick(kernel, cands, grid, args, constexprs) if _common.AUTOTUNE else cands[0]
         _CHOSEN[full_key] = cfg
-    kernel[grid(cfg)](*args, **constexprs, **cfg)
+    g = grid(cfg)
+    if _common.INTERPRET or torch.compiler.is_compiling():
+        kernel[g](*args, **constexprs, **cfg)
+        return
+    spec = _spec_key(args)
+    device = torch.cuda.current_device()  # Triton launches on the current device, as here
+    # The shape key already holds the constexprs the config depends on; they are repeated here
+    # because a caller may add one that does not change the config (but does change the code).
+    cache_key = (name, key, device, spec, *constexprs.values())
+    hit = _COMPILED.get(cache_key) if spec is not None else None
+    if hit is None or _hooks_active():
+        compiled = kernel[g](*args, **constexprs, **cfg)
+        if spec is not None:
+            # The launcher takes every parameter in signature order, constexprs included (it
+            # skips them), so their values are appended in the kernel's own parameter order.
+            names = kernel.arg_names[len(args):]
+            merged = {**constexprs, **cfg}
+            _COMPILED[cache_key] = (compiled, tuple(merged[n] for n in names))
+        return
+    compiled, tail = hit
+    compiled.run(g[0], g[1], g[2], _current_stream(device), compiled.function,
+                 compiled.packed_metadata, None, None, None, *args, *tail)
 
 
 def _pick(kernel, candidates, grid, args, constexprs):
@@ -48,3 +118,8 @@ def _pick(kernel, candidates, grid, args, constexprs):
 def chosen_configs() -> dict:
     """What was picked so far, for benchmarks and debugging."""
     return dict(_CHOSEN)
+
+
+def compiled_count() -> int:
+    """How many (kernel, shape class, specialisation) entries launch directly: for tests."""
+    return len(_COMPILED)

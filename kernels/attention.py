@@ -92,17 +92,18 @@ def flash_attention(
     if dropout_p == 1.0:
         # Every probability dropped: the output is exactly zero (as F.dropout(p=1) gives), with
         # zero gradients; running the kernel would divide by 1 - p = 0.
-        out, lse = _dispatch(query, key, value, mask, kpm, causal, scale, 0.0)
+        out, lse = _dispatch(query, key, value, mask, kpm, causal, scale, 0.0, return_lse)
         out = out * 0.0
     else:
-        out, lse = _dispatch(query, key, value, mask, kpm, causal, scale, float(dropout_p))
+        out, lse = _dispatch(query, key, value, mask, kpm, causal, scale, float(dropout_p),
+                             return_lse)
     if return_lse:
         return out, lse
     return out
 
 
-def _dispatch(q, k, v, mask, kpm, causal, scale, dropout_p):
-    """Returns (out, natural-log lse)."""
+def _dispatch(q, k, v, mask, kpm, causal, scale, dropout_p, want_lse):
+    """Returns (out, natural-log lse or None when not wanted)."""
     if q.device.type == "cpu" and not INTERPRET:
         global _warned_fallback
         if not _warned_fallback:
@@ -115,6 +116,7 @@ def _dispatch(q, k, v, mask, kpm, causal, scale, dropout_p):
         return reference_attention(q, k, v, float_mask=float_mask, bool_mask=bool_mask, kpm=kpm,
                                    causal=causal, scale=scale, dropout_p=dropout_p)
     seed = dropout_seed(q.device) if dropout_p > 0.0 else None
+    # The kernels take unit strides along head_dim for granted (16-byte vector loads).
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
@@ -122,7 +124,8 @@ def _dispatch(q, k, v, mask, kpm, causal, scale, dropout_p):
     if v.stride(-1) != 1:
         v = v.contiguous()
     out, lse2 = _attention(q, k, v, mask, kpm, causal, float(scale), dropout_p, seed)
-    return out, lse2 * LN2
+    # The kernels keep the lse in base 2; converting costs a launch, so only when asked.
+    return out, (lse2 * LN2 if want_lse else None)
 
 
 def _check_tensors(q, k, v, enable_gqa):
