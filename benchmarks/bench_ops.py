@@ -607,6 +607,13 @@ def summary(rows, checks, backends) -> str:
     return "\n".join(out)
 
 
+def _chosen_configs() -> list:
+    """The launch config hf_flash picked for each kernel and shape class so far."""
+    from hf_flash.kernels import _tuning
+    return [{"kernel": name, "key": [str(x) for x in key], "config": cfg}
+            for (name, key), cfg in _tuning.chosen_configs().items()]
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.dry_run:
@@ -684,6 +691,7 @@ def main(argv=None):
         del inp
         runner.free()
         meta["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+        meta["hf_flash_configs"] = _chosen_configs()
         write_results(out_dir, stem, meta, rows, {"checks": checks,
                                                   "cases": [asdict(c) for c in cases]})
         print(f"[{meta['elapsed_s']:7.1f}s] {case.name}: {time.perf_counter() - t_case:.1f}s",

@@ -46,8 +46,8 @@ def run_metadata(args) -> dict:
         "cuda": torch.version.cuda,
         "kernel_src_sha256_16": kernel_source_hash(),
     }
-    # A copy of the tree without .git can pass the sha in by hand.
-    sha = _git("rev-parse", "HEAD") or os.environ.get("GIT_SHA") or "unknown"
+    # A copy of the tree whose .git is missing or stale can pass the sha in by hand.
+    sha = os.environ.get("GIT_SHA") or _git("rev-parse", "HEAD") or "unknown"
     dirty = _git("status", "--porcelain", "--", "kernels", "hf_flash", "patches")
     meta["git_sha"] = sha
     meta["git_dirty"] = None if dirty is None else bool(dirty)

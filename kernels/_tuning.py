@@ -54,11 +54,13 @@ except AttributeError:  # CPU-only builds of torch
 
 def _hooks_active() -> bool:
     # A profiler (e.g. Triton's proton) listens through these hooks: leave the launch to Triton.
+    # Triton 3.6 and later keep them as HookChain objects, empty rather than None when unused.
     try:
         rt = triton.knobs.runtime
-        return rt.launch_enter_hook is not None or rt.launch_exit_hook is not None
+        hooks = (rt.launch_enter_hook, rt.launch_exit_hook)
     except AttributeError:  # pragma: no cover - Triton without knobs
         return True
+    return any(h is not None and getattr(h, "calls", True) for h in hooks)
 
 
 def launch(kernel, name, key, candidates, grid, args, constexprs):

@@ -173,6 +173,65 @@ def test_long_sequences(n, D, causal, dtype):
     _run_case(1, 2 if n <= 8192 else 1, 2 if n <= 8192 else 1, n, n, D, dtype, {"causal": causal})
 
 
+@pytest.mark.gpu
+def test_direct_launch_keeps_triton_specialisation():
+    # After the first call, launches skip Triton's binder and reuse the compiled kernel for the
+    # same specialisation. A kernel compiled for 16-byte-aligned tensors and strides divisible by
+    # 16 must not be reused for a view that is neither: each variant must still be right, and
+    # must take a compiled kernel of its own.
+    from hf_flash.kernels import _backward, _forward, _tuning
+    B, H, n, D, dtype = 2, 3, 100, 64, torch.float16
+    triton_runs = []
+    kernels = (_forward._fwd_kernel, _backward._bwd_dq_kernel, _backward._bwd_dkdv_kernel)
+
+    def counting(bound_run):
+        def run(*args, **kwargs):
+            triton_runs.append(1)
+            return bound_run(*args, **kwargs)
+        return run
+
+    for kern in kernels:  # an instance attribute shadows JITFunction.run: counts Triton's path
+        kern.run = counting(type(kern).run.__get__(kern))
+
+    def aligned():
+        return [torch.randn(B, H, n, D, device="cuda", dtype=dtype).requires_grad_()
+                for _ in range(3)]
+
+    def misaligned():  # address 2 bytes past a 16-byte boundary
+        return [torch.randn(B * H * n * D + 1, device="cuda", dtype=dtype)[1:]
+                .view(B, H, n, D).requires_grad_() for _ in range(3)]
+
+    def odd_strides():  # row stride 65 elements
+        return [torch.randn(B, H, n, D + 1, device="cuda", dtype=dtype)[..., :D]
+                .detach().requires_grad_() for _ in range(3)]
+
+    try:
+        _check_variants(aligned, misaligned, odd_strides, triton_runs, _tuning, B, H, n, D, dtype)
+    finally:
+        for kern in kernels:
+            del kern.run
+
+
+def _check_variants(aligned, misaligned, odd_strides, triton_runs, _tuning, B, H, n, D, dtype):
+    for i, variant in enumerate((aligned, aligned, misaligned, odd_strides, aligned)):
+        before, runs_before = _tuning.compiled_count(), len(triton_runs)
+        q, k, v = variant()
+        kpm = torch.rand(B, n, device="cuda") > 0.3
+        do = torch.randn(B, H, n, D, device="cuda", dtype=dtype)
+        out = hf_flash.flash_attention(q, k, v, is_causal=True, key_padding_mask=kpm)
+        out.backward(do)
+        ref_out, _, ref_grads = reference_with_grads(q, k, v, do, causal=C_TL, kpm=kpm)
+        same_out, _, same_grads = reference_with_grads(q, k, v, do, dtype=dtype, causal=C_TL,
+                                                       kpm=kpm)
+        check_ratio("out", out, ref_out, same_out, OUT_RATIO, dtype)
+        for name, g, r, s in zip("qkv", (q.grad, k.grad, v.grad), ref_grads, same_grads):
+            check_ratio(f"d{name}", g, r, s, GRAD_RATIO, dtype)
+        if variant in (misaligned, odd_strides):
+            assert _tuning.compiled_count() > before, f"{variant.__name__} reused a kernel"
+        elif i > 0:  # seen before: all three launches skip Triton's binder
+            assert len(triton_runs) == runs_before, "a repeated call went through Triton's run"
+
+
 # ---- semantics --------------------------------------------------------------------------------
 
 def test_causal_bias_objects_match_flags():
