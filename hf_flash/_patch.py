@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 from typing import Optional
 
@@ -57,13 +58,45 @@ def _configs(hf) -> list:
     return out
 
 
-def _snapshot(hf) -> list:
-    return [(cfg, cfg.__dict__.get("_attn_implementation_internal")) for cfg in _configs(hf)]
+def _config_holders(root) -> list:
+    """(module, attribute, config) for every config a module of `root` keeps as an attribute.
+
+    transformers keeps the attention implementation on the config, and a config object may be
+    shared with models outside `root`; patching must therefore switch a config of its own.
+    """
+    from transformers import PreTrainedConfig
+
+    return [(mod, key, value) for mod in root.modules() for key, value in vars(mod).items()
+            if isinstance(value, PreTrainedConfig)]
 
 
-def _restore(snapshot) -> None:
-    for cfg, value in snapshot:
-        cfg._attn_implementation_internal = value
+def _point_to(root, replacement: dict) -> None:
+    """Make every module of `root` that holds a config in `replacement` (keyed by id) hold its
+    replacement instead."""
+    for mod, key, value in _config_holders(root):
+        new = replacement.get(id(value))
+        if new is not None:
+            # Straight into __dict__: wrappers may override __setattr__, and nn.Module's keeps
+            # plain attributes there anyway.
+            mod.__dict__[key] = new
+
+
+def _own_configs(root) -> list:
+    """Give `root` private copies of its configs; returns (original, copy) pairs.
+
+    One deepcopy memo for all of them keeps their structure: a submodel holding a parent's
+    sub-config gets the parent copy's sub-config, and configs shared inside `root` stay shared.
+    """
+    memo, pairs = {}, {}
+    for _, _, cfg in _config_holders(root):
+        if id(cfg) not in pairs:
+            pairs[id(cfg)] = (cfg, copy.deepcopy(cfg, memo))
+    _point_to(root, {key: dup for key, (_, dup) in pairs.items()})
+    return list(pairs.values())
+
+
+def _give_back_configs(root, pairs) -> None:
+    _point_to(root, {id(dup): original for original, dup in pairs})
 
 
 def attention_layers(hf, family: Optional[Family] = None) -> list:
@@ -92,6 +125,9 @@ def patch(model, **options):
     and on wrappers holding one (peft, torch.compile). Nothing is changed if the model is not
     supported: the error lists what is. Patching twice only updates the options.
 
+    The patched model works on its own copy of its config (every module that held the config
+    holds the copy), so other models built on the same config object are not switched.
+
     Options:
         fallback: "eager" (default) runs a call the kernel cannot serve (output_attentions=True,
             a head mask, ...) with the model's eager attention and warns once, naming the reason;
@@ -104,7 +140,9 @@ def patch(model, **options):
         family.check(hf)
     _glue.register()
     if getattr(hf, _STATE, None) is None:
-        snapshot = _snapshot(hf)
+        # Everything below changes only the copies, so other models built on the same config
+        # object keep their attention implementation, and unpatch can hand the originals back.
+        configs = _own_configs(model)
         try:
             if family.apply is not None:
                 revert_data = family.apply(hf)
@@ -112,10 +150,10 @@ def patch(model, **options):
                 revert_data = None
                 _switch_to_hf_flash(hf)
         except BaseException:
-            _restore(snapshot)
+            _give_back_configs(model, configs)
             raise
         # A plain attribute, not a buffer: it never reaches a state dict or a checkpoint.
-        object.__setattr__(hf, _STATE, {"family": family, "snapshot": snapshot,
+        object.__setattr__(hf, _STATE, {"family": family, "configs": configs,
                                         "revert_data": revert_data})
     for _, mod in attention_layers(hf, family):
         mod._hf_flash_options = dict(opts)
@@ -138,6 +176,8 @@ def _switch_to_hf_flash(hf) -> None:
 def unpatch(model):
     """Undo `patch`: the attention implementation and modules are restored exactly.
 
+    The modules get back the config object they held before `patch`, unchanged; changes made to
+    `model.config` while patched were made to the copy and are dropped with it.
     A model loaded with attn_implementation=hf_flash.ATTN_NAME is switched to transformers' default
     (sdpa, or eager where the model has no sdpa). Returns `model`.
     """
@@ -156,7 +196,8 @@ def unpatch(model):
     family = state["family"]
     if family.revert is not None:
         family.revert(hf, state["revert_data"])
-    _restore(state["snapshot"])
+    # `model`, not just `hf`: a wrapper added after patching (peft) may hold the copy too.
+    _give_back_configs(model, state["configs"])
     _forget_layers(hf, family)
     object.__delattr__(hf, _STATE)
     return model

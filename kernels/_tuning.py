@@ -94,7 +94,8 @@ def launch(kernel, name, key, candidates, grid, args, constexprs):
             _COMPILED[cache_key] = (compiled, tuple(merged[n] for n in names))
         return
     compiled, tail = hit
-    compiled.run(g[0], g[1], g[2], _current_stream(device), compiled.function,
+    g0, g1, g2 = (*g, 1, 1)[:3]  # grids are written with two dims; the launcher takes three
+    compiled.run(g0, g1, g2, _current_stream(device), compiled.function,
                  compiled.packed_metadata, None, None, None, *args, *tail)
 
 

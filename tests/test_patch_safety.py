@@ -1,6 +1,7 @@
 """Patching as an operation on a live model: refusals leave it untouched, patching mid-training
 keeps the optimizer's view of the parameters, patched models copy and pickle, two patched models
-keep their own options, and every refusal names the argument and what it accepts.
+keep their own options (even when built on one config object), and every refusal names the
+argument and what it accepts.
 """
 
 import copy
@@ -18,7 +19,7 @@ import hf_flash
 from conftest import run_fresh
 from hf_flash import _glue
 from hf_flash._registry import Family
-from patch_utils import assert_ratio, batch, bert_config, build
+from patch_utils import FAMILIES, assert_ratio, batch, bert_config, build
 
 
 def _logits(model, ids, mask, **kw):
@@ -341,18 +342,100 @@ def test_two_models_patched_with_different_options_do_not_interfere(name):
     assert _last_calls(lenient) == ["kernel"] * 2
 
 
-@pytest.mark.xfail(strict=True, reason="models built on one config object share its attention "
-                   "implementation: patching one switches the other, and unpatching them in the "
-                   "order they were patched leaves the config on hf_flash's backend")
-def test_models_sharing_one_config_object():
-    cfg = bert_config()
-    cfg._attn_implementation = "eager"
-    first, second = BertForMaskedLM(cfg), BertForMaskedLM(cfg)
-    hf_flash.patch(first)
+def _config_refs(model):
+    """id of the config each module holds, by module name and attribute."""
+    return {(n, k): id(v) for n, m in model.named_modules() for k, v in vars(m).items()
+            if isinstance(v, PreTrainedConfig)}
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt_neo"])
+def test_models_sharing_one_config_object(name):
+    make_config, auto, _ = FAMILIES[name]
+    cfg = make_config()
+    torch.manual_seed(0)
+    first = auto.from_config(cfg, attn_implementation="eager").eval()
+    torch.manual_seed(1)
+    second = auto.from_config(cfg, attn_implementation="eager").eval()
+    assert first.config is cfg and second.config is cfg
+    # Padded: GPT-Neo's eager layers cannot read the mask hf_flash's mask function builds.
+    ids, mask, _ = batch(name, "right")
+    m = mask.bool()
+    want_first, want_second = _logits(first, ids, mask), _logits(second, ids, mask)
+    cfg_before = copy.deepcopy(cfg.__dict__)
+    second_refs = _config_refs(second)
+    assert set(second_refs.values()) == {id(cfg)}
+
+    hf_flash.patch(first, fallback="raise")
+    assert first.config is not cfg and first.config._attn_implementation == hf_flash.ATTN_NAME
+    assert set(_config_refs(first).values()) == {id(first.config)}  # every holder got the copy
+    assert cfg._attn_implementation == "eager" and cfg.__dict__ == cfg_before
+    assert _config_refs(second) == second_refs
+    assert not hf_flash.is_patched(second) and _paths(second) == ["not patched"] * 2
+    torch.testing.assert_close(_logits(second, ids, mask), want_second, rtol=0, atol=0)
+    torch.testing.assert_close(_logits(first, ids, mask)[m], want_first[m], rtol=1e-5, atol=1e-5)
+    assert _last_calls(first) == ["kernel"] * 2
+
+    # Both patched, then unpatched in the order they were patched: each gets the shared object
+    # back, still on eager.
     hf_flash.patch(second)
+    assert first.config is not second.config
     hf_flash.unpatch(first)
+    assert first.config is cfg and cfg._attn_implementation == "eager"
+    assert hf_flash.is_patched(second) and _paths(second) == ["hf_flash kernel"] * 2
+    torch.testing.assert_close(_logits(first, ids, mask), want_first, rtol=0, atol=0)
+    torch.testing.assert_close(_logits(second, ids, mask)[m], want_second[m], rtol=1e-5,
+                               atol=1e-5)
     hf_flash.unpatch(second)
+    assert second.config is cfg and _config_refs(second) == second_refs
+    assert cfg.__dict__ == cfg_before
+    torch.testing.assert_close(_logits(second, ids, mask), want_second, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "gpt_neo", "llama"])
+def test_unpatch_gives_back_the_original_config_unchanged(name):
+    model = build(name).eval()
+    cfg = model.config
+    refs = _config_refs(model)
+    assert set(refs.values()) == {id(cfg)} and len(refs) > 1  # submodules hold it too
+    cfg_before = copy.deepcopy(cfg.__dict__)
+    json_before = cfg.to_json_string()
+    ids, mask, _ = batch(name, "right")
+    hf_flash.patch(model)
+    assert model.config is not cfg and cfg.__dict__ == cfg_before  # only the copy was switched
+    _logits(model, ids, mask)
+    hf_flash.unpatch(model)
+    assert model.config is cfg and _config_refs(model) == refs
+    assert cfg.__dict__ == cfg_before and cfg.to_json_string() == json_before
     assert cfg._attn_implementation == "eager"
+
+
+def test_nested_configs_stay_nested_in_the_copy():
+    # An encoder-decoder's submodels hold the sub-configs of its top config: after patching they
+    # must hold the copy's sub-configs, not copies of their own that the top copy does not see.
+    from transformers import EncoderDecoderConfig, EncoderDecoderModel
+    cfg = EncoderDecoderConfig.from_encoder_decoder_configs(
+        bert_config(), bert_config(is_decoder=True, add_cross_attention=True))
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = EncoderDecoderModel(config=cfg).eval()
+    refs = _config_refs(model)
+    cfg_before = copy.deepcopy(cfg.__dict__)
+    ids, mask, _ = batch("bert", "right")
+    kw = dict(decoder_input_ids=ids, decoder_attention_mask=mask)
+    want = _logits(model, ids, mask, **kw)
+    hf_flash.patch(model, fallback="raise")
+    new = model.config
+    assert new is not cfg
+    assert model.encoder.config is new.encoder and model.decoder.config is new.decoder
+    assert {new.encoder._attn_implementation, new.decoder._attn_implementation} == \
+        {hf_flash.ATTN_NAME}
+    assert cfg.__dict__ == cfg_before and cfg.encoder._attn_implementation == "eager"
+    m = mask.bool()
+    torch.testing.assert_close(_logits(model, ids, mask, **kw)[m], want[m], rtol=1e-5, atol=1e-5)
+    assert set(_last_calls(model)) == {"kernel"}
+    hf_flash.unpatch(model)
+    assert model.config is cfg and _config_refs(model) == refs
+    assert cfg.__dict__ == cfg_before
 
 
 # ---------------------------------------------------------------- every refusal explains itself
