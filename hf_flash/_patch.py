@@ -95,7 +95,24 @@ def _own_configs(root) -> list:
     return list(pairs.values())
 
 
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # values without a plain truth value (arrays): count as changed
+        return False
+
+
 def _give_back_configs(root, pairs) -> None:
+    """Hand the original configs back, keeping what was set on the copies meanwhile (a Trainer
+    run sets fields such as problem_type): only the switch to hf_flash stays behind."""
+    from transformers import PreTrainedConfig
+
+    for original, dup in pairs:
+        for key, value in vars(dup).items():
+            if key == "_attn_implementation_internal" or isinstance(value, PreTrainedConfig):
+                continue  # sub-configs are pairs of their own
+            if key not in vars(original) or not _same(vars(original)[key], value):
+                original.__dict__[key] = value
     _point_to(root, {id(dup): original for original, dup in pairs})
 
 
@@ -176,8 +193,8 @@ def _switch_to_hf_flash(hf) -> None:
 def unpatch(model):
     """Undo `patch`: the attention implementation and modules are restored exactly.
 
-    The modules get back the config object they held before `patch`, unchanged; changes made to
-    `model.config` while patched were made to the copy and are dropped with it.
+    The modules get back the config object they held before `patch`; fields set on the model's
+    config while patched are carried over to it, the attention implementation is restored.
     A model loaded with attn_implementation=hf_flash.ATTN_NAME is switched to transformers' default
     (sdpa, or eager where the model has no sdpa). Returns `model`.
     """

@@ -409,6 +409,21 @@ def test_unpatch_gives_back_the_original_config_unchanged(name):
     assert cfg._attn_implementation == "eager"
 
 
+def test_fields_set_while_patched_stay_after_unpatch():
+    # A Trainer run sets config fields (problem_type, ...) while the model is patched; unpatching
+    # must not lose them, only the attention implementation goes back.
+    model = build("bert").eval()
+    cfg = model.config
+    hf_flash.patch(model)
+    model.config.problem_type = "single_label_classification"
+    model.config.hidden_dropout_prob = 0.25
+    hf_flash.unpatch(model)
+    assert model.config is cfg
+    assert cfg.problem_type == "single_label_classification"
+    assert cfg.hidden_dropout_prob == 0.25
+    assert cfg._attn_implementation == "eager"
+
+
 def test_nested_configs_stay_nested_in_the_copy():
     # An encoder-decoder's submodels hold the sub-configs of its top config: after patching they
     # must hold the copy's sub-configs, not copies of their own that the top copy does not see.
