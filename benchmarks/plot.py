@@ -232,7 +232,8 @@ def plot_models(rows, meta, out: Path):
 
 def merge(paths):
     """Rows of several result files as one set; a later file (by date) replaces an earlier
-    one's row for the same point, so a re-run of part of a sweep updates the plots."""
+    one's row for the same point, so a re-run of part of a sweep updates the plots. A point a
+    later run did not measure (time budget, error) keeps an earlier run's measurement."""
     loaded = [load(p) for p in paths]
     loaded.sort(key=lambda rm: rm[1].get("date_utc", ""))
     merged, metas = {}, []
@@ -242,6 +243,8 @@ def merge(paths):
         for r in rows:
             key = (r.get("suite"), r.get("case") or r.get("model"), r.get("backend") or r.get("impl"),
                    r.get("mode"))
+            if r.get("status") != "ok" and merged.get(key, {}).get("status") == "ok":
+                continue
             merged[key] = r
     meta = {}
     for k in ("gpu", "torch", "triton", "git_sha", "date_utc"):
