@@ -14,20 +14,21 @@ import triton.language as tl
 
 from . import _common
 from . import _tuning
-from ._common import AUTOTUNE, bucket, cfg, default_config, dot_precision, mask_scores, smem_ok
+from ._common import (AUTOTUNE, bucket, cfg, default_config, dot_precision, mask_scores,
+                      row_stats_base, row_strides, seq_bounds, smem_ok)
 from ._dropout import dropout_keep
 
 
 @triton.jit
-def _row_stats(stats_h, rows, row_ok, N_Q, MASK_KIND: tl.constexpr):
+def _row_stats(stats_h, rows, row_ok, STATS_N, MASK_KIND: tl.constexpr):
     """What backward subtracts from the scores to rebuild P = exp2(S - lse), as (a, b) with
     P = exp2((S - a) - b). Under a float mask a, b are the row max and log2(sum), kept apart as
     a huge finite mask can make the max so large that their fp32 sum loses log2(sum); otherwise
-    a = lse and b is unused. Rows past N_Q, and rows that saw no key (max = -inf), get a = +inf,
-    hence P = 0."""
+    a = lse and b is unused. Rows past the end, and rows that saw no key (max = -inf), get
+    a = +inf, hence P = 0. The three planes of stats are STATS_N apart."""
     if MASK_KIND == 2:
-        a = tl.load(stats_h + N_Q + rows, mask=row_ok, other=float("inf"))
-        b = tl.load(stats_h + 2 * N_Q + rows, mask=row_ok, other=0.0)
+        a = tl.load(stats_h + STATS_N + rows, mask=row_ok, other=float("inf"))
+        b = tl.load(stats_h + 2 * STATS_N + rows, mask=row_ok, other=0.0)
     else:
         a = tl.load(stats_h + rows, mask=row_ok, other=float("inf"))
         b = a
@@ -39,7 +40,7 @@ def _row_stats(stats_h, rows, row_ok, N_Q, MASK_KIND: tl.constexpr):
 def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS_H, DELTA_H,
                 start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
                 stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn,
-                N_Q, N_K, causal_offset,
+                N_Q, N_K, STATS_N, causal_offset,
                 CHECK_BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                 MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -48,7 +49,7 @@ def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS
     row_ok = rows < N_Q
     q = tl.load(q_ptrs + start_m * stride_qm, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     do = tl.load(do_ptrs + start_m * stride_dom, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    stat_a, stat_b = _row_stats(STATS_H, rows, row_ok, N_Q, MASK_KIND)
+    stat_a, stat_b = _row_stats(STATS_H, rows, row_ok, STATS_N, MASK_KIND)
     delta = tl.load(DELTA_H + rows, mask=row_ok, other=0.0)
     sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
     sT = mask_scores(sT, rows[None, :], offs_n[:, None], mask_ptr, kpm_ptr, stride_mm, stride_mn,
@@ -75,7 +76,7 @@ def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, STATS, DELTA, MASK, KPM, KV_LO, KV_HI, SEED,
+    Q, K, V, DO, DK, DV, STATS, DELTA, MASK, KPM, KV_LO, KV_HI, SEED, CU_SEQLENS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -84,25 +85,26 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_kpmb, stride_kpmn,
-    H, N_Q, N_K, GROUP, qk_scale, sm_scale, dropout_p, dropout_scale, causal_offset,
+    H, N_Q, N_K, STATS_N, GROUP, qk_scale, sm_scale, dropout_p, dropout_scale, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     H_KV = H // GROUP
     off_b = (bhk // H_KV).to(tl.int64)
     off_hk = (bhk % H_KV).to(tl.int64)
+    seq0, N_Q, N_K = seq_bounds(CU_SEQLENS, off_b, N_Q, N_K, VARLEN)  # see _fwd_kernel
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     kv_ok = (offs_n[:, None] < N_K) & d_ok[None, :]
-    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn
+    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + (seq0 + offs_n)[:, None] * stride_kn
                 + offs_d[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn
+    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + (seq0 + offs_n)[:, None] * stride_vn
                 + offs_d[None, :], mask=kv_ok, other=0.0)
     seed = 0
     if HAS_DROPOUT:
@@ -116,6 +118,9 @@ def _bwd_dkdv_kernel(
         hi = tl.load(KV_HI + off_b)
         # A key block wholly in the padding gets zero gradients without touching any query.
         q_end = tl.where((start_n >= hi) | (start_n + BLOCK_N <= lo), 0, N_Q)
+    if VARLEN:
+        # Key blocks past this sequence's end (the grid is sized for the longest) do nothing.
+        q_end = tl.where(start_n < N_K, N_Q, 0)
 
     # Query blocks that can see this key block: row i sees key j iff j <= i + causal_offset.
     q_lo = 0
@@ -134,31 +139,31 @@ def _bwd_dkdv_kernel(
         off_h = off_hk * GROUP + g
         bh = off_b * H + off_h
         q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
-                  + offs_m[:, None] * stride_qm + offs_d[None, :])
+                  + (seq0 + offs_m)[:, None] * stride_qm + offs_d[None, :])
         do_ptrs = (DO + off_b * stride_dob + off_h * stride_doh
-                   + offs_m[:, None] * stride_dom + offs_d[None, :])
+                   + (seq0 + offs_m)[:, None] * stride_dom + offs_d[None, :])
         mask_ptr = MASK + off_b * stride_mb + off_h * stride_mh
-        STATS_H = STATS + bh * 3 * N_Q
-        DELTA_H = DELTA + bh * N_Q
+        STATS_H = STATS + row_stats_base(bh, off_h, seq0, STATS_N, 3, VARLEN)
+        DELTA_H = DELTA + row_stats_base(bh, off_h, seq0, STATS_N, 1, VARLEN)
         for start_m in range(q_lo, q_full, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS_H, DELTA_H,
                 start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p,
                 dropout_scale, stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
-                causal_offset, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
+                STATS_N, causal_offset, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
                 BLOCK_M, BLOCK_N)
         for start_m in range(q_full, q_end, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS_H, DELTA_H,
                 start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p,
                 dropout_scale, stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
-                causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
+                STATS_N, causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
                 BLOCK_M, BLOCK_N)
 
     dk = dk * sm_scale
-    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn
+    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + (seq0 + offs_n)[:, None] * stride_dkn
              + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn
+    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + (seq0 + offs_n)[:, None] * stride_dvn
              + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
@@ -196,7 +201,7 @@ def _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_pt
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, O, DO, DQ, STATS, DELTA, DLSE, MASK, KPM, KV_LO, KV_HI, SEED,
+    Q, K, V, O, DO, DQ, STATS, DELTA, DLSE, MASK, KPM, KV_LO, KV_HI, SEED, CU_SEQLENS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -205,10 +210,11 @@ def _bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_kpmb, stride_kpmn,
-    H, N_Q, N_K, GROUP, qk_scale, sm_scale, dropout_p, dropout_scale, causal_offset,
+    H, N_Q, N_K, STATS_N, GROUP, qk_scale, sm_scale, dropout_p, dropout_scale, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     # Runs before the dK/dV kernel: it also writes delta, which that kernel reads.
     pid_m = tl.program_id(0)
@@ -216,6 +222,7 @@ def _bwd_dq_kernel(
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
     off_hk = off_h // GROUP
+    seq0, N_Q, N_K = seq_bounds(CU_SEQLENS, off_b, N_Q, N_K, VARLEN)  # see _fwd_kernel
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -223,27 +230,31 @@ def _bwd_dq_kernel(
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < N_Q
     q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm
+    rows = seq0 + offs_m  # in the tensor
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm
                 + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dom
                  + offs_d[None, :], mask=q_mask, other=0.0)
-    stat_a, stat_b = _row_stats(STATS + bh.to(tl.int64) * 3 * N_Q, offs_m, m_ok, N_Q, MASK_KIND)
+    stats_h = STATS + row_stats_base(bh, off_h, seq0, STATS_N, 3, VARLEN)
+    stat_a, stat_b = _row_stats(stats_h, offs_m, m_ok, STATS_N, MASK_KIND)
     # delta_i = sum_d dO_id * O_id = rowsum(P * dP), the softmax-backward correction term. Made
     # here rather than in a pass of its own: this program holds dO already, and one launch fewer
     # matters to short calls.
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om
                 + offs_d[None, :], mask=q_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         # The lse is differentiable too: d(lse_e)/dS = P, so its gradient folds into the
         # correction term, dS = P * (dP - (delta - dlse_e)); dlse_e in base 2 is dlse * log2(e).
-        dlse = tl.load(DLSE + bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=0.0)
+        dlse = tl.load(DLSE + row_stats_base(bh, off_h, seq0, STATS_N, 1, VARLEN) + offs_m,
+                       mask=m_ok, other=0.0)
         delta -= dlse * 1.4426950408889634
-    tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_ok)
+    tl.store(DELTA + row_stats_base(bh, off_h, seq0, STATS_N, 1, VARLEN) + offs_m, delta,
+             mask=m_ok)
     k_ptrs = (K + off_b * stride_kb + off_hk * stride_kh
-              + offs_n[:, None] * stride_kn + offs_d[None, :])
+              + (seq0 + offs_n)[:, None] * stride_kn + offs_d[None, :])
     v_ptrs = (V + off_b * stride_vb + off_hk * stride_vh
-              + offs_n[:, None] * stride_vn + offs_d[None, :])
+              + (seq0 + offs_n)[:, None] * stride_vn + offs_d[None, :])
     mask_ptr = MASK + off_b * stride_mb + off_h * stride_mh
     kpm_ptr = KPM + off_b * stride_kpmb
     seed = 0
@@ -279,7 +290,7 @@ def _bwd_dq_kernel(
                        causal_offset, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
                        DOT_PRECISION, BLOCK_M, BLOCK_N)
     dq = dq * sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -297,8 +308,9 @@ def _bwd_candidates(block_d, elt_size):
 
 
 def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo, kv_hi, causal,
-                       causal_offset, scale, dropout_p, seed):
-    """Launch the backward kernels; returns (dq, dk, dv) with the layouts of q, k, v."""
+                       causal_offset, scale, dropout_p, seed, cu_seqlens=None, max_seqlen=0):
+    """Launch the backward kernels; returns (dq, dk, dv) with the layouts of q, k, v. Packed
+    sequences (`cu_seqlens`, `max_seqlen`) as in attention_forward."""
     B, H, N_Q, D = q.shape
     H_KV, N_K = k.shape[1], k.shape[2]
     dq = torch.empty_like(q)
@@ -309,6 +321,9 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
             t.fill_(float("nan"))
     if N_Q == 0 or N_K == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    varlen = cu_seqlens is not None
+    n_batch = cu_seqlens.numel() - 1 if varlen else B
+    rows_q, rows_k = (max_seqlen, max_seqlen) if varlen else (N_Q, N_K)
     block_d = max(16, triton.next_power_of_2(D))
     delta = stats.new_empty((B, H, N_Q))
     if _common.POISON_OUTPUTS:
@@ -323,26 +338,29 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
     lo_t = kv_lo if kv_lo is not None else stats
     hi_t = kv_hi if kv_hi is not None else stats
     seed_t = seed if seed is not None else stats
+    cu_t = cu_seqlens if varlen else stats
     group = H // H_KV
     constexprs = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
                       MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
-                      DOT_PRECISION=dot_precision(q.dtype))
-    scalars = (H, N_Q, N_K, group, scale * 1.4426950408889634, scale, float(dropout_p),
-               1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0, causal_offset)
-    key = (bucket(N_Q), bucket(N_K), B * H > 64, group, q.dtype, q.device.index,
+                      DOT_PRECISION=dot_precision(q.dtype), VARLEN=varlen)
+    scalars = (H, rows_q, rows_k, N_Q, group, scale * 1.4426950408889634, scale,
+               float(dropout_p), 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
+               causal_offset)
+    key = (bucket(rows_q), bucket(rows_k), n_batch * H > 64, group, q.dtype, q.device.index,
            *constexprs.values())
     candidates = lambda: _bwd_candidates(block_d, q.element_size())  # noqa: E731
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    strides = (*row_strides(q, varlen), *row_strides(k, varlen), *row_strides(v, varlen))
     _tuning.launch(
         _bwd_dq_kernel, "dq", key, candidates,
-        lambda c: (triton.cdiv(N_Q, c["BLOCK_M"]), B * H),
+        lambda c: (triton.cdiv(rows_q, c["BLOCK_M"]), n_batch * H),
         (q, k, v, o, do, dq, stats, delta, dlse if dlse is not None else stats, mask_t, kpm_t,
-         lo_t, hi_t, seed_t, *strides, *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-         *mask_strides, *kpm_strides, *scalars), {**constexprs, "HAS_DLSE": dlse is not None})
+         lo_t, hi_t, seed_t, cu_t, *strides, *row_strides(o, varlen), *row_strides(do, varlen),
+         *row_strides(dq, varlen), *mask_strides, *kpm_strides, *scalars),
+        {**constexprs, "HAS_DLSE": dlse is not None})
     _tuning.launch(
         _bwd_dkdv_kernel, "dkdv", key, candidates,
-        lambda c: (triton.cdiv(N_K, c["BLOCK_N"]), B * H_KV),
-        (q, k, v, do, dk, dv, stats, delta, mask_t, kpm_t, lo_t, hi_t, seed_t,
-         *strides, *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        lambda c: (triton.cdiv(rows_k, c["BLOCK_N"]), n_batch * H_KV),
+        (q, k, v, do, dk, dv, stats, delta, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t,
+         *strides, *row_strides(do, varlen), *row_strides(dk, varlen), *row_strides(dv, varlen),
          *mask_strides, *kpm_strides, *scalars), constexprs)
     return dq, dk, dv

@@ -59,6 +59,30 @@ def mask_scores(s, rows, cols, mask_ptr, kpm_ptr, stride_mm, stride_mn, stride_k
     return s
 
 
+@triton.jit
+def seq_bounds(CU_SEQLENS, off_b, N_Q, N_K, VARLEN: tl.constexpr):
+    """(first row, q_len, k_len) of batch entry `off_b`. With VARLEN the sequences are packed back
+    to back along the rows and CU_SEQLENS holds their cumulative lengths (0 first); each one
+    attends only within itself, so its q_len and k_len are its own length."""
+    if VARLEN:
+        seq0 = tl.load(CU_SEQLENS + off_b).to(tl.int64)
+        n = (tl.load(CU_SEQLENS + off_b + 1) - seq0).to(tl.int32)
+        return seq0, n, n
+    else:
+        # int32 like the row offsets it is added to, so unpacked launches index as before.
+        return tl.zeros([], dtype=tl.int32), N_Q, N_K
+
+
+@triton.jit
+def row_stats_base(bh, off_h, seq0, STATS_N, PLANES: tl.constexpr, VARLEN: tl.constexpr):
+    """Offset of this (batch entry, head)'s first row in a per-row fp32 array laid out
+    (B, H, PLANES, STATS_N); packed sequences share B = 1 and start at their first row."""
+    if VARLEN:
+        return off_h * PLANES * STATS_N + seq0
+    else:
+        return bh.to(tl.int64) * PLANES * STATS_N
+
+
 def default_config(kind: str, head_dim_padded: int, elt_size: int) -> dict:
     """The config used when not autotuning (and under the interpreter)."""
     if INTERPRET:
@@ -77,6 +101,13 @@ def default_config(kind: str, head_dim_padded: int, elt_size: int) -> dict:
     if wide <= 256:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+
+
+def row_strides(t: "torch.Tensor", varlen: bool) -> tuple:
+    """(batch, head, row) strides as the kernels take them; packed sequences are told apart by
+    their first row, not by a batch index, so their batch stride is 0."""
+    st = t.stride()
+    return (0, st[1], st[2]) if varlen else (st[0], st[1], st[2])
 
 
 def dropout_seed(device) -> "torch.Tensor":

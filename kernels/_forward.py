@@ -6,7 +6,8 @@ import triton.language as tl
 
 from . import _common
 from . import _tuning
-from ._common import AUTOTUNE, bucket, cfg, default_config, dot_precision, mask_scores, smem_ok
+from ._common import (AUTOTUNE, bucket, cfg, default_config, dot_precision, mask_scores,
+                      row_stats_base, row_strides, seq_bounds, smem_ok)
 from ._dropout import dropout_keep
 
 
@@ -51,23 +52,26 @@ def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, sta
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, STATS, MASK, KPM, KV_LO, KV_HI, SEED,
+    Q, K, V, O, STATS, MASK, KPM, KV_LO, KV_HI, SEED, CU_SEQLENS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_kpmb, stride_kpmn,
-    H, N_Q, N_K, GROUP, qk_scale, dropout_p, dropout_scale, causal_offset,
+    H, N_Q, N_K, STATS_N, GROUP, qk_scale, dropout_p, dropout_scale, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
     off_hk = off_h // GROUP  # grouped-query attention: GROUP query heads share one K/V head
+    # Packed sequences (VARLEN): entry off_b of the batch is sequence off_b of the packed rows,
+    # rows [seq0, seq0 + its length) of tensors whose batch stride is passed as 0.
+    seq0, N_Q, N_K = seq_bounds(CU_SEQLENS, off_b, N_Q, N_K, VARLEN)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -76,12 +80,12 @@ def _fwd_kernel(
     m_ok = offs_m < N_Q
 
     q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
-              + offs_m[:, None] * stride_qm + offs_d[None, :])
+              + (seq0 + offs_m)[:, None] * stride_qm + offs_d[None, :])
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     k_ptrs = (K + off_b * stride_kb + off_hk * stride_kh
-              + offs_n[:, None] * stride_kn + offs_d[None, :])
+              + (seq0 + offs_n)[:, None] * stride_kn + offs_d[None, :])
     v_ptrs = (V + off_b * stride_vb + off_hk * stride_vh
-              + offs_n[:, None] * stride_vn + offs_d[None, :])
+              + (seq0 + offs_n)[:, None] * stride_vn + offs_d[None, :])
     mask_ptr = MASK + off_b * stride_mb + off_h * stride_mh
     kpm_ptr = KPM + off_b * stride_kpmb
     seed = 0
@@ -128,15 +132,15 @@ def _fwd_kernel(
     log2_l = tl.math.log2(tl.where(empty, 1.0, l_i))
     lse = tl.where(empty, float("-inf"), m_i + log2_l)
     o_ptrs = (O + off_b * stride_ob + off_h * stride_oh
-              + offs_m[:, None] * stride_om + offs_d[None, :])
+              + (seq0 + offs_m)[:, None] * stride_om + offs_d[None, :])
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    # STATS is (B, H, 3, N_Q): the lse, then its two terms, the row max and log2(sum). Backward
-    # under an additive float mask rebuilds P from the terms: a mask of -1e9 on every key of a row
-    # makes |max| ~ 1.4e9, where fp32 rounding drops log2(sum) from their sum entirely.
-    stats = STATS + bh.to(tl.int64) * 3 * N_Q + offs_m
+    # STATS is (B, H, 3, STATS_N): the lse, then its two terms, the row max and log2(sum).
+    # Backward under an additive float mask rebuilds P from the terms: a mask of -1e9 on every key
+    # of a row makes |max| ~ 1.4e9, where fp32 rounding drops log2(sum) from their sum entirely.
+    stats = STATS + row_stats_base(bh, off_h, seq0, STATS_N, 3, VARLEN) + offs_m
     tl.store(stats, lse, mask=m_ok)
-    tl.store(stats + N_Q, m_i, mask=m_ok)
-    tl.store(stats + 2 * N_Q, log2_l, mask=m_ok)
+    tl.store(stats + STATS_N, m_i, mask=m_ok)
+    tl.store(stats + 2 * STATS_N, log2_l, mask=m_ok)
 
 
 _FWD_CONFIGS = [cfg(128, 128, 8, 3), cfg(128, 64, 8, 3), cfg(128, 64, 4, 3), cfg(128, 32, 4, 4),
@@ -154,9 +158,12 @@ def _fwd_candidates(block_d, elt_size, n_q):
 
 
 def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causal_offset,
-                      scale, dropout_p, seed):
+                      scale, dropout_p, seed, cu_seqlens=None, max_seqlen=0):
     """Launch the forward kernel. Returns (out with q's layout, stats): stats is fp32 (B, H, 3, Nq)
-    holding, in base 2, the lse and its two terms (row max, log2 of the row sum)."""
+    holding, in base 2, the lse and its two terms (row max, log2 of the row sum).
+
+    With `cu_seqlens` (int32, n + 1 cumulative lengths) q, k, v are (1, H, total, D): n sequences
+    packed along the rows, the longest `max_seqlen` long, each attending only within itself."""
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     o = torch.empty_like(q)
@@ -166,6 +173,9 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
         stats.fill_(float("nan"))
     if N_Q == 0:
         return o, stats
+    varlen = cu_seqlens is not None
+    n_batch = cu_seqlens.numel() - 1 if varlen else B
+    rows_q, rows_k = (max_seqlen, max_seqlen) if varlen else (N_Q, N_K)
     mask_t = mask if mask is not None else q  # any tensor: never read when MASK_KIND is 0
     mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
     kpm_t = kpm if kpm is not None else q
@@ -173,19 +183,20 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
     lo_t = kv_lo if kv_lo is not None else stats
     hi_t = kv_hi if kv_hi is not None else stats
     seed_t = seed if seed is not None else stats
+    cu_t = cu_seqlens if varlen else stats
     block_d = max(16, triton.next_power_of_2(D))
     group = H // k.shape[1]
-    args = (q, k, v, o, stats, mask_t, kpm_t, lo_t, hi_t, seed_t,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *mask_strides,
-            *kpm_strides,
-            H, N_Q, N_K, group, scale * 1.4426950408889634, float(dropout_p),
+    args = (q, k, v, o, stats, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t,
+            *row_strides(q, varlen), *row_strides(k, varlen), *row_strides(v, varlen),
+            *row_strides(o, varlen), *mask_strides, *kpm_strides,
+            H, rows_q, rows_k, N_Q, group, scale * 1.4426950408889634, float(dropout_p),
             1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0, causal_offset)
     constexprs = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
                       MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
-                      DOT_PRECISION=dot_precision(q.dtype))
-    key = (bucket(N_Q), bucket(N_K), B * H > 64, group, q.dtype, q.device.index,
+                      DOT_PRECISION=dot_precision(q.dtype), VARLEN=varlen)
+    key = (bucket(rows_q), bucket(rows_k), n_batch * H > 64, group, q.dtype, q.device.index,
            *constexprs.values())
     _tuning.launch(_fwd_kernel, "fwd", key,
-                   lambda: _fwd_candidates(block_d, q.element_size(), N_Q),
-                   lambda c: (triton.cdiv(N_Q, c["BLOCK_M"]), B * H), args, constexprs)
+                   lambda: _fwd_candidates(block_d, q.element_size(), rows_q),
+                   lambda c: (triton.cdiv(rows_q, c["BLOCK_M"]), n_batch * H), args, constexprs)
     return o, stats
