@@ -9,10 +9,10 @@ Importing hf_flash registers its backend, named ATTN_NAME ("hf_triton"), with tr
 AttentionMaskInterface (when transformers is installed).
 """
 
-from .kernels import flash_attention
+from .kernels import flash_attention, flash_attention_varlen
 
 __version__ = "0.1.0"
-__all__ = ["flash_attention", "__version__"]
+__all__ = ["flash_attention", "flash_attention_varlen", "__version__"]
 
 try:
     import transformers  # noqa: F401

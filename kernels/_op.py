@@ -71,16 +71,18 @@ def _as_u8(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 @torch.library.custom_op("hf_flash::attention_forward", mutates_args=())
 def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           mask: Optional[torch.Tensor], kpm: Optional[torch.Tensor], causal: int,
-                          scale: float, dropout_p: float, seed: Optional[torch.Tensor]
+                          scale: float, dropout_p: float, seed: Optional[torch.Tensor],
+                          cu_seqlens: Optional[torch.Tensor], max_seqlen: int
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     lo, hi = _key_range(kpm)
     return attention_forward(
         q, k, v, _as_u8(mask), _mask_kind(mask), _as_u8(kpm), lo, hi, causal != CAUSAL_NONE,
-        _causal_offset(causal, q.shape[2], k.shape[2]), scale, dropout_p, seed)
+        _causal_offset(causal, q.shape[2], k.shape[2]), scale, dropout_p, seed, cu_seqlens,
+        max_seqlen)
 
 
 @_attention_forward_op.register_fake
-def _(q, k, v, mask, kpm, causal, scale, dropout_p, seed):
+def _(q, k, v, mask, kpm, causal, scale, dropout_p, seed, cu_seqlens, max_seqlen):
     B, H, n_q, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, H, 3, n_q), dtype=torch.float32)
 
@@ -89,7 +91,8 @@ def _(q, k, v, mask, kpm, causal, scale, dropout_p, seed):
 def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            o: torch.Tensor, stats: torch.Tensor, dlse: Optional[torch.Tensor],
                            mask: Optional[torch.Tensor], kpm: Optional[torch.Tensor], causal: int,
-                           scale: float, dropout_p: float, seed: Optional[torch.Tensor]
+                           scale: float, dropout_p: float, seed: Optional[torch.Tensor],
+                           cu_seqlens: Optional[torch.Tensor], max_seqlen: int
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lo, hi = _key_range(kpm)
     if do.stride(-1) != 1:  # e.g. the all-zero-stride gradient of out.sum()
@@ -97,28 +100,30 @@ def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     return attention_backward(
         do, q, k, v, o, stats, dlse, _as_u8(mask), _mask_kind(mask), _as_u8(kpm), lo, hi,
         causal != CAUSAL_NONE, _causal_offset(causal, q.shape[2], k.shape[2]), scale,
-        dropout_p, seed)
+        dropout_p, seed, cu_seqlens, max_seqlen)
 
 
 @_attention_backward_op.register_fake
-def _(do, q, k, v, o, stats, dlse, mask, kpm, causal, scale, dropout_p, seed):
+def _(do, q, k, v, o, stats, dlse, mask, kpm, causal, scale, dropout_p, seed, cu_seqlens,
+      max_seqlen):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, kpm, causal, scale, dropout_p, seed = inputs
+    q, k, v, mask, kpm, causal, scale, dropout_p, seed, cu_seqlens, max_seqlen = inputs
     o, stats = output
-    ctx.save_for_backward(q, k, v, o, stats, mask, kpm, seed)
-    ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+    ctx.save_for_backward(q, k, v, o, stats, mask, kpm, seed, cu_seqlens)
+    ctx.causal, ctx.scale, ctx.dropout_p, ctx.max_seqlen = causal, scale, dropout_p, max_seqlen
 
 
 def _backward(ctx, do, dstats):
-    q, k, v, o, stats, mask, kpm, seed = ctx.saved_tensors
+    q, k, v, o, stats, mask, kpm, seed, cu_seqlens = ctx.saved_tensors
     # Only the lse plane of stats reaches the user (see attention()); its terms get no gradient.
     dlse = dstats[:, :, 0] if dstats is not None else None
     dq, dk, dv = _attention_backward_op(do, q, k, v, o, stats, dlse, mask, kpm, ctx.causal,
-                                        ctx.scale, ctx.dropout_p, seed)
-    return dq, dk, dv, None, None, None, None, None, None
+                                        ctx.scale, ctx.dropout_p, seed, cu_seqlens,
+                                        ctx.max_seqlen)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -126,32 +131,37 @@ _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, kpm, causal, scale, dropout_p, seed):
+    def forward(ctx, q, k, v, mask, kpm, causal, scale, dropout_p, seed, cu_seqlens, max_seqlen):
         lo, hi = _key_range(kpm)
         offset = _causal_offset(causal, q.shape[2], k.shape[2])
         o, stats = attention_forward(q, k, v, _as_u8(mask), _mask_kind(mask), _as_u8(kpm), lo,
-                                     hi, causal != CAUSAL_NONE, offset, scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, o, stats, mask, kpm, seed, lo, hi)
+                                     hi, causal != CAUSAL_NONE, offset, scale, dropout_p, seed,
+                                     cu_seqlens, max_seqlen)
+        ctx.save_for_backward(q, k, v, o, stats, mask, kpm, seed, lo, hi, cu_seqlens)
         ctx.causal, ctx.scale, ctx.dropout_p, ctx.offset = causal, scale, dropout_p, offset
+        ctx.max_seqlen = max_seqlen
         ctx.set_materialize_grads(False)
         return o, stats[:, :, 0]
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, stats, mask, kpm, seed, lo, hi = ctx.saved_tensors
+        q, k, v, o, stats, mask, kpm, seed, lo, hi, cu_seqlens = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
         elif do.stride(-1) != 1:
             do = do.contiguous()
         dq, dk, dv = attention_backward(
             do, q, k, v, o, stats, dlse, _as_u8(mask), _mask_kind(mask), _as_u8(kpm), lo, hi,
-            ctx.causal != CAUSAL_NONE, ctx.offset, ctx.scale, ctx.dropout_p, seed)
-        return dq, dk, dv, None, None, None, None, None, None
+            ctx.causal != CAUSAL_NONE, ctx.offset, ctx.scale, ctx.dropout_p, seed, cu_seqlens,
+            ctx.max_seqlen)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-def attention(q, k, v, mask, kpm, causal, scale, dropout_p, seed):
+def attention(q, k, v, mask, kpm, causal, scale, dropout_p, seed, cu_seqlens=None, max_seqlen=0):
     """(out, base-2 lse) with autograd; the custom op when compiling, the Function otherwise."""
     if torch.compiler.is_compiling():
-        o, stats = _attention_forward_op(q, k, v, mask, kpm, causal, scale, dropout_p, seed)
+        o, stats = _attention_forward_op(q, k, v, mask, kpm, causal, scale, dropout_p, seed,
+                                         cu_seqlens, max_seqlen)
         return o, stats[:, :, 0]
-    return _FlashAttention.apply(q, k, v, mask, kpm, causal, scale, dropout_p, seed)
+    return _FlashAttention.apply(q, k, v, mask, kpm, causal, scale, dropout_p, seed, cu_seqlens,
+                                 max_seqlen)

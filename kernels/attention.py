@@ -102,7 +102,106 @@ def flash_attention(
     return out
 
 
-def _dispatch(q, k, v, mask, kpm, causal, scale, dropout_p, want_lse):
+def flash_attention_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: Optional[int] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    *,
+    return_lse: bool = False,
+):
+    """Attention over sequences packed back to back, with no padding anywhere.
+
+    ``query`` is (total, heads, head_dim), ``key`` and ``value`` (total, kv_heads, head_dim): the
+    rows of n sequences one after another. ``cu_seqlens`` is int32 (n + 1,), their cumulative
+    lengths ``[0, len_0, len_0 + len_1, ..., total]``. Each sequence attends only within itself;
+    ``is_causal`` lets each token see the tokens of its own sequence up to itself. Returns
+    (total, heads, head_dim), and with ``return_lse`` also the fp32 log-sum-exp (heads, total).
+
+    ``max_seqlen`` must be at least the longest length (as in FlashAttention's varlen API); when
+    None it is read from ``cu_seqlens``, which costs a device-to-host copy. The kernels see the
+    same tiles as for one sequence of that length, so a batch of mixed lengths costs what its real
+    tokens cost: this is what running a model on unpadded tokens needs.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (total, heads, head_dim) for packed sequences, "
+                             f"got shape {tuple(t.shape)}")
+    total = query.shape[0]
+    if key.shape[0] != total or value.shape[0] != total:
+        raise ValueError(f"query, key and value must hold the same packed rows (total tokens): "
+                         f"got {total}, {key.shape[0]}, {value.shape[0]}")
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+    _check_tensors(q4, k4, v4, enable_gqa)
+    cu = _check_cu_seqlens(cu_seqlens, query, total)
+    if max_seqlen is None:
+        lengths = (cu[1:] - cu[:-1]).tolist()
+        if any(n < 0 for n in lengths) or int(cu[0]) != 0 or int(cu[-1]) != total:
+            raise ValueError(f"cu_seqlens must rise from 0 to total ({total}) without falling, "
+                             f"got {cu.tolist()}")
+        max_seqlen = max(lengths)
+    elif not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be a non-negative int (the longest sequence), got "
+                         f"{max_seqlen!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    causal = CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE
+    p = 0.0 if dropout_p == 1.0 else float(dropout_p)  # p = 1 drops everything, as below
+    if total == 0 or max_seqlen == 0:
+        out4 = torch.zeros_like(q4)
+        lse = torch.full(q4.shape[:3], float("-inf"), device=query.device)
+    elif query.device.type == "cpu" and not INTERPRET:
+        out4, lse = _varlen_fallback(q4, k4, v4, cu, causal, scale, p)
+    else:
+        out4, lse = _dispatch(q4, k4, v4, None, None, causal, scale, p, return_lse, cu,
+                              max_seqlen)
+    out = out4[0].transpose(0, 1)
+    if dropout_p == 1.0:
+        out = out * 0.0
+    if return_lse:
+        return out, lse[0]
+    return out
+
+
+def _check_cu_seqlens(cu, query, total):
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an int32 tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32 (cumulative sequence lengths), got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with n + 1 >= 2 entries [0, ..., total], got "
+                         f"shape {tuple(cu.shape)}")
+    if cu.device != query.device:
+        raise ValueError(f"cu_seqlens is on {cu.device} but must be on query's device, "
+                         f"{query.device}")
+    return cu.contiguous()
+
+
+def _varlen_fallback(q4, k4, v4, cu, causal, scale, dropout_p):
+    """Plain PyTorch, one sequence at a time (the CPU without Triton's interpreter)."""
+    out, lse = torch.zeros_like(q4), torch.full(q4.shape[:3], float("-inf"), device=q4.device)
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            o, l_ = _dispatch(q4[:, :, a:b], k4[:, :, a:b], v4[:, :, a:b], None, None, causal,
+                              scale, dropout_p, True)
+            out[:, :, a:b], lse[:, :, a:b] = o, l_
+    return out, lse
+
+
+def _dispatch(q, k, v, mask, kpm, causal, scale, dropout_p, want_lse, cu_seqlens=None,
+              max_seqlen=0):
     """Returns (out, natural-log lse or None when not wanted)."""
     if q.device.type == "cpu" and not INTERPRET:
         global _warned_fallback
@@ -123,7 +222,8 @@ def _dispatch(q, k, v, mask, kpm, causal, scale, dropout_p, want_lse):
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    out, lse2 = _attention(q, k, v, mask, kpm, causal, float(scale), dropout_p, seed)
+    out, lse2 = _attention(q, k, v, mask, kpm, causal, float(scale), dropout_p, seed, cu_seqlens,
+                           max_seqlen)
     # The kernels keep the lse in base 2; converting costs a launch, so only when asked.
     return out, (lse2 * LN2 if want_lse else None)
 

@@ -246,6 +246,84 @@ def _check_variants(aligned, misaligned, odd_strides, triton_runs, _tuning, B, H
             assert len(triton_runs) == runs_before, "a repeated call went through Triton's run"
 
 
+def _packed(lens, H, H_KV, D, dtype, device, gen):
+    total = sum(lens)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32,
+                      device=device)
+    q, k, v = (torch.randn(total, h, D, generator=gen).to(device, dtype).requires_grad_()
+               for h in (H, H_KV, H_KV))
+    return q, k, v, cu
+
+
+@pytest.mark.parametrize("dtype", _dtypes())
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("gqa", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_packed_sequences_match_each_sequence_alone(dtype, causal, gqa, dropout):
+    # Sequences of mixed lengths (an empty one and a one-token one among them) packed back to
+    # back: every sequence must get exactly what attention over it alone gives, gradients too.
+    gen = torch.Generator().manual_seed(7 + causal + 2 * gqa)
+    lens = [37, 0, 1, 70, 129, 16] if GPU_GRID else [9, 0, 1, 33, 16]
+    H, H_KV, D = 4, 2 if gqa else 4, 64 if GPU_GRID else 16
+    q, k, v, cu = _packed(lens, H, H_KV, D, dtype, DEVICE, gen)
+    n, longest = len(lens), max(lens)
+    keep = replayed_keep_mask(99, dropout, n, H, longest, longest, DEVICE) if dropout else None
+    torch.manual_seed(99)
+    out, lse = hf_flash.flash_attention_varlen(q, k, v, cu, longest, dropout_p=dropout,
+                                               is_causal=causal, enable_gqa=gqa, return_lse=True)
+    do = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
+    out.backward(do)
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if a == b:
+            continue
+        one = [t.detach()[a:b].transpose(0, 1)[None] for t in (q, k, v)]
+        ref = dict(causal=C_TL if causal else C_NONE)
+        if dropout:
+            ref.update(dropout_p=dropout, keep_mask=keep[i:i + 1, :, :b - a, :b - a])
+        do_i = do[a:b].transpose(0, 1)[None]
+        o64, lse64, g64 = reference_with_grads(*one, do_i, **ref)
+        o_lo, _, g_lo = reference_with_grads(*one, do_i, dtype=dtype, **ref)
+        check_ratio(f"out[{i}]", out[a:b].transpose(0, 1)[None], o64, o_lo, OUT_RATIO, dtype)
+        assert max_err(lse[:, a:b], lse64[0]) <= 1e-3 + 1e-5 * lse64.abs().max().item()
+        for name, t, r64, r_lo in zip(("dq", "dk", "dv"), (q, k, v), g64, g_lo):
+            check_ratio(f"{name}[{i}]", t.grad[a:b].transpose(0, 1)[None], r64, r_lo,
+                        GRAD_RATIO, dtype, floor_ulps=64 if dtype == torch.float32 else 4)
+
+
+def test_packed_sequences_equal_padded_batch_with_key_padding():
+    # The same sequences as a right-padded batch with key padding: the real rows must agree.
+    gen = torch.Generator().manual_seed(3)
+    lens = [23, 5, 40]
+    q, k, v, cu = _packed(lens, 2, 2, 16, torch.float32, DEVICE, gen)
+    out = hf_flash.flash_attention_varlen(q, k, v, cu, is_causal=True)
+    B, N = len(lens), max(lens)
+    padded = [torch.zeros(B, N, 2, 16, device=DEVICE) for _ in range(3)]
+    kpm = torch.zeros(B, N, dtype=torch.bool, device=DEVICE)
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        for p, t in zip(padded, (q, k, v)):
+            p[i, :b - a] = t.detach()[a:b]
+        kpm[i, :b - a] = True
+    want = hf_flash.flash_attention(*(p.transpose(1, 2) for p in padded), is_causal=True,
+                                    key_padding_mask=kpm).transpose(1, 2)
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        assert max_err(out[a:b], want[i, :b - a]) < 1e-6
+
+
+@pytest.mark.parametrize("make,exc,words", [
+    (lambda q, cu: (q, q, q, cu.long()), TypeError, "int32"),
+    (lambda q, cu: (q, q, q, cu[None]), ValueError, "1-D"),
+    (lambda q, cu: (q[None], q, q, cu), ValueError, "3-D"),
+    (lambda q, cu: (q, q[1:], q[1:], cu), ValueError, "same packed rows"),
+    (lambda q, cu: (q, q, q, torch.tensor([0, 3, 2, 8], dtype=torch.int32, device=q.device)),
+     ValueError, "without falling"),
+])
+def test_packed_sequences_bad_input_raises(make, exc, words):
+    q = torch.randn(8, 2, 16, device=DEVICE)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(exc, match=words):
+        hf_flash.flash_attention_varlen(*make(q, cu))
+
+
 # ---- semantics --------------------------------------------------------------------------------
 
 def test_causal_bias_objects_match_flags():
