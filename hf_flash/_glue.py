@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from .kernels import MAX_HEAD_DIM, flash_attention
+from .kernels import MAX_HEAD_DIM, flash_attention, flash_attention_varlen
 
 try:
     from torch.nn.attention.bias import causal_lower_right
@@ -40,7 +40,7 @@ ATTN_NAME = "hf_triton"
 _IGNORED_KWARGS = frozenset({
     "position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value",
     "output_hidden_states", "return_dict", "sliding_window", "layer_idx", "labels",
-    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "token_type_ids",
+    "token_type_ids",
     "position_embeddings", "logits_to_keep", "output_router_logits", "encoder_hidden_states",
     "encoder_attention_mask", "kwargs", "num_items_in_batch",
 })
@@ -55,7 +55,7 @@ _UNSERVABLE_KWARGS = {
     "position_bias": "an additive position bias (position_bias)",
 }
 
-DEFAULT_OPTIONS = {"fallback": "eager"}
+DEFAULT_OPTIONS = {"fallback": "eager", "packed": False}
 _FALLBACKS = ("eager", "raise")
 _warned: set = set()
 
@@ -155,6 +155,38 @@ def _capturing_attentions() -> bool:
         return False
     collected = _active_collector.get()
     return bool(collected) and any("attentions" in k for k in collected)
+
+
+def capturing_outputs() -> bool:
+    """True when transformers' output capture collects anything (hidden states, attentions)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - older layouts
+        return False
+    return bool(_active_collector.get())
+
+
+def packed_rows(attention_mask, query, key, kwargs):
+    """(cu_seqlens, max_len) when the call is over packed sequences, else None.
+
+    transformers passes cumulative lengths (cu_seq_lens_q/k) for sequences packed into one row
+    of a batch of one, as FlashAttention's varlen API takes them. With no mask beside them, they
+    are the whole mask; a 4-D mask, when given, is complete by itself and wins.
+    """
+    cu_q, cu_k = kwargs.pop("cu_seq_lens_q", None), kwargs.pop("cu_seq_lens_k", None)
+    max_q, max_k = kwargs.pop("max_length_q", None), kwargs.pop("max_length_k", None)
+    if cu_q is None or attention_mask is not None:
+        return None
+    if query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        raise ValueError(f"hf_flash: cu_seq_lens_q describes sequences packed into one row, but "
+                         f"query has batch {query.shape[0]} and {query.shape[2]} rows against "
+                         f"{key.shape[2]} key rows; packed self-attention needs batch 1 and equal "
+                         f"rows")
+    if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k, cu_q):
+        raise ValueError("hf_flash: cu_seq_lens_k differs from cu_seq_lens_q; packed attention "
+                         "is served for self-attention, where both are the same")
+    max_len = max_q if max_q is not None else max_k
+    return cu_q.to(torch.int32), (int(max_len) if max_len is not None else None)
 
 
 def unservable_reason(module, query, key, value, kwargs) -> Optional[str]:
@@ -275,7 +307,11 @@ def hf_flash_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     """AttentionInterface entry: (batch, heads, seq, dim) in, ((batch, seq, heads, dim), None) out."""
     causal = _module_is_causal(module, is_causal)
     q_len, k_len = query.shape[2], key.shape[2]
+    packed = packed_rows(attention_mask, query, key, kwargs)
     reason = unservable_reason(module, query, key, value, kwargs)
+    if reason is not None and packed is not None:
+        raise UnsupportedCallError(f"hf_flash cannot serve {type(module).__name__} with {reason}, "
+                                   f"and eager attention cannot serve packed sequences")
     if reason is not None:
         where = type(module).__name__
         if options_of(module)["fallback"] == "raise":
@@ -292,6 +328,15 @@ def hf_flash_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         return _eager_function(module)(module, query, key, value, mask, dropout=dropout,
                                        scaling=scaling, **kwargs)
 
+    if packed is not None:
+        cu, max_len = packed
+        _record(module, "kernel", f"packed sequences{', causal' if causal else ''}")
+        # (1, H, T, D) views -> (T, H, D) views: the layout the varlen kernel reads in place.
+        out = flash_attention_varlen(query[0].transpose(0, 1), key[0].transpose(0, 1),
+                                     value[0].transpose(0, 1), cu, max_len,
+                                     dropout_p=float(dropout), is_causal=causal, scale=scaling,
+                                     enable_gqa=query.shape[1] != key.shape[1])
+        return out.unsqueeze(0), None
     attn_mask, kernel_causal, kpm, detail = kernel_mask_args(attention_mask, causal, q_len, k_len,
                                                              query.shape[0])
     _record(module, "kernel", detail)

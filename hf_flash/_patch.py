@@ -23,6 +23,8 @@ def _check_options(options: dict) -> dict:
     opts = {**_glue.DEFAULT_OPTIONS, **options}
     if opts["fallback"] not in _glue._FALLBACKS:
         raise ValueError(f"fallback must be one of {_glue._FALLBACKS}, got {opts['fallback']!r}")
+    if not isinstance(opts["packed"], bool):
+        raise TypeError(f"packed must be True or False, got {opts['packed']!r}")
     return opts
 
 
@@ -149,12 +151,20 @@ def patch(model, **options):
         fallback: "eager" (default) runs a call the kernel cannot serve (output_attentions=True,
             a head mask, ...) with the model's eager attention and warns once, naming the reason;
             "raise" raises instead.
+        packed: False (default). True runs the encoder of a padded batch on its real tokens only
+            (BERT family): the padding is dropped once before the first layer and put back,
+            as zeros, after the last, so every layer's cost follows the real token count. Outputs
+            at padding positions are then zeros rather than the values eager gives there.
     """
     opts = _check_options(options)
     hf = find_pretrained(model)
     family = family_for(hf)
     if family.check is not None:
         family.check(hf)
+    if opts["packed"] and family.pack is None:
+        packable = sorted(f.name for f in families() if f.pack is not None)
+        raise ValueError(f"packed=True is not available for the {family.name!r} family; it is for: "
+                         f"{', '.join(packable)}")
     _glue.register()
     if getattr(hf, _STATE, None) is None:
         # Everything below changes only the copies, so other models built on the same config
@@ -171,7 +181,13 @@ def patch(model, **options):
             raise
         # A plain attribute, not a buffer: it never reaches a state dict or a checkpoint.
         object.__setattr__(hf, _STATE, {"family": family, "configs": configs,
-                                        "revert_data": revert_data})
+                                        "revert_data": revert_data, "packed": None})
+    state = getattr(hf, _STATE)
+    if opts["packed"] and state["packed"] is None:
+        state["packed"] = family.pack(hf)
+    elif not opts["packed"] and state["packed"] is not None:
+        family.unpack(hf, state["packed"])
+        state["packed"] = None
     for _, mod in attention_layers(hf, family):
         mod._hf_flash_options = dict(opts)
     return model
@@ -211,6 +227,8 @@ def unpatch(model):
             _forget_layers(hf, family)
         return model
     family = state["family"]
+    if state.get("packed") is not None:
+        family.unpack(hf, state["packed"])
     if family.revert is not None:
         family.revert(hf, state["revert_data"])
     # `model`, not just `hf`: a wrapper added after patching (peft) may hold the copy too.
@@ -239,6 +257,13 @@ def patched(model, **options):
         yield model
     finally:
         if was_patched:
+            state = getattr(hf, _STATE)
+            was_packed = any(o.get("packed") for o in old_options.values())
+            if was_packed and state["packed"] is None:
+                state["packed"] = family.pack(hf)
+            elif not was_packed and state["packed"] is not None:
+                family.unpack(hf, state["packed"])
+                state["packed"] = None
             for name, mod in attention_layers(hf, family):
                 if name in old_options:
                     mod._hf_flash_options = old_options[name]

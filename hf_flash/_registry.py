@@ -28,6 +28,8 @@ class Family:
                      AttentionInterface: patch / restore the model's attention modules.
                      Families without them are switched with model.set_attn_implementation.
     matches:         for the generic entry: model -> bool.
+    pack / unpack:   for families that can run on packed real tokens (patch(packed=True)):
+                     model -> data, and (model, data) -> None to undo it.
     """
 
     name: str
@@ -39,6 +41,8 @@ class Family:
     revert: Optional[Callable] = None
     matches: Optional[Callable] = None
     describe_layer: Optional[Callable] = None
+    pack: Optional[Callable] = None
+    unpack: Optional[Callable] = None
 
 
 _FAMILIES: list = []

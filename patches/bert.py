@@ -5,11 +5,67 @@ Their self-attention goes through AttentionInterface with `scaling = head_size *
 encoder mask is bidirectional: no mask at all without padding, key-padding lengths with it (the
 kernel's fast path). As decoders (is_decoder=True) they are causal; cross-attention is
 bidirectional over the encoder states, with the encoder's padding as key padding.
+
+With `patch(model, packed=True)` the encoder runs on the real tokens of a padded batch only: the
+padding is dropped once before the first layer, every layer works on the packed rows (attention
+through the kernel's packed-sequence mode), and the padding comes back, as zeros, after the
+last layer. The dense layers then cost what the real tokens cost.
 """
 
+import torch
+
+from hf_flash import _glue
 from hf_flash._registry import Family, register_family
 
 from ._common import require_attention_interface
+
+_ENCODERS = ("BertEncoder", "RobertaEncoder", "ElectraEncoder")
+
+
+def _packed_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+    """The encoder's forward over packed real tokens; falls back to the padded forward for calls
+    packing cannot serve."""
+    unpacked = type(self).forward
+    # hf_flash's mask function hands encoders the 2-D padding mask; anything else (a dense mask,
+    # cross-attention, a cache, captured hidden states or attentions, whose shapes would come
+    # out packed) runs padded.
+    if (attention_mask is None or attention_mask.dim() != 2 or attention_mask.dtype != torch.bool
+            or args or kwargs.get("encoder_hidden_states") is not None
+            or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
+            or self.config.is_decoder or _glue.capturing_outputs()):
+        return unpacked(self, hidden_states, attention_mask, *args, **kwargs)
+    B, N, C = hidden_states.shape
+    lengths = attention_mask.sum(1, dtype=torch.int32)
+    cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    # The two host syncs of this mode, once per forward: the rows to keep and the longest length.
+    rows = attention_mask.reshape(-1).nonzero().squeeze(1)
+    longest = int(lengths.max())
+    packed = hidden_states.reshape(B * N, C).index_select(0, rows).unsqueeze(0)
+    out = unpacked(self, packed, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+                   max_length_k=longest, **kwargs)
+    real = out[0][0]
+    full = real.new_zeros(B * N, C).index_copy(0, rows, real).view(B, N, C)
+    if isinstance(out, tuple):
+        return (full, *out[1:])
+    out.last_hidden_state = full
+    return out
+
+
+def _encoders(model) -> list:
+    return [m for m in model.modules() if type(m).__name__ in _ENCODERS]
+
+
+def _pack(model) -> list:
+    encoders = _encoders(model)
+    for enc in encoders:
+        # An instance attribute shadows the class's forward; deleting it restores the class's.
+        enc.forward = _packed_forward.__get__(enc)
+    return encoders
+
+
+def _unpack(model, encoders) -> None:
+    for enc in encoders:
+        enc.__dict__.pop("forward", None)
 
 FAMILY = register_family(Family(
     name="bert",
@@ -22,4 +78,6 @@ FAMILY = register_family(Family(
                                             "encoder padding as key padding",
     },
     check=require_attention_interface,
+    pack=_pack,
+    unpack=_unpack,
 ))
