@@ -37,8 +37,9 @@ def _run(model, ids, mask, labels):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_family_parity_gpu(name, dtype):
+@pytest.mark.parametrize("name,packed", [(n, False) for n in FAMILIES]
+                         + [(n, True) for n in ("bert", "roberta", "electra")])
+def test_family_parity_gpu(name, packed, dtype):
     decoder = FAMILIES[name][2]
     # The tiny configs stop at 64 positions; this test runs 200 tokens.
     key = "n_positions" if name == "gpt2" else "max_position_embeddings"
@@ -47,7 +48,7 @@ def test_family_parity_gpu(name, dtype):
                                                   batch_size=3))
     ref = copy.deepcopy(model)  # fp32 eager reference
     eager = copy.deepcopy(model).to(dtype)
-    patched = hf_flash.patch(copy.deepcopy(model).to(dtype))
+    patched = hf_flash.patch(copy.deepcopy(model).to(dtype), packed=packed)
     r, e, g = (_run(m, ids, mask, labels) for m in (ref, eager, patched))
     where = mask.bool()
     _ratio(f"{name} logits", g[0], e[0], r[0], where)

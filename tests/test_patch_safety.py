@@ -129,7 +129,7 @@ def test_refused_patch_leaves_the_model_byte_identical(make, exc, words):
     assert after["configs"] == before["configs"]
     assert hf_flash.is_patched(model) == was_patched
     if was_patched:
-        assert all(m._hf_flash_options == {"fallback": "raise"}
+        assert all(m._hf_flash_options == {"fallback": "raise", "packed": False}
                    for m in model.modules() if hasattr(m, "_hf_flash_options"))
 
 
@@ -253,7 +253,7 @@ def test_copies_of_a_patched_model_stay_patched_and_independent(name):
         assert dup is not model and dup.config is not model.config, how
         assert hf_flash.is_patched(dup) and dup.config._attn_implementation == hf_flash.ATTN_NAME
         opts = [mod._hf_flash_options for mod in dup.modules() if hasattr(mod, "_hf_flash_options")]
-        assert opts == [{"fallback": "raise"}] * 2, how
+        assert opts == [{"fallback": "raise", "packed": False}] * 2, how
         got = _logits(dup, ids, mask)
         assert torch.equal(got, want), how  # same weights, same deterministic kernel
         assert _last_calls(dup) == ["kernel"] * 2
@@ -334,7 +334,7 @@ def test_two_models_patched_with_different_options_do_not_interfere(name):
     hf_flash.unpatch(strict)
     assert not hf_flash.is_patched(strict) and _paths(strict) == ["not patched"] * 2
     assert hf_flash.is_patched(lenient) and _paths(lenient) == ["hf_flash kernel"] * 2
-    assert all(mod._hf_flash_options == {"fallback": "eager"}
+    assert all(mod._hf_flash_options == {"fallback": "eager", "packed": False}
                for mod in lenient.modules() if hasattr(mod, "_hf_flash_options"))
     torch.testing.assert_close(_logits(strict, ids, mask), refs["strict"][0], rtol=0, atol=0)
     torch.testing.assert_close(_logits(lenient, ids, mask)[m], refs["lenient"][0][m],
@@ -539,7 +539,7 @@ ERRORS = {
                   ["key_padding_mask must have shape (batch, k_len) = (1, 5)", "(1, 4)"]),
     # patch / unpatch
     "patch-option": (lambda: hf_flash.patch(build("bert"), speed=3), TypeError,
-                     ["unknown option(s) ['speed']", "valid options: ['fallback']"]),
+                     ["unknown option(s) ['speed']", "valid options: ['fallback', 'packed']"]),
     "patch-fallback": (lambda: hf_flash.patch(build("bert"), fallback="ignore"), ValueError,
                        ["fallback must be one of ('eager', 'raise')", "'ignore'"]),
     "patch-not-a-model": (lambda: hf_flash.patch(torch.nn.Linear(2, 2)), TypeError,
