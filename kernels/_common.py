@@ -66,11 +66,14 @@ def seq_bounds(CU_SEQLENS, off_b, N_Q, N_K, VARLEN: tl.constexpr):
     attends only within itself, so its q_len and k_len are its own length."""
     if VARLEN:
         seq0 = tl.load(CU_SEQLENS + off_b).to(tl.int64)
-        n = (tl.load(CU_SEQLENS + off_b + 1) - seq0).to(tl.int32)
-        return seq0, n, n
+        n_q = (tl.load(CU_SEQLENS + off_b + 1) - seq0).to(tl.int32)
+        n_k = n_q
     else:
         # int32 like the row offsets it is added to, so unpacked launches index as before.
-        return tl.zeros([], dtype=tl.int32), N_Q, N_K
+        seq0 = tl.zeros([], dtype=tl.int32)
+        n_q = N_Q
+        n_k = N_K
+    return seq0, n_q, n_k
 
 
 @triton.jit
@@ -78,9 +81,10 @@ def row_stats_base(bh, off_h, seq0, STATS_N, PLANES: tl.constexpr, VARLEN: tl.co
     """Offset of this (batch entry, head)'s first row in a per-row fp32 array laid out
     (B, H, PLANES, STATS_N); packed sequences share B = 1 and start at their first row."""
     if VARLEN:
-        return off_h * PLANES * STATS_N + seq0
+        base = off_h * PLANES * STATS_N + seq0
     else:
-        return bh.to(tl.int64) * PLANES * STATS_N
+        base = bh.to(tl.int64) * PLANES * STATS_N
+    return base
 
 
 def default_config(kind: str, head_dim_padded: int, elt_size: int) -> dict:
