@@ -182,15 +182,20 @@ def patch(model, **options):
         # A plain attribute, not a buffer: it never reaches a state dict or a checkpoint.
         object.__setattr__(hf, _STATE, {"family": family, "configs": configs,
                                         "revert_data": revert_data, "packed": None})
-    state = getattr(hf, _STATE)
-    if opts["packed"] and state["packed"] is None:
-        state["packed"] = family.pack(hf)
-    elif not opts["packed"] and state["packed"] is not None:
-        family.unpack(hf, state["packed"])
-        state["packed"] = None
+    _set_packed(hf, family, opts["packed"])
     for _, mod in attention_layers(hf, family):
         mod._hf_flash_options = dict(opts)
     return model
+
+
+def _set_packed(hf, family, want: bool) -> None:
+    """Switch the family's packed-token mode of a patched model on or off (idempotent)."""
+    state = getattr(hf, _STATE)
+    if want and state["packed"] is None:
+        state["packed"] = family.pack(hf)
+    elif not want and state["packed"] is not None:
+        family.unpack(hf, state["packed"])
+        state["packed"] = None
 
 
 def _switch_to_hf_flash(hf) -> None:
@@ -257,13 +262,7 @@ def patched(model, **options):
         yield model
     finally:
         if was_patched:
-            state = getattr(hf, _STATE)
-            was_packed = any(o.get("packed") for o in old_options.values())
-            if was_packed and state["packed"] is None:
-                state["packed"] = family.pack(hf)
-            elif not was_packed and state["packed"] is not None:
-                family.unpack(hf, state["packed"])
-                state["packed"] = None
+            _set_packed(hf, family, any(o.get("packed") for o in old_options.values()))
             for name, mod in attention_layers(hf, family):
                 if name in old_options:
                     mod._hf_flash_options = old_options[name]

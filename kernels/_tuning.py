@@ -21,7 +21,8 @@ import triton.testing
 from . import _common
 
 _CHOSEN: dict = {}    # (name, shape key) -> config
-_COMPILED: dict = {}  # (name, shape key, config, specialisation) -> (compiled kernel, constexprs)
+# (name, shape key, device, specialisation, constexprs) -> (compiled kernel, constexpr values)
+_COMPILED: dict = {}
 
 _INT32 = range(-2**31, 2**31)
 
