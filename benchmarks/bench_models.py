@@ -59,16 +59,20 @@ def runs_for(args):
                          intermediate_size=128, max_position_embeddings=128, vocab_size=1000)
         tiny_gpt2 = dict(n_embd=64, n_layer=2, n_head=2, n_positions=128, vocab_size=1000,
                          bos_token_id=0, eos_token_id=0)
-        return [("dry-run", "bert_tiny_mlm", "bert", tiny_bert, 2, 64, True),
+        runs = [("dry-run", "bert_tiny_mlm", "bert", tiny_bert, 2, 64, True),
                 ("dry-run", "gpt2_tiny_lm", "gpt2", tiny_gpt2, 2, 64, False)]
-    runs = []
-    if args.suite in ("train", "all"):
-        runs += [("train", "bert_large_mlm_b32_n512_padded", "bert", BERT_LARGE, 32, 512, True),
-                 ("train", "gpt2_medium_lm_b16_n1024", "gpt2", GPT2_MEDIUM, 16, 1024, False)]
-    if args.suite in ("long", "all"):
-        for n in (args.contexts or LONG_CONTEXTS):
-            runs.append(("long", f"gpt2_small_lm_b1_n{n}", "gpt2",
-                         dict(GPT2_SMALL, n_positions=n), 1, n, False))
+    else:
+        runs = []
+        if args.suite in ("train", "all"):
+            runs += [("train", "bert_large_mlm_b32_n512_padded", "bert", BERT_LARGE, 32, 512, True),
+                     ("train", "gpt2_medium_lm_b16_n1024", "gpt2", GPT2_MEDIUM, 16, 1024, False)]
+        if args.suite in ("long", "all"):
+            for n in (args.contexts or LONG_CONTEXTS):
+                runs.append(("long", f"gpt2_small_lm_b1_n{n}", "gpt2",
+                             dict(GPT2_SMALL, n_positions=n), 1, n, False))
+    wanted = [m for m in args.models.split(",") if m.strip()]
+    if wanted:
+        runs = [r for r in runs if any(m in r[1] for m in wanted)]
     return runs
 
 
@@ -80,6 +84,8 @@ def parse_args(argv=None):
                    help="train: BERT-large MLM and GPT-2-medium; long: GPT-2-small at 4k-16k")
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     p.add_argument("--contexts", default="", help="long-context lengths, comma-separated")
+    p.add_argument("--models", default="",
+                   help="only runs whose model name contains one of these comma-separated strings")
     p.add_argument("--quick", action="store_true", help="fewer warm-up and timed steps")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 5 with --quick)")
     p.add_argument("--warmup-steps", type=int, default=None, help="default 3; 2 with --quick")
@@ -91,6 +97,9 @@ def parse_args(argv=None):
                    help="seconds; runs past it are recorded as skipped, results stay written")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="appended to the output file names")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one step: GPU kernel time against the step's time (is it "
+                        "bound by the GPU or by the host?) and the kernels that take the most")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny models on the CPU, kernels under TRITON_INTERPRET=1, fp32; "
                         "tests the plumbing, timings are meaningless")
@@ -116,6 +125,7 @@ class Bench:
         self.steps = args.steps if args.steps is not None else (
             2 if args.dry_run else QUICK_TIMED_STEPS if args.quick else TIMED_STEPS)
         self.deadline = time.perf_counter() + args.time_budget
+        self.profiles = {}  # "model impl" -> top kernels of one profiled step
 
     def free(self):
         gc.collect()
@@ -214,6 +224,35 @@ class Bench:
                 counts["sdpa_calls"] += evt.count
         return counts
 
+    def profile_step(self, step, top_n=15):
+        """(host ms to enqueue one step, summed GPU kernel ms of one step, top kernels).
+
+        If the kernel time is well under the step time the step is bound by the host (Python and
+        launches), and making kernels faster or the batch smaller will not show."""
+        torch = self.torch
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+        self.sync()
+        t = time.perf_counter()
+        step()
+        host_ms = (time.perf_counter() - t) * 1e3
+        self.sync()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device == "cuda" else [])
+        with profile(activities=acts) as prof:
+            step()
+            self.sync()
+        kernels = []
+        for evt in prof.key_averages():
+            if evt.device_type == DeviceType.CUDA:
+                us = getattr(evt, "self_device_time_total", None)
+                if us is None:  # older torch
+                    us = evt.self_cuda_time_total
+                kernels.append((us / 1e3, evt.count, evt.key[:120]))
+        kernels.sort(reverse=True)
+        total = sum(k[0] for k in kernels)
+        top = [dict(ms=round(ms, 3), calls=n, kernel=name) for ms, n, name in kernels[:top_n]]
+        return host_ms, (total if self.device == "cuda" else None), top
+
     def run_one(self, suite, label, family, overrides, B, N, padded, impl, patch_opts):
         torch = self.torch
         row = dict(suite=suite, model=label, impl=impl, how="", B=B, N=N, padded=padded,
@@ -271,6 +310,9 @@ class Bench:
                        tokens_s=B * N / (ms * 1e-3), real_tokens_s=real_tokens / (ms * 1e-3))
             if self.device == "cuda":
                 row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if self.args.profile:
+                row["host_ms"], row["gpu_kernel_ms"], top = self.profile_step(step)
+                self.profiles[f"{label} {impl}"] = top
             if impl.startswith("hf_flash") and not row["hf_flash_calls"]:
                 row.update(status="FAIL", reason="hf_flash's kernel did not run in the forward pass")
         except Exception as e:
@@ -292,9 +334,11 @@ def summary(rows) -> str:
                      f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "",
                      f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else "",
                      "" if r.get("hf_flash_calls") is None else
-                     f"{r['hf_flash_calls']}/{r['sdpa_calls']}"])
+                     f"{r['hf_flash_calls']}/{r['sdpa_calls']}",
+                     "" if r.get("gpu_kernel_ms") is None else
+                     f"{r['gpu_kernel_ms']:.1f} / {r['host_ms']:.1f}"])
     out = [table(["model", "impl", "status", "ms/step", "tokens/s", "peak GiB", "eval loss",
-                  "hf/sdpa calls"], body)]
+                  "hf/sdpa calls", "GPU kernel / host ms"], body)]
     for r in rows:
         if r["status"] != "ok" and r["reason"]:
             out.append(f"{r['status']} {r['model']} {r['impl']}: {r['reason'][:200]}")
@@ -328,7 +372,8 @@ def main(argv=None):
             rows.append(bench.run_one(suite_name, label, family, overrides, B, N, padded, impl,
                                       opts))
             meta["elapsed_s"] = round(time.perf_counter() - t0, 1)
-            write_results(out_dir, stem, meta, rows)
+            write_results(out_dir, stem, meta, rows,
+                          {"profiles": bench.profiles} if bench.profiles else None)
             print(f"[{meta['elapsed_s']:7.1f}s] {label} {impl}: {rows[-1]['status']} "
                   f"({time.perf_counter() - t:.1f}s)", flush=True)
     print(f"\nresults: {out_dir / (stem + '.csv')} and .json; {meta.get('gpu')}, torch "
