@@ -58,7 +58,11 @@ def flash_attention(
     interpreter when ``TRITON_INTERPRET=1`` was set before import; otherwise they fall back, with
     a one-time warning, to a plain PyTorch implementation with the same semantics (its dropout
     draws a different mask than the kernel would).
+
+    Under ``torch.autocast`` the inputs are cast to autocast's dtype first, as autocast does for
+    SDPA.
     """
+    query, key, value = _autocast_inputs(query, key, value)
     _check_tensors(query, key, value, enable_gqa)
     B, H, n_q, D = query.shape
     n_k = key.shape[2]
@@ -138,6 +142,7 @@ def flash_attention_varlen(
     if key.shape[0] != total or value.shape[0] != total:
         raise ValueError(f"query, key and value must hold the same packed rows (total tokens): "
                          f"got {total}, {key.shape[0]}, {value.shape[0]}")
+    query, key, value = _autocast_inputs(query, key, value)
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
     _check_tensors(q4, k4, v4, enable_gqa)
     cu = _check_cu_seqlens(cu_seqlens, query, total)
@@ -172,6 +177,21 @@ def flash_attention_varlen(
     if return_lse:
         return out, lse[0]
     return out
+
+
+def _autocast_inputs(*tensors):
+    """Under torch.autocast, query, key and value in autocast's dtype, as autocast's policy for
+    SDPA casts them. HF models lean on this: with rotary embeddings in fp32 (Llama, Mistral),
+    query and key arrive in fp32 beside a bf16 value."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or first.device.type not in ("cuda", "cpu"):
+        return tensors
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _SUPPORTED_DTYPES
+                 else t for t in tensors)
 
 
 def _check_cu_seqlens(cu, query, total):

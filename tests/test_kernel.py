@@ -491,6 +491,27 @@ def test_bad_input_raises_naming_the_problem(make, exc, words):
         hf_flash.flash_attention(q, k, v, **exc)
 
 
+def test_autocast_casts_inputs_as_it_does_for_sdpa():
+    # HF's rotary models hand over fp32 query/key beside a low-precision value under autocast;
+    # SDPA takes that (autocast casts its inputs), so the kernel must too. Gradients reach the
+    # fp32 leaves in fp32. The CPU runs fp16 autocast: the interpreter's bf16 dot is broken.
+    low = torch.bfloat16 if GPU_GRID else torch.float16
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 2, 20, 16, generator=gen).to(DEVICE).requires_grad_() for _ in "qk")
+    v = torch.randn(2, 2, 20, 16, generator=gen).to(DEVICE, low).requires_grad_()
+    with torch.autocast(DEVICE, dtype=low):
+        out = hf_flash.flash_attention(q, k, v, is_causal=True)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == ref.dtype == low
+    cast = [t.detach().to(low) for t in (q, k, v)]
+    assert torch.equal(out, hf_flash.flash_attention(*cast, is_causal=True))
+    out.float().sum().backward()
+    assert q.grad.dtype == k.grad.dtype == torch.float32 and v.grad.dtype == low
+    # Outside autocast mixed dtypes still refuse, as SDPA does.
+    with pytest.raises(TypeError, match="share a dtype"):
+        hf_flash.flash_attention(q, k, v)
+
+
 @pytest.mark.gpu
 def test_mismatched_devices_raise():
     with pytest.raises(ValueError, match="one device"):

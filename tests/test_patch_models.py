@@ -55,6 +55,30 @@ def _replay_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     return (probs @ value).transpose(1, 2).contiguous(), None
 
 
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_rotary_models_train_under_autocast(name):
+    # Under autocast these models hand attention an fp32 query/key (rotary embeddings in fp32)
+    # beside a low-precision value; the kernel casts as autocast does for SDPA. fp16 autocast on
+    # the CPU (the interpreter's bf16 dot is broken), bf16 on a GPU.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    low = torch.bfloat16 if device == "cuda" else torch.float16
+    ids, mask, labels = (t.to(device) for t in batch(name, "right"))
+    losses = {}
+    for impl in ("sdpa", "hf_flash"):
+        model = build(name).to(device).train()
+        model.set_attn_implementation("sdpa")
+        if impl == "hf_flash":
+            hf_flash.patch(model, fallback="raise")
+        with torch.autocast(device, dtype=low):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        losses[impl] = loss.item()
+        if impl == "hf_flash":
+            assert hf_flash.explain(model)[0]["last_call"][0] == "kernel"
+    assert abs(losses["hf_flash"] - losses["sdpa"]) < 2e-2 * abs(losses["sdpa"])
+
+
 def test_bert_attention_dropout_replayed_exactly():
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
