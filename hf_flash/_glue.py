@@ -332,8 +332,10 @@ def hf_flash_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         cu, max_len = packed
         _record(module, "kernel", f"packed sequences{', causal' if causal else ''}")
         # (1, H, T, D) views -> (T, H, D) views: the layout the varlen kernel reads in place.
-        out = flash_attention_varlen(query[0].transpose(0, 1), key[0].transpose(0, 1),
-                                     value[0].transpose(0, 1), cu, max_len,
+        # squeeze, not [0]: indexing's backward writes the gradient into a new zero tensor in
+        # the (H, T, D) order, and the model's reshape then copies it back (6 copies a layer).
+        q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))
+        out = flash_attention_varlen(q, k, v, cu, max_len,
                                      dropout_p=float(dropout), is_causal=causal, scale=scaling,
                                      enable_gqa=query.shape[1] != key.shape[1])
         return out.unsqueeze(0), None

@@ -171,11 +171,11 @@ def flash_attention_varlen(
     else:
         out4, lse = _dispatch(q4, k4, v4, None, None, causal, scale, p, return_lse, cu,
                               max_seqlen)
-    out = out4[0].transpose(0, 1)
+    out = out4.squeeze(0).transpose(0, 1)  # views both ways, also in backward
     if dropout_p == 1.0:
         out = out * 0.0
     if return_lse:
-        return out, lse[0]
+        return out, lse.squeeze(0)
     return out
 
 

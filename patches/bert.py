@@ -43,7 +43,7 @@ def _packed_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     packed = hidden_states.reshape(B * N, C).index_select(0, rows).unsqueeze(0)
     out = unpacked(self, packed, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
                    max_length_k=longest, **kwargs)
-    real = out[0][0]
+    real = out[0].squeeze(0)  # a view in backward too ([0] would allocate and copy)
     full = real.new_zeros(B * N, C).index_copy(0, rows, real).view(B, N, C)
     if isinstance(out, tuple):
         return (full, *out[1:])

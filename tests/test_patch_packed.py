@@ -44,6 +44,27 @@ def test_packed_encoder_gives_zeros_at_padding():
     assert torch.all(hidden[mask == 0] == 0) and torch.all(hidden[mask == 1].abs().sum(-1) > 0)
 
 
+def test_packed_backward_copies_no_activations():
+    # The packed encoder's autograd graph, from the loss down to the weights, is made of views
+    # where layouts change: an indexing node ([0] on a tensor) in it would mean its backward
+    # allocates a zero tensor and copies the gradient in, per layer. Only the one unpad/pad
+    # index of the whole encoder may appear.
+    model = hf_flash.patch(build("bert").train(), packed=True)
+    ids, mask, labels = _holey_batch("bert")
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    names, seen, todo = [], set(), [loss.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    assert "SelectBackward0" not in names, sorted(set(names))
+    assert sum(n.startswith("Index") for n in names) <= 2, sorted(n for n in names if "Index" in n)
+    assert any("Flash" in n or "hf_flash" in n for n in names), sorted(set(names))
+
+
 def test_packed_with_dropout_trains_like_eager_in_distribution():
     # Dropout draws differ from the padded path (other shapes), so compare statistics: with the
     # same seed the packed loss is finite, changes with the seed, and is repeatable.
