@@ -16,6 +16,11 @@ except AttributeError:  # older Triton without knobs
 # HF_FLASH_AUTOTUNE=0 launches one heuristic config per shape class instead of autotuning: every
 # autotuned key compiles and times several configs, which a large test grid cannot afford.
 AUTOTUNE = os.environ.get("HF_FLASH_AUTOTUNE", "1") != "0" and not INTERPRET
+# Shape classes below this many (bucketed) scores per head are not tuned: such a call runs in a few
+# microseconds, under its own launch cost, so no config can win back what timing the candidates
+# costs (a compile per candidate, seconds each). Short-sentence fine-tuning and KV-cache decoding
+# meet a new length bucket every few steps; they take the heuristic config, as AUTOTUNE=0 does.
+TUNE_MIN_SCORES = 512 * 512
 
 # Tests set this to fill every output with NaN before launch, so an element a kernel forgets to
 # write shows up instead of hiding behind whatever the allocator returned.

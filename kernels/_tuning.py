@@ -67,13 +67,14 @@ def _hooks_active() -> bool:
 def launch(kernel, name, key, candidates, grid, args, constexprs):
     """Launch `kernel` with the best config for `key` (`candidates()` lists dicts of
     BLOCK_M/BLOCK_N/num_warps/num_stages, best guess first); `grid(cfg)` gives the launch grid.
-    Every output must be fully rewritten by each launch (true of all hf_flash kernels), so the
-    timing runs of a first call are harmless."""
+    `key` starts with the bucketed query and key lengths. Every output must be fully rewritten
+    by each launch (true of all hf_flash kernels), so the timing runs of a first call are
+    harmless."""
     full_key = (name, key)
     cfg = _CHOSEN.get(full_key)
     if cfg is None:
         cands = candidates()
-        cfg = _pick(kernel, cands, grid, args, constexprs) if _common.AUTOTUNE else cands[0]
+        cfg = _pick(kernel, cands, grid, args, constexprs) if worth_tuning(key) else cands[0]
         _CHOSEN[full_key] = cfg
     g = grid(cfg)
     if _common.INTERPRET or torch.compiler.is_compiling():
@@ -98,6 +99,11 @@ def launch(kernel, name, key, candidates, grid, args, constexprs):
     g0, g1, g2 = (*g, 1, 1)[:3]  # grids are written with two dims; the launcher takes three
     compiled.run(g0, g1, g2, _current_stream(device), compiled.function,
                  compiled.packed_metadata, None, None, None, *args, *tail)
+
+
+def worth_tuning(key) -> bool:
+    """Whether the shape class `key` (bucketed q and k lengths first) is timed over candidates."""
+    return _common.AUTOTUNE and key[0] * key[1] >= _common.TUNE_MIN_SCORES
 
 
 def _pick(kernel, candidates, grid, args, constexprs):

@@ -187,6 +187,27 @@ def test_long_sequences(n, D, causal, dtype):
     _run_case(1, 2 if n <= 8192 else 1, 2 if n <= 8192 else 1, n, n, D, dtype, {"causal": causal})
 
 
+def test_small_shape_classes_take_the_heuristic_config(monkeypatch):
+    # Timing candidates compiles each of them; below TUNE_MIN_SCORES a call is too short for any
+    # config to pay that back, so the first candidate (what HF_FLASH_AUTOTUNE=0 uses) is taken.
+    from hf_flash.kernels import _tuning
+    monkeypatch.setattr(_common, "AUTOTUNE", True)
+    monkeypatch.setattr(_common, "INTERPRET", True)  # launch through kernel[grid]
+    monkeypatch.setattr(_tuning, "_CHOSEN", {})
+    timed, launched = [], []
+    monkeypatch.setattr(_tuning, "_pick", lambda kernel, cands, *a: timed.append(cands) or cands[-1])
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launched.append(kw["BLOCK_M"])
+
+    cands = lambda: [{"BLOCK_M": 64}, {"BLOCK_M": 32}]  # noqa: E731
+    for n_q, n_k in ((128, 128), (1, 4096), (512, 512), (256, 1024), (128, 128)):
+        key = (_common.bucket(n_q), _common.bucket(n_k), "test")
+        _tuning.launch(FakeKernel(), "fake", key, cands, lambda c: (1,), (), {})
+    assert len(timed) == 2 and launched == [64, 64, 32, 32, 64]
+
+
 @pytest.mark.gpu
 def test_direct_launch_keeps_triton_specialisation():
     # After the first call, launches skip Triton's binder and reuse the compiled kernel for the
