@@ -102,3 +102,37 @@ def test_hf_flash_tiny_run_on_gpu_uses_the_kernel_with_key_padding(tiny, tmp_pat
     check = [r for r in curve if r["event"] == "attn_check"][-1]["layer0"]
     # the last call was an eval batch of samples of unequal length: served as key-padding lengths
     assert check["last_call"] == ["kernel", "key padding"]
+
+
+def test_short_sequence_warm_up_saves_a_start_that_later_runs_load(tiny, tmp_path):
+    # The first phase of BERT's recipe on cropped samples, saved as a starting checkpoint with its
+    # sha256; a run from it starts where the warm-up stopped, above a run from the seeded init.
+    import torch
+    from model import BertForMLPerfMLM, state_dict_sha256
+    from train import MaskedLMShard
+
+    meta = json.loads((tiny / "data" / "meta.json").read_text())
+    full = MaskedLMShard(tiny / "data" / "train.npz")
+    crop = MaskedLMShard(tiny / "data" / "train.npz", max_seq_len=32, sep_id=meta["sep_id"])
+    assert max(full.lengths()) > 32 and max(crop.lengths()) == 32
+    for i in range(len(crop)):
+        s, f = crop[i], full[i]
+        assert len(s["input_ids"]) <= 32 and s["input_ids"][-1] == meta["sep_id"]
+        assert (s["positions"] < len(s["input_ids"]) - 1).all()
+        if len(f["input_ids"]) <= 32:
+            assert (s["input_ids"] == f["input_ids"]).all() and len(s["labels"]) == len(f["labels"])
+
+    start = tmp_path / "start"
+    warm = _train(tiny, tmp_path / "warm", "--max_seq_len", "32", "--save_final", str(start),
+                  "--deterministic")
+    assert warm[0]["max_seq_len"] == 32 and warm[-1]["event"] == "result" and warm[-1]["reached"]
+    info = json.loads((start / "init.json").read_text())
+    model = BertForMLPerfMLM.from_pretrained(start, dtype=torch.float32)
+    assert info["state_dict_sha256"] == state_dict_sha256(model)
+    assert info["max_seq_len"] == 32 and info["steps"] == warm[-1]["steps_to_target"]
+    assert info["mlm_accuracy"] >= TARGET
+
+    cold = _evals(_train(tiny, tmp_path / "cold"))
+    hot = _evals(_train(tiny, tmp_path / "hot", "--init", str(start)))
+    assert hot[0]["mlm_accuracy"] > cold[0]["mlm_accuracy"]
+    assert json.loads((tmp_path / "hot" / "curve.jsonl").read_text().splitlines()[0])["init"] == info

@@ -105,7 +105,18 @@ def parse_args(argv=None):
                    help="continue from the last checkpoint in --out if there is one")
     p.add_argument("--workers", type=int, default=None, help="dataloader workers (default 2 on GPU)")
     p.add_argument("--no_bf16", action="store_true", help="fp32 on GPU")
+    p.add_argument("--max_seq_len", type=int, default=None,
+                   help="crop every sample (train and eval) to this many tokens, [SEP] kept last: "
+                        "the short-sequence first phase of BERT's and MLPerf's recipe")
+    p.add_argument("--save_final", default=None,
+                   help="when the run ends, save the model there as a starting checkpoint (with "
+                        "init.json: its sha256, this run's settings and the checkpoint it came from)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels where PyTorch has them (a warm-up meant to be "
+                        "regenerable); warns where it has none")
     args = p.parse_args(argv)
+    if args.max_seq_len is not None and args.max_seq_len < 3:
+        p.error("--max_seq_len must be >= 3 ([CLS], one token, [SEP])")
     base = dict(per_device_batch=PER_DEVICE_BATCH, eval_batch=EVAL_BATCH, lr=LR,
                 warmup_steps=WARMUP_STEPS, decay_steps=DECAY_STEPS, eval_every=EVAL_EVERY,
                 log_every=LOG_EVERY)
@@ -121,10 +132,13 @@ def parse_args(argv=None):
 class MaskedLMShard(torch.utils.data.Dataset):
     """One split written by prepare_data.py: ragged token ids and masked positions/labels in memory."""
 
-    def __init__(self, path):
+    def __init__(self, path, max_seq_len=None, sep_id=None):
         with np.load(path) as z:
             self.ids, self.offsets = z["input_ids"], z["offsets"]
             self.pos, self.lab, self.pred_offsets = z["mlm_positions"], z["mlm_labels"], z["mlm_offsets"]
+        if max_seq_len is not None and sep_id is None:
+            raise ValueError("cropping samples needs the [SEP] id")
+        self.max_seq_len, self.sep_id = max_seq_len, sep_id
 
     def __len__(self):
         return len(self.offsets) - 1
@@ -132,10 +146,19 @@ class MaskedLMShard(torch.utils.data.Dataset):
     def __getitem__(self, i):
         a, b = self.offsets[i], self.offsets[i + 1]
         c, d = self.pred_offsets[i], self.pred_offsets[i + 1]
-        return {"input_ids": self.ids[a:b], "positions": self.pos[c:d], "labels": self.lab[c:d]}
+        ids, pos, lab = self.ids[a:b], self.pos[c:d], self.lab[c:d]
+        L = self.max_seq_len
+        if L is not None and len(ids) > L:
+            # The first L - 1 tokens, then [SEP]; predictions at the positions that remain. The
+            # masking was drawn once for the full sample, so the crop keeps its 15 % rate.
+            ids = np.concatenate([ids[:L - 1], np.array([self.sep_id], dtype=ids.dtype)])
+            keep = pos < L - 1
+            pos, lab = pos[keep], lab[keep]
+        return {"input_ids": ids, "positions": pos, "labels": lab}
 
     def lengths(self):
-        return np.diff(self.offsets)
+        n = np.diff(self.offsets)
+        return n if self.max_seq_len is None else np.minimum(n, self.max_seq_len)
 
 
 class Collator:
@@ -310,7 +333,8 @@ class TimeToTarget(TrainerCallback):
                "steps_to_target": rec["step"] if reached else None,
                "samples_to_target": rec.get("samples") if reached else None,
                "tokens_to_target": rec.get("tokens") if reached else None,
-               "final_step": rec["step"], "final_run_s": rec["run_s"]}
+               "final_step": rec["step"], "final_run_s": rec["run_s"],
+               "final_mlm_accuracy": rec.get("mlm_accuracy")}
         self._write(res)
         if _rank0():
             (self.out / "result.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -346,8 +370,12 @@ def main(argv=None):
         return
     cuda = torch.cuda.is_available()
     meta = json.loads((Path(cli.data) / "meta.json").read_text())
-    train_set = MaskedLMShard(Path(cli.data) / "train.npz")
-    eval_set = MaskedLMShard(Path(cli.data) / "eval.npz")
+    if cli.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    crop = dict(max_seq_len=cli.max_seq_len, sep_id=meta.get("sep_id"))
+    train_set = MaskedLMShard(Path(cli.data) / "train.npz", **crop)
+    eval_set = MaskedLMShard(Path(cli.data) / "eval.npz", **crop)
     collator = Collator(meta["pad_id"])
 
     model, attn_how = load_model(cli.init, cli.attn)
@@ -410,6 +438,7 @@ def main(argv=None):
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "git": _git_sha(),
         "startup_s": round(time.time() - PROCESS_START, 1),
+        "max_seq_len": cli.max_seq_len, "deterministic": cli.deterministic,
     }
     if cli.attn == "hf_flash":
         paths = attention_paths(model) or []
@@ -426,6 +455,32 @@ def main(argv=None):
         res = out / "result.json"
         print(res.read_text() if res.exists() else f"paused; continue with --resume into {out}",
               flush=True)
+        if cli.save_final and res.exists():
+            save_start(trainer.model, cli, header, json.loads(res.read_text()))
+
+
+def save_start(model, cli, header, result):
+    """Write `model` as a starting checkpoint for later runs (make_checkpoint.py's layout): the
+    weights, and init.json with their sha256 and how they were made, so another machine that
+    makes them again can compare."""
+    from model import state_dict_sha256
+
+    out = Path(cli.save_final)
+    model = getattr(model, "module", model)  # DDP
+    model.save_pretrained(out)
+    info = {"made_by": "train.py warm-up", "state_dict_sha256": state_dict_sha256(model),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "from_init": header["init"], "attn": cli.attn, "seed": cli.seed,
+            "max_seq_len": cli.max_seq_len, "per_device_batch": cli.per_device_batch,
+            "world_size": header["world_size"], "lr": cli.lr, "warmup_steps": cli.warmup_steps,
+            "decay_steps": cli.decay_steps, "target": cli.target, "reached": result["reached"],
+            "steps": result["final_step"], "mlm_accuracy": result["final_mlm_accuracy"],
+            "deterministic": cli.deterministic, "bf16": header["bf16"],
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "device": header["device"], "git": header["git"]}
+    (out / "init.json").write_text(json.dumps(info, indent=1) + "\n")
+    print(json.dumps({"saved_start": str(out), "state_dict_sha256": info["state_dict_sha256"]}),
+          flush=True)
 
 
 def _count_samples(model):
