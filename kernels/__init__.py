@@ -2,11 +2,12 @@
 
 if __name__ == "hf_flash.kernels":
     from ._common import INTERPRET, dropout_seed
-    from ._dropout import dropout_mask
+    from ._dropout import dropout_mask, effective_dropout_p
     from ._reference import reference_attention
     from .attention import MAX_HEAD_DIM, flash_attention, flash_attention_varlen
 
-    __all__ = ["flash_attention", "flash_attention_varlen", "dropout_mask", "reference_attention", "MAX_HEAD_DIM",
+    __all__ = ["flash_attention", "flash_attention_varlen", "dropout_mask", "effective_dropout_p",
+               "reference_attention", "MAX_HEAD_DIM",
                "INTERPRET", "dropout_seed"]
 else:
     # Imported as a top-level "kernels": Python was started in a checkout of this repository, whose

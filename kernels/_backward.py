@@ -16,7 +16,7 @@ from . import _common
 from . import _tuning
 from ._common import (AUTOTUNE, bucket, cfg, default_config, dot_precision, mask_scores,
                       row_stats_base, row_strides, seq_bounds, smem_ok)
-from ._dropout import dropout_keep
+from ._dropout import dropout_keep, dropout_scale, dropout_threshold
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def _row_stats(stats_h, rows, row_ok, STATS_N, MASK_KIND: tl.constexpr):
 
 @triton.jit
 def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS_H, DELTA_H,
-                start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
+                start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, drop_threshold, dropout_scale,
                 stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn,
                 N_Q, N_K, STATS_N, causal_offset,
                 CHECK_BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -63,7 +63,7 @@ def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS
         pT = tl.math.exp2(sT - stat_a[None, :])
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = tl.trans(dropout_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N))
+        keep = tl.trans(dropout_keep(seed, bh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N))
         pT_used = tl.where(keep, pT * dropout_scale, 0.0)
         dpT = tl.where(keep, dpT * dropout_scale, 0.0)
     else:
@@ -85,7 +85,7 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_kpmb, stride_kpmn,
-    H, N_Q, N_K, STATS_N, GROUP, qk_scale, sm_scale, dropout_p, dropout_scale, causal_offset,
+    H, N_Q, N_K, STATS_N, GROUP, qk_scale, sm_scale, drop_threshold, dropout_scale, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
@@ -148,14 +148,14 @@ def _bwd_dkdv_kernel(
         for start_m in range(q_lo, q_full, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS_H, DELTA_H,
-                start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p,
+                start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, drop_threshold,
                 dropout_scale, stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
                 STATS_N, causal_offset, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
                 BLOCK_M, BLOCK_N)
         for start_m in range(q_full, q_end, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS_H, DELTA_H,
-                start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p,
+                start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, drop_threshold,
                 dropout_scale, stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
                 STATS_N, causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
                 BLOCK_M, BLOCK_N)
@@ -170,7 +170,7 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m,
               start_n, offs_m, offs_n,
-              d_ok, seed, bh, qk_scale, dropout_p, dropout_scale,
+              d_ok, seed, bh, qk_scale, drop_threshold, dropout_scale,
               stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K, causal_offset,
               CHECK_BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
               MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -192,7 +192,7 @@ def _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_pt
         p = tl.math.exp2(s - stat_a[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
+        keep = dropout_keep(seed, bh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N)
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -210,7 +210,7 @@ def _bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_kpmb, stride_kpmn,
-    H, N_Q, N_K, STATS_N, GROUP, qk_scale, sm_scale, dropout_p, dropout_scale, causal_offset,
+    H, N_Q, N_K, STATS_N, GROUP, qk_scale, sm_scale, drop_threshold, dropout_scale, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr,
@@ -218,6 +218,10 @@ def _bwd_dq_kernel(
 ):
     # Runs before the dK/dV kernel: it also writes delta, which that kernel reads.
     pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        # Later query blocks see more keys: start them first, so the last wave of the
+        # grid holds the short blocks instead of a few long ones (the tail effect).
+        pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1)
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
@@ -277,14 +281,14 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, full_hi, BLOCK_N):
         dq = _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr,
-                       start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p,
+                       start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, drop_threshold,
                        dropout_scale,
                        stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
                        causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
                        DOT_PRECISION, BLOCK_M, BLOCK_N)
     for start_n in range(full_hi, hi, BLOCK_N):
         dq = _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr,
-                       start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, dropout_p,
+                       start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, drop_threshold,
                        dropout_scale,
                        stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
                        causal_offset, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
@@ -344,7 +348,7 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
                       MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
                       DOT_PRECISION=dot_precision(q.dtype), VARLEN=varlen)
     scalars = (H, rows_q, rows_k, N_Q, group, scale * 1.4426950408889634, scale,
-               float(dropout_p), 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
+               dropout_threshold(dropout_p), dropout_scale(dropout_p),
                causal_offset)
     key = (bucket(rows_q), bucket(rows_k), n_batch * H > 64, group, q.dtype, q.device.index,
            *constexprs.values())

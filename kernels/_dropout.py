@@ -3,37 +3,64 @@
 The keep/drop decision for score (b, h, i, j) is a pure function of (seed, b*H + h, i, j): Philox
 with the row, column and head as its counter. The forward kernel and both backward kernels call the
 same helper, so backward regenerates exactly the mask forward used and the mask is never stored.
+
+Each decision compares 16 random bits with an integer threshold, so the drop probability is p
+rounded to a multiple of 2^-16 (at most 7.6e-6 away; `effective_dropout_p` says exactly what it
+is) and the kept scores are scaled by 1 / (1 - that probability), which keeps the output
+unbiased. 16 bits instead of 32 halve the Philox work, which is most of what dropout costs the
+kernels (it is drawn three times: forward, and once in each backward kernel).
 """
 
 import torch
 import triton
 import triton.language as tl
 
+DROPOUT_LEVELS = 1 << 16  # decisions compare 16-bit draws
+
+
+def dropout_threshold(p: float) -> int:
+    """The kernels' integer form of p: a draw in [0, 2^16) below it drops the score. Kept under
+    2^16 so some score always survives and the rescale stays finite (p = 1 is handled apart)."""
+    return min(round(p * DROPOUT_LEVELS), DROPOUT_LEVELS - 1)
+
+
+def effective_dropout_p(p: float) -> float:
+    """The drop probability the kernels realise for a requested p."""
+    return dropout_threshold(p) / DROPOUT_LEVELS if p > 0 else 0.0
+
+
+def dropout_scale(p: float) -> float:
+    """The factor kept scores are multiplied by: 1 / (1 - effective p)."""
+    return 1.0 / (1.0 - effective_dropout_p(p))
+
 
 @triton.jit
-def dropout_keep(seed, bh, start_m, start_n, dropout_p,
+def dropout_keep(seed, bh, start_m, start_n, threshold,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Boolean (BLOCK_M, BLOCK_N) tile, True where score (start_m + i, start_n + j) of head `bh`
-    survives dropout. `start_n` must be a multiple of 4.
+    survives dropout (`threshold` from dropout_threshold). `start_n` must be a multiple of 8.
 
-    One Philox call yields four 32-bit words: the call for counter (j // 4, row, head, 0) serves
-    columns 4*(j // 4) .. +3, so a tile costs BLOCK_M * BLOCK_N / 4 calls. Counters never repeat
-    within a launch. The backward kernels that work on transposed tiles transpose this tile
-    rather than drawing in another order, so both directions see the same bits.
+    One Philox call yields four 32-bit words, eight 16-bit draws: the call for counter
+    (j // 8, row, head, 0) serves columns 8*(j // 8) .. +7, so a tile costs BLOCK_M * BLOCK_N / 8
+    calls. Counters never repeat within a launch. The backward kernels that work on transposed
+    tiles transpose this tile rather than drawing in another order, so both directions see the
+    same bits.
     """
     rows = start_m + tl.arange(0, BLOCK_M)[:, None]
-    quads = start_n // 4 + tl.arange(0, BLOCK_N // 4)[None, :]
-    c0 = (quads + rows * 0).to(tl.uint32)
-    c1 = (rows + quads * 0).to(tl.uint32)
+    octs = start_n // 8 + tl.arange(0, BLOCK_N // 8)[None, :]
+    c0 = (octs + rows * 0).to(tl.uint32)
+    c1 = (rows + octs * 0).to(tl.uint32)
     c2 = (c0 * 0 + bh).to(tl.uint32)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c0 * 0)
-    # [.., q, a, b] = r_(2a+b); flattening the last three dims puts word i at column 4q + i.
-    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
-    return tl.uint_to_uniform_float(bits) >= dropout_p
+    # [.., q, a, b] = r_(2a+b); then [.., q, a, b, c] = its low (c = 0) or high half: flattening
+    # puts the draws of call q at columns 8q .. 8q + 7.
+    words = tl.join(tl.join(r0, r1), tl.join(r2, r3))
+    draws = tl.reshape(tl.join(words & 0xFFFF, words >> 16), (BLOCK_M, BLOCK_N))
+    return draws >= threshold.to(tl.uint32)
 
 
 @triton.jit
-def _dropout_mask_kernel(Out, SEED, dropout_p, H, N_Q, N_K,
+def _dropout_mask_kernel(Out, SEED, threshold, H, N_Q, N_K,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Test-only: materialise the keep mask of one launch, for an exact reference.
     pid_m = tl.program_id(0)
@@ -42,7 +69,7 @@ def _dropout_mask_kernel(Out, SEED, dropout_p, H, N_Q, N_K,
     seed = tl.load(SEED)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = dropout_keep(seed, bh, pid_m * BLOCK_M, pid_n * BLOCK_N, dropout_p, BLOCK_M, BLOCK_N)
+    keep = dropout_keep(seed, bh, pid_m * BLOCK_M, pid_n * BLOCK_N, threshold, BLOCK_M, BLOCK_N)
     ptrs = Out + bh.to(tl.int64) * N_Q * N_K + offs_m[:, None] * N_K + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
 
@@ -55,6 +82,6 @@ def dropout_mask(seed: torch.Tensor, dropout_p: float, batch: int, heads: int, q
     """
     out = torch.empty((batch, heads, q_len, k_len), dtype=torch.int8, device=seed.device)
     grid = (triton.cdiv(q_len, 32), triton.cdiv(k_len, 32), batch * heads)
-    _dropout_mask_kernel[grid](out, seed, float(dropout_p), heads, q_len, k_len,
+    _dropout_mask_kernel[grid](out, seed, dropout_threshold(dropout_p), heads, q_len, k_len,
                                BLOCK_M=32, BLOCK_N=32)
     return out.bool()

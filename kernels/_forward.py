@@ -8,13 +8,13 @@ from . import _common
 from . import _tuning
 from ._common import (AUTOTUNE, bucket, cfg, default_config, dot_precision, mask_scores,
                       row_stats_base, row_strides, seq_bounds, smem_ok)
-from ._dropout import dropout_keep
+from ._dropout import dropout_keep, dropout_scale, dropout_threshold
 
 
 @triton.jit
 def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n, offs_m,
                offs_n,
-               d_ok, seed, bh, qk_scale, dropout_p,
+               d_ok, seed, bh, qk_scale, drop_threshold,
                stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn,
                N_Q, N_K, causal_offset,
                CHECK_BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -43,7 +43,7 @@ def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, sta
     acc = acc * alpha[:, None]
     if HAS_DROPOUT:
         # The normaliser l_i sums the undropped probabilities; only the values see the mask.
-        keep = dropout_keep(seed, bh, start_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
+        keep = dropout_keep(seed, bh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N)
         p = tl.where(keep, p, 0.0)
     v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
     acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -59,12 +59,16 @@ def _fwd_kernel(
     stride_ob, stride_oh, stride_om,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_kpmb, stride_kpmn,
-    H, N_Q, N_K, STATS_N, GROUP, qk_scale, dropout_p, dropout_scale, causal_offset,
+    H, N_Q, N_K, STATS_N, GROUP, qk_scale, drop_threshold, dropout_scale, causal_offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        # Later query blocks see more keys: start them first, so the last wave of the
+        # grid holds the short blocks instead of a few long ones (the tail effect).
+        pid_m = tl.num_programs(0) - 1 - pid_m
     bh = tl.program_id(1)
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
@@ -112,14 +116,14 @@ def _fwd_kernel(
     for start_n in range(lo, full_hi, BLOCK_N):
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n, offs_m, offs_n,
-            d_ok, seed, bh, qk_scale, dropout_p, stride_kn, stride_vn, stride_mm, stride_mn,
+            d_ok, seed, bh, qk_scale, drop_threshold, stride_kn, stride_vn, stride_mm, stride_mn,
             stride_kpmn, N_Q, N_K, causal_offset,
             False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
             HAS_KPM or MASK_KIND != 0, BLOCK_M, BLOCK_N)
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n, offs_m, offs_n,
-            d_ok, seed, bh, qk_scale, dropout_p, stride_kn, stride_vn, stride_mm, stride_mn,
+            d_ok, seed, bh, qk_scale, drop_threshold, stride_kn, stride_vn, stride_mm, stride_mn,
             stride_kpmn, N_Q, N_K, causal_offset,
             True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
             True, BLOCK_M, BLOCK_N)
@@ -189,8 +193,8 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
     args = (q, k, v, o, stats, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t,
             *row_strides(q, varlen), *row_strides(k, varlen), *row_strides(v, varlen),
             *row_strides(o, varlen), *mask_strides, *kpm_strides,
-            H, rows_q, rows_k, N_Q, group, scale * 1.4426950408889634, float(dropout_p),
-            1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0, causal_offset)
+            H, rows_q, rows_k, N_Q, group, scale * 1.4426950408889634,
+            dropout_threshold(dropout_p), dropout_scale(dropout_p), causal_offset)
     constexprs = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
                       MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
                       DOT_PRECISION=dot_precision(q.dtype), VARLEN=varlen)

@@ -7,6 +7,7 @@ conventions: masks combine, and a row with no visible key returns zeros (PyTorch
 import torch
 
 from ._common import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
+from ._dropout import effective_dropout_p
 
 
 def allowed_keys(q_len, k_len, *, causal=CAUSAL_NONE, kpm=None, bool_mask=None, device=None):
@@ -27,7 +28,8 @@ def allowed_keys(q_len, k_len, *, causal=CAUSAL_NONE, kpm=None, bool_mask=None, 
 def reference_attention(q, k, v, *, float_mask=None, bool_mask=None, kpm=None,
                         causal=CAUSAL_NONE, scale=None, dropout_p=0.0, keep_mask=None,
                         compute_dtype=None):
-    """Returns (out, lse). `keep_mask` (B, H, q_len, k_len) replays a dropout mask exactly;
+    """Returns (out, lse). `keep_mask` (B, H, q_len, k_len) replays a dropout mask exactly (a mask
+    from `dropout_mask` comes with the kernels' rounding of p, which the rescale then follows);
     with dropout_p > 0 and no keep_mask, a fresh mask is drawn from torch's generator."""
     out_dtype = q.dtype
     if compute_dtype is not None:
@@ -51,6 +53,8 @@ def reference_attention(q, k, v, *, float_mask=None, bool_mask=None, kpm=None,
     if dropout_p > 0:
         if keep_mask is None:
             keep_mask = torch.rand_like(p, dtype=torch.float32) >= dropout_p
+        else:
+            dropout_p = effective_dropout_p(dropout_p)
         p = p * keep_mask / (1.0 - dropout_p)
     out = torch.matmul(p.to(v.dtype), v)
     return out.to(out_dtype), lse.float()

@@ -426,6 +426,36 @@ def test_dropout_kept_fraction():
                                                                             keep[0, 0, 1])
 
 
+def test_dropout_draws_are_uniform_and_independent_across_columns():
+    # Each Philox word serves two neighbouring columns (its 16-bit halves) and each call eight:
+    # neighbours must be independent, and every column position within a call equally likely
+    # to survive. The realised p is the requested one rounded to 2^-16.
+    from hf_flash.kernels import dropout_mask, dropout_seed, effective_dropout_p
+    n = 512 if GPU_GRID else 128
+    p = 0.3
+    torch.manual_seed(1)
+    keep = dropout_mask(dropout_seed(DEVICE), p, 1, 4, n, 4 * n).float()  # 2^18+ draws
+    q = 1 - effective_dropout_p(p)
+    assert abs(effective_dropout_p(p) - p) <= 2 ** -17
+    sd = (q * (1 - q) / keep.numel()) ** 0.5
+    assert abs(keep.mean().item() - q) < 6 * sd
+    for lag in (1, 2, 4, 8):  # within a word, across words of one call, across calls
+        both = (keep[..., lag:] * keep[..., :-lag]).mean().item()
+        assert abs(both - q * q) < 6 * sd, f"columns {lag} apart are correlated"
+    per_slot = keep.reshape(*keep.shape[:-1], -1, 8).mean(dim=(0, 1, 2, 3))
+    assert (per_slot - q).abs().max().item() < 6 * sd * 8 ** 0.5, per_slot
+
+
+def test_effective_dropout_p_rounds_to_sixteen_bits_and_stays_below_one():
+    from hf_flash.kernels import effective_dropout_p
+    from hf_flash.kernels._dropout import dropout_scale, dropout_threshold
+    for p in (1e-7, 0.1, 0.25, 0.5, 0.9, 1 - 1e-7):
+        e = effective_dropout_p(p)
+        assert abs(e - p) <= 2 ** -16 and e * 2 ** 16 == dropout_threshold(p) and e < 1
+        assert dropout_scale(p) == 1 / (1 - e) < float("inf")
+    assert effective_dropout_p(0.25) == 0.25 and effective_dropout_p(0.0) == 0.0
+
+
 def test_dropout_repeatable_and_seed_dependent():
     q, k, v = make_qkv(2, 2, 2, 45, 45, 32, torch.float32, DEVICE)
 

@@ -12,7 +12,7 @@ import torch
 from conftest import run_fresh
 
 import hf_flash
-from hf_flash.kernels import dropout_mask
+from hf_flash.kernels import dropout_mask, effective_dropout_p
 from patch_utils import VOCAB, batch, build
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,7 +51,7 @@ def _replay_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if dropout > 0:
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=query.device)
         keep = dropout_mask(seed, dropout, *scores.shape)
-        probs = probs * keep / (1 - dropout)
+        probs = probs * keep / (1 - effective_dropout_p(dropout))  # p as the kernel rounds it
     return (probs @ value).transpose(1, 2).contiguous(), None
 
 
