@@ -52,9 +52,10 @@ def dropout_keep(seed, bh, start_m, start_n, threshold,
     c1 = (rows + octs * 0).to(tl.uint32)
     c2 = (c0 * 0 + bh).to(tl.uint32)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c0 * 0)
-    # [.., q, a, b] = r_(2a+b); then [.., q, a, b, c] = its low (c = 0) or high half: flattening
-    # puts the draws of call q at columns 8q .. 8q + 7.
-    words = tl.join(tl.join(r0, r1), tl.join(r2, r3))
+    # [.., q, a, b] = r_(2a+b), flattened: word i of call q at column 4q + i of (BLOCK_M,
+    # BLOCK_N / 2); then each word's low and high halves side by side: columns 8q + 2i, 8q + 2i + 1.
+    # (Two joins of at most rank 4, as the four-word layout before, rather than one of rank 5.)
+    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N // 2))
     draws = tl.reshape(tl.join(words & 0xFFFF, words >> 16), (BLOCK_M, BLOCK_N))
     return draws >= threshold.to(tl.uint32)
 
