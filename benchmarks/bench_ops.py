@@ -317,7 +317,8 @@ class Runner:
     def base_row(self, case, backend, mode):
         return dict(suite=case.suite, case=case.name, backend=backend, mode=mode, B=case.B,
                     H=case.H, N=case.N, D=case.D, causal=case.causal, padded=case.padded,
-                    dropout=case.dropout, dtype=self.args.dtype, status="n/a", ms=None,
+                    dropout=case.dropout, dtype="bf16" if self.dtype == self.torch.bfloat16 else "fp16",
+                    status="n/a", ms=None,
                     tflops=None, floor_ms=None, pct_of_floor=None, peak_mib=None,
                     setup_s=None, reason="")
 
