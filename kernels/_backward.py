@@ -348,7 +348,7 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
                       MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
                       DOT_PRECISION=dot_precision(q.dtype), VARLEN=varlen)
     scalars = (H, rows_q, rows_k, N_Q, group, scale * 1.4426950408889634, scale,
-               dropout_threshold(dropout_p), dropout_scale(dropout_p),
+               float(dropout_threshold(dropout_p)), dropout_scale(dropout_p),
                causal_offset)
     key = (bucket(rows_q), bucket(rows_k), n_batch * H > 64, group, q.dtype, q.device.index,
            *constexprs.values())

@@ -20,7 +20,9 @@ DROPOUT_LEVELS = 1 << 16  # decisions compare 16-bit draws
 
 def dropout_threshold(p: float) -> int:
     """The kernels' integer form of p: a draw in [0, 2^16) below it drops the score. Kept under
-    2^16 so some score always survives and the rescale stays finite (p = 1 is handled apart)."""
+    2^16 so some score always survives and the rescale stays finite (p = 1 is handled apart).
+    The kernels take it as a float (exact below 2^24): Triton turns an int argument equal to 1
+    into a compile-time constant, which would compile a variant of its own for p ~ 1.5e-5."""
     return min(round(p * DROPOUT_LEVELS), DROPOUT_LEVELS - 1)
 
 
@@ -38,7 +40,8 @@ def dropout_scale(p: float) -> float:
 def dropout_keep(seed, bh, start_m, start_n, threshold,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Boolean (BLOCK_M, BLOCK_N) tile, True where score (start_m + i, start_n + j) of head `bh`
-    survives dropout (`threshold` from dropout_threshold). `start_n` must be a multiple of 8.
+    survives dropout (`threshold`: dropout_threshold, as a float). `start_n` must be a multiple
+    of 8.
 
     One Philox call yields four 32-bit words, eight 16-bit draws: the call for counter
     (j // 8, row, head, 0) serves columns 8*(j // 8) .. +7, so a tile costs BLOCK_M * BLOCK_N / 8
@@ -57,7 +60,8 @@ def dropout_keep(seed, bh, start_m, start_n, threshold,
     # (Two joins of at most rank 4, as the four-word layout before, rather than one of rank 5.)
     words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N // 2))
     draws = tl.reshape(tl.join(words & 0xFFFF, words >> 16), (BLOCK_M, BLOCK_N))
-    return draws >= threshold.to(tl.uint32)
+    # Draws below 2^16 and the threshold are exact in fp32: this is the integer comparison.
+    return draws.to(tl.float32) >= threshold
 
 
 @triton.jit
@@ -83,6 +87,6 @@ def dropout_mask(seed: torch.Tensor, dropout_p: float, batch: int, heads: int, q
     """
     out = torch.empty((batch, heads, q_len, k_len), dtype=torch.int8, device=seed.device)
     grid = (triton.cdiv(q_len, 32), triton.cdiv(k_len, 32), batch * heads)
-    _dropout_mask_kernel[grid](out, seed, dropout_threshold(dropout_p), heads, q_len, k_len,
+    _dropout_mask_kernel[grid](out, seed, float(dropout_threshold(dropout_p)), heads, q_len, k_len,
                                BLOCK_M=32, BLOCK_N=32)
     return out.bool()

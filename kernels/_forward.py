@@ -194,7 +194,7 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
             *row_strides(q, varlen), *row_strides(k, varlen), *row_strides(v, varlen),
             *row_strides(o, varlen), *mask_strides, *kpm_strides,
             H, rows_q, rows_k, N_Q, group, scale * 1.4426950408889634,
-            dropout_threshold(dropout_p), dropout_scale(dropout_p), causal_offset)
+            float(dropout_threshold(dropout_p)), dropout_scale(dropout_p), causal_offset)
     constexprs = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
                       MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
                       DOT_PRECISION=dot_precision(q.dtype), VARLEN=varlen)

@@ -19,7 +19,7 @@ from hf_flash.kernels import _backward, _common, _forward
 
 _POINTER_TYPES = {"STATS": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "MASK": "*u8", "KPM": "*u8",
                   "KV_LO": "*i32", "KV_HI": "*i32", "CU_SEQLENS": "*i32", "SEED": "*i64"}
-_FLOATS = ("qk_scale", "sm_scale", "dropout_scale")  # drop_threshold is an int
+_FLOATS = ("qk_scale", "sm_scale", "drop_threshold", "dropout_scale")
 
 
 def signature(kernel, constexprs, dtype):

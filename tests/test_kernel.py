@@ -454,6 +454,12 @@ def test_effective_dropout_p_rounds_to_sixteen_bits_and_stays_below_one():
         assert abs(e - p) <= 2 ** -16 and e * 2 ** 16 == dropout_threshold(p) and e < 1
         assert dropout_scale(p) == 1 / (1 - e) < float("inf")
     assert effective_dropout_p(0.25) == 0.25 and effective_dropout_p(0.0) == 0.0
+    # A threshold of 1 (p ~ 1.5e-5) drops about one score in 65536, and runs like any other.
+    q, k, v = make_qkv(1, 1, 1, 8, 16, 16, torch.float32, DEVICE)
+    assert dropout_threshold(1.5e-5) == 1
+    torch.manual_seed(0)
+    out = hf_flash.flash_attention(q, k, v, dropout_p=1.5e-5)
+    assert torch.isfinite(out).all() and max_err(out, hf_flash.flash_attention(q, k, v)) < 1e-3
 
 
 def test_dropout_repeatable_and_seed_dependent():
