@@ -121,6 +121,7 @@ def completion_logits(model, seqs, prompt_len):
 def train_on_text(model, data, steps, seq, batch, lr, g, amp, device, what):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     model.train()
+    t0 = time.perf_counter()
     for step in range(steps):
         x = windows(data, seq, batch, g).to(device)
         with amp():
@@ -131,7 +132,8 @@ def train_on_text(model, data, steps, seq, batch, lr, g, amp, device, what):
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"{what}: loss became {loss.item()} at step {step}")
         if (step + 1) % 100 == 0:
-            print(f"{what} step {step + 1}: loss {loss.item():.3f}", flush=True)
+            print(f"{what} step {step + 1}: loss {loss.item():.3f} "
+                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
     return loss.item()
 
 
@@ -165,7 +167,8 @@ def distill(student, teacher, method, prompts_of, args, amp):
         if not math.isfinite(losses[-1]):
             raise RuntimeError(f"{method}: loss became {losses[-1]} at step {step}")
         if (step + 1) % 50 == 0:
-            print(f"{method} step {step + 1}: loss {losses[-1]:.4f}", flush=True)
+            print(f"{method} step {step + 1}: loss {losses[-1]:.4f} "
+                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
     sync()
     return losses, time.perf_counter() - t0
 
