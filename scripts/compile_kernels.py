@@ -5,7 +5,11 @@
 Triton's whole pipeline (front end, MLIR passes, LLVM, ptxas) runs on the host, so a machine
 without a GPU can check that a kernel change still compiles for the GPU, which the CPU test
 suite (Triton's interpreter) cannot. It checks compilation only: results need a GPU run.
-Do not set TRITON_INTERPRET for this.
+Do not set TRITON_INTERPRET for this. To check another Triton release than the installed one,
+put it first on the path:
+
+    python -m pip install --no-deps --target /tmp/triton-X triton==X
+    PYTHONPATH=/tmp/triton-X python scripts/compile_kernels.py
 """
 
 import itertools
