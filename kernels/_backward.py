@@ -14,8 +14,8 @@ import triton.language as tl
 
 from . import _common
 from . import _tuning
-from ._common import (AUTOTUNE, bucket, cfg, default_config, dot_precision, mask_scores,
-                      row_stats_base, row_strides, seq_bounds, smem_ok)
+from ._common import (AUTOTUNE, bucket, cdiv, cfg, default_config, dot_precision, mask_scores,
+                      next_pow2, row_stats_base, row_strides, seq_bounds, smem_ok)
 from ._dropout import dropout_keep, dropout_scale, dropout_threshold
 
 
@@ -38,8 +38,8 @@ def _row_stats(stats_h, rows, row_ok, STATS_N, MASK_KIND: tl.constexpr):
 
 @triton.jit
 def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS_H, DELTA_H,
-                start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, drop_threshold, dropout_scale,
-                stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn,
+                start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, drop_threshold,
+                dropout_scale, stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn,
                 N_Q, N_K, STATS_N, causal_offset,
                 CHECK_BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                 MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -150,15 +150,15 @@ def _bwd_dkdv_kernel(
                 dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS_H, DELTA_H,
                 start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, drop_threshold,
                 dropout_scale, stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
-                STATS_N, causal_offset, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
-                BLOCK_M, BLOCK_N)
+                STATS_N, causal_offset, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
+                DOT_PRECISION, BLOCK_M, BLOCK_N)
         for start_m in range(q_full, q_end, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS_H, DELTA_H,
                 start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, drop_threshold,
                 dropout_scale, stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
-                STATS_N, causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
-                BLOCK_M, BLOCK_N)
+                STATS_N, causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
+                DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     dk = dk * sm_scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + (seq0 + offs_n)[:, None] * stride_dkn
@@ -328,7 +328,7 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
     varlen = cu_seqlens is not None
     n_batch = cu_seqlens.numel() - 1 if varlen else B
     rows_q, rows_k = (max_seqlen, max_seqlen) if varlen else (N_Q, N_K)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_pow2(D))
     delta = stats.new_empty((B, H, N_Q))
     if _common.POISON_OUTPUTS:
         delta.fill_(float("nan"))
@@ -356,14 +356,14 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
     strides = (*row_strides(q, varlen), *row_strides(k, varlen), *row_strides(v, varlen))
     _tuning.launch(
         _bwd_dq_kernel, "dq", key, candidates,
-        lambda c: (triton.cdiv(rows_q, c["BLOCK_M"]), n_batch * H),
+        lambda c: (cdiv(rows_q, c["BLOCK_M"]), n_batch * H),
         (q, k, v, o, do, dq, stats, delta, dlse if dlse is not None else stats, mask_t, kpm_t,
          lo_t, hi_t, seed_t, cu_t, *strides, *row_strides(o, varlen), *row_strides(do, varlen),
          *row_strides(dq, varlen), *mask_strides, *kpm_strides, *scalars),
         {**constexprs, "HAS_DLSE": dlse is not None})
     _tuning.launch(
         _bwd_dkdv_kernel, "dkdv", key, candidates,
-        lambda c: (triton.cdiv(rows_k, c["BLOCK_N"]), n_batch * H_KV),
+        lambda c: (cdiv(rows_k, c["BLOCK_N"]), n_batch * H_KV),
         (q, k, v, do, dk, dv, stats, delta, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t,
          *strides, *row_strides(do, varlen), *row_strides(dk, varlen), *row_strides(dv, varlen),
          *mask_strides, *kpm_strides, *scalars), constexprs)

@@ -130,6 +130,15 @@ def bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+# Plain-Python forms of triton.next_power_of_2 and triton.cdiv for the launch path: Triton's are
+# constexpr functions whose wrapper costs ~2 us a call, several times per attention call.
+next_pow2 = bucket
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs get true fp32 products: TF32 would lose ~3 decimal digits against what a user of
     # fp32 expects (and against PyTorch's math path).

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv
+
 DROPOUT_LEVELS = 1 << 16  # decisions compare 16-bit draws
 
 
@@ -86,7 +88,7 @@ def dropout_mask(seed: torch.Tensor, dropout_p: float, batch: int, heads: int, q
     For tests and debugging only: the attention kernels never build this tensor.
     """
     out = torch.empty((batch, heads, q_len, k_len), dtype=torch.int8, device=seed.device)
-    grid = (triton.cdiv(q_len, 32), triton.cdiv(k_len, 32), batch * heads)
+    grid = (cdiv(q_len, 32), cdiv(k_len, 32), batch * heads)
     _dropout_mask_kernel[grid](out, seed, float(dropout_threshold(dropout_p)), heads, q_len, k_len,
                                BLOCK_M=32, BLOCK_N=32)
     return out.bool()

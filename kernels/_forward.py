@@ -6,8 +6,8 @@ import triton.language as tl
 
 from . import _common
 from . import _tuning
-from ._common import (AUTOTUNE, bucket, cfg, default_config, dot_precision, mask_scores,
-                      row_stats_base, row_strides, seq_bounds, smem_ok)
+from ._common import (AUTOTUNE, bucket, cdiv, cfg, default_config, dot_precision, mask_scores,
+                      next_pow2, row_stats_base, row_strides, seq_bounds, smem_ok)
 from ._dropout import dropout_keep, dropout_scale, dropout_threshold
 
 
@@ -157,7 +157,7 @@ def _fwd_candidates(block_d, elt_size, n_q):
         return [first]
     kept = [c for c in _FWD_CONFIGS if smem_ok(c, block_d, elt_size, 1, 2)]
     # Short query sequences waste most of a 128-row block: drop those configs there.
-    kept = [c for c in kept if c["BLOCK_M"] <= max(32, triton.next_power_of_2(n_q))] or [first]
+    kept = [c for c in kept if c["BLOCK_M"] <= max(32, next_pow2(n_q))] or [first]
     return [first] + [c for c in kept if c != first]
 
 
@@ -188,7 +188,7 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
     hi_t = kv_hi if kv_hi is not None else stats
     seed_t = seed if seed is not None else stats
     cu_t = cu_seqlens if varlen else stats
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_pow2(D))
     group = H // k.shape[1]
     args = (q, k, v, o, stats, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t,
             *row_strides(q, varlen), *row_strides(k, varlen), *row_strides(v, varlen),
@@ -202,5 +202,5 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
            *constexprs.values())
     _tuning.launch(_fwd_kernel, "fwd", key,
                    lambda: _fwd_candidates(block_d, q.element_size(), rows_q),
-                   lambda c: (triton.cdiv(rows_q, c["BLOCK_M"]), n_batch * H), args, constexprs)
+                   lambda c: (cdiv(rows_q, c["BLOCK_M"]), n_batch * H), args, constexprs)
     return o, stats
