@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# On a CUDA machine, in one go: the GPU tests, the op-level bar against cudnn, and the BERT-large
+# training step (sdpa, hf_flash padded and packed, with a one-step profile). Each part runs within
+# its own time limit, so a slow part cannot starve the others; about 10 minutes in all.
+#
+#   bash scripts/gpu_check.sh [OUT]          # default OUT: runs/gpu_check
+#
+# OUT gets eight files: summary.txt (one line per part: exit status and seconds), tests.log,
+# ops.log, models.log, and the benchmarks' CSV/JSON (ops_bar_check.*, models_train_check.*).
+# Limits through the environment: TESTS_S (330), OPS_S (150), MODELS_S (110); WORKERS (16,
+# pytest-xdist processes). The benchmarks record the git sha; set GIT_SHA if this checkout's git
+# metadata is not the code being run.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/gpu_check}
+mkdir -p "$OUT"
+: > "$OUT/summary.txt"
+python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" ||
+    { echo "gpu_check: no CUDA device"; exit 2; }
+python3 -c "import hf_flash" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e .
+
+part() {  # part NAME SECONDS command...: run it, log it, one summary line
+    local name=$1 limit=$2 t0 rc
+    shift 2
+    t0=$(date +%s)
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+    echo "$name: rc=$rc$([ $rc = 124 ] && echo ' (time limit)') in $(( $(date +%s) - t0 )) s" |
+        tee -a "$OUT/summary.txt"
+}
+
+# Autotuning off: every shape class of the grid would otherwise time several compiled configs.
+part tests "${TESTS_S:-330}" env HF_FLASH_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider \
+    --tb=short -n "${WORKERS:-16}" -k "not long_seq" tests/test_kernel.py tests/test_patch_gpu.py \
+    tests/test_reliability.py tests/test_patch_models.py
+part ops "${OPS_S:-150}" python3 benchmarks/bench_ops.py --suite bar --quick \
+    --backends hf_flash,cudnn --out "$OUT" --tag check --time-budget $(( ${OPS_S:-150} - 20 ))
+part models "${MODELS_S:-110}" python3 benchmarks/bench_models.py --suite train --models bert \
+    --impls sdpa,hf_flash --patch-kwargs '{"packed": true}' --quick --profile --out "$OUT" \
+    --tag check --time-budget $(( ${MODELS_S:-110} - 15 ))
+
+echo
+tail -n 2 "$OUT/tests.log"
+grep -A 12 "^fwd+bwd: ms" "$OUT/ops.log" | head -n 10
+grep -B 1 -A 4 "^model " "$OUT/models.log" | head -n 8
+cat "$OUT/summary.txt"
