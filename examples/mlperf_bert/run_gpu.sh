@@ -35,7 +35,7 @@ CALIBRATE_AT=${CALIBRATE_AT:-240}
 # Warm-up settings: not yet tried on BERT-large. The lr lies between LAMB's square-root batch
 # scaling of MLPerf's phase 1 (6e-3 at 64k samples -> ~3e-4 at 128) and the 3e-3 that left
 # BERT-large on the plateau for 1152 steps at batch 32. An evaluation every 128 steps (16384 samples)
-# keeps its cost near a tenth of the training time.
+# should keep its cost near a tenth of the training time (an estimate, not measured).
 WARMUP_SEQ=${WARMUP_SEQ:-128}
 WARMUP_BATCH=${WARMUP_BATCH:-128}
 WARMUP_ARGS=${WARMUP_ARGS:---lr 1e-3 --warmup_steps 1000 --decay_steps 20000 --eval_every 16384}
