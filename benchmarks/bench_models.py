@@ -229,7 +229,6 @@ class Bench:
 
         If the kernel time is well under the step time the step is bound by the host (Python and
         launches), and making kernels faster or the batch smaller will not show."""
-        torch = self.torch
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
         self.sync()
