@@ -11,7 +11,9 @@ warm-up), tokens/s, peak memory (max_memory_allocated over the timed steps: weig
 optimizer state and activations), the eval-mode loss on one batch (the implementations should
 agree) and how many times each attention kernel ran in one forward pass (profiler), so an
 hf_flash row whose kernel never ran cannot pass for a result. A run out of memory is recorded
-as OOM.
+as OOM. `host ms` is the median time the step's Python took to queue its work: near the step
+time, the host is the bound. `--profile` adds the step's summed GPU kernel time and its top
+kernels; `--compile` runs every model under torch.compile.
 
 On a CUDA machine, from the repository root (each fits in one 10-minute call):
 
@@ -97,6 +99,10 @@ def parse_args(argv=None):
                    help="seconds; runs past it are recorded as skipped, results stay written")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="appended to the output file names")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every model (inductor; aot_eager in a dry run): fewer "
+                        "host launches and fused element-wise work, the usual answer to a "
+                        "host-bound step; the first warm-up step pays the compilation")
     p.add_argument("--profile", action="store_true",
                    help="also profile one step: GPU kernel time against the step's time (is it "
                         "bound by the GPU or by the host?) and the kernels that take the most")
@@ -212,29 +218,36 @@ class Bench:
         """How many attention kernels one eval forward pass launches, by op name: proves which
         implementation actually ran."""
         torch = self.torch
+        with torch.no_grad(), self.autocast():
+            return self.count_calls(lambda: model(**batch))
+
+    def count_calls(self, fn) -> dict:
+        """Attention calls, by implementation, in what fn() runs (CPU-side profiler events)."""
         from torch.profiler import ProfilerActivity, profile
-        with torch.no_grad(), self.autocast(), profile(activities=[ProfilerActivity.CPU]) as prof:
-            model(**batch)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+            self.sync()
         counts = {"hf_flash_calls": 0, "sdpa_calls": 0}
+        backends = 0  # SDPA's backend ops: what a compiled graph calls instead of the front op
         for evt in prof.key_averages():
             # Eager calls go through the autograd Function, compiled ones through the custom op.
             if evt.key in ("hf_flash::attention_forward", "_FlashAttention"):
                 counts["hf_flash_calls"] += evt.count
             elif evt.key == "aten::scaled_dot_product_attention":
                 counts["sdpa_calls"] += evt.count
+            elif (evt.key.startswith("aten::_scaled_dot_product_")
+                  and not evt.key.endswith("_backward")):
+                backends += evt.count
+        counts["sdpa_calls"] = counts["sdpa_calls"] or backends
         return counts
 
     def profile_step(self, step, top_n=15):
-        """(host ms to enqueue one step, summed GPU kernel ms of one step, top kernels).
+        """(summed GPU kernel ms of one step, top kernels).
 
         If the kernel time is well under the step time the step is bound by the host (Python and
         launches), and making kernels faster or the batch smaller will not show."""
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
-        self.sync()
-        t = time.perf_counter()
-        step()
-        host_ms = (time.perf_counter() - t) * 1e3
         self.sync()
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device == "cuda" else [])
         with profile(activities=acts) as prof:
@@ -250,14 +263,15 @@ class Bench:
         kernels.sort(reverse=True)
         total = sum(k[0] for k in kernels)
         top = [dict(ms=round(ms, 3), calls=n, kernel=name) for ms, n, name in kernels[:top_n]]
-        return host_ms, (total if self.device == "cuda" else None), top
+        return (total if self.device == "cuda" else None), top
 
     def run_one(self, suite, label, family, overrides, B, N, padded, impl, patch_opts):
         torch = self.torch
         row = dict(suite=suite, model=label, impl=impl, how="", B=B, N=N, padded=padded,
                    status="n/a", ms_step=None, ms_step_min=None, tokens_s=None,
                    real_tokens_s=None, peak_gib=None, eval_loss=None, hf_flash_calls=None,
-                   sdpa_calls=None, params_m=None, reason="")
+                   sdpa_calls=None, params_m=None, host_ms=None, gpu_kernel_ms=None,
+                   compiled=bool(self.args.compile), reason="")
         if time.perf_counter() > self.deadline:
             row["reason"] = "skipped: time budget"
             return row
@@ -278,25 +292,39 @@ class Bench:
             except (RuntimeError, TypeError):  # fused not built for this device
                 opt = torch.optim.AdamW(model.parameters(), lr=LR)
 
+            # The eval-mode checks above ran uncompiled (eval mode would be a graph of its own).
+            run = model
+            if self.args.compile:
+                run = torch.compile(model, backend="aot_eager" if self.args.dry_run else "inductor")
+
             def step():
                 opt.zero_grad(set_to_none=True)
                 with self.autocast():
-                    loss = model(**batch).loss
+                    loss = run(**batch).loss
                 loss.backward()
                 opt.step()
 
+            t = time.perf_counter()
             for _ in range(self.warmup):
                 step()
             self.sync()
+            row["warmup_s"] = round(time.perf_counter() - t, 2)  # compilation included
+            if self.args.compile:
+                # The compiled training step must run the same kernels (calls by the custom op).
+                compiled = self.count_calls(step)
+                row["compiled_hf_flash_calls"] = compiled["hf_flash_calls"]
+                row["compiled_sdpa_calls"] = compiled["sdpa_calls"]
             if self.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            times = []
+            times, host = [], []
             for _ in range(self.steps):
                 if self.device == "cuda":
                     start = torch.cuda.Event(enable_timing=True)
                     end = torch.cuda.Event(enable_timing=True)
                     start.record()
+                    t = time.perf_counter()
                     step()
+                    host.append((time.perf_counter() - t) * 1e3)
                     end.record()
                     end.synchronize()
                     times.append(start.elapsed_time(end))
@@ -304,16 +332,23 @@ class Bench:
                     t = time.perf_counter()
                     step()
                     times.append((time.perf_counter() - t) * 1e3)
+                    host.append(times[-1])
             ms = statistics.median(times)
+            # host_ms: how long step() took to return, i.e. to queue the step's work. Near the
+            # step time, the host is the bound (or the launch queue was full: the GPU kernel sum
+            # of --profile tells the two apart); well under it, the GPU is.
             row.update(status="ok", ms_step=ms, ms_step_min=min(times),
+                       host_ms=statistics.median(host),
                        tokens_s=B * N / (ms * 1e-3), real_tokens_s=real_tokens / (ms * 1e-3))
             if self.device == "cuda":
                 row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if self.args.profile:
-                row["host_ms"], row["gpu_kernel_ms"], top = self.profile_step(step)
+                row["gpu_kernel_ms"], top = self.profile_step(step)
                 self.profiles[f"{label} {impl}"] = top
             if impl.startswith("hf_flash") and not row["hf_flash_calls"]:
                 row.update(status="FAIL", reason="hf_flash's kernel did not run in the forward pass")
+            if impl.startswith("hf_flash") and self.args.compile and not row["compiled_hf_flash_calls"]:
+                row.update(status="FAIL", reason="hf_flash's kernel did not run in the compiled step")
         except Exception as e:
             oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
             row.update(status="OOM" if oom else "n/a", reason=short_reason(e))
@@ -334,10 +369,11 @@ def summary(rows) -> str:
                      f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else "",
                      "" if r.get("hf_flash_calls") is None else
                      f"{r['hf_flash_calls']}/{r['sdpa_calls']}",
-                     "" if r.get("gpu_kernel_ms") is None else
-                     f"{r['gpu_kernel_ms']:.1f} / {r['host_ms']:.1f}"])
-    out = [table(["model", "impl", "status", "ms/step", "tokens/s", "peak GiB", "eval loss",
-                  "hf/sdpa calls", "GPU kernel / host ms"], body)]
+                     "" if r.get("host_ms") is None else f"{r['host_ms']:.1f}",
+                     "" if r.get("gpu_kernel_ms") is None else f"{r['gpu_kernel_ms']:.1f}"])
+    out = [table(["model", "impl" + (" (compiled)" if rows and rows[0].get("compiled") else ""),
+                  "status", "ms/step", "tokens/s", "peak GiB", "eval loss", "hf/sdpa calls",
+                  "host ms", "GPU kernel ms"], body)]
     for r in rows:
         if r["status"] != "ok" and r["reason"]:
             out.append(f"{r['status']} {r['model']} {r['impl']}: {r['reason'][:200]}")
@@ -355,9 +391,12 @@ def main(argv=None):
     meta = run_metadata(args)
     meta["timing"] = dict(warmup_steps=bench.warmup, timed_steps=bench.steps, statistic="median",
                           precision="fp32 (dry run)" if args.dry_run else "bf16 autocast",
-                          optimizer="AdamW fused", lr=LR)
+                          optimizer="AdamW fused", lr=LR,
+                          compiled=("torch.compile, " + ("aot_eager" if args.dry_run else "inductor"))
+                          if args.compile else False)
     suite = "dry-run" if args.dry_run else args.suite
-    stem = f"models_{suite}" + (f"_{args.tag}" if args.tag else "")
+    stem = (f"models_{suite}" + ("_compiled" if args.compile else "")
+            + (f"_{args.tag}" if args.tag else ""))
     out_dir = output_dir(args.out, args.dry_run)
 
     impls = [(i, None) for i in args.impl_list]

@@ -36,6 +36,19 @@ def test_bench_models_dry_run_with_packed_and_profile(tmp_path):
     assert set(doc["profiles"]) == {f"bert_tiny_mlm {i}" for i in rows}
 
 
+def test_bench_models_dry_run_compiled(tmp_path):
+    _run(["benchmarks/bench_models.py", "--dry-run", "--models", "bert", "--impls",
+          "sdpa,hf_flash", "--compile"], tmp_path)
+    doc = json.loads(next(tmp_path.rglob("models_dry-run_compiled.json")).read_text())
+    rows = {r["impl"]: r for r in doc["rows"]}
+    assert all(r["status"] == "ok" and r["compiled"] for r in rows.values())
+    # The compiled training step itself called the kernel (through the custom op).
+    assert rows["hf_flash"]["compiled_hf_flash_calls"] > 0
+    assert rows["sdpa"]["compiled_hf_flash_calls"] == 0
+    assert doc["meta"]["timing"]["compiled"] == "torch.compile, aot_eager"
+    assert all(r["host_ms"] > 0 and r["warmup_s"] > 0 for r in rows.values())
+
+
 def test_bench_ops_dry_run_checks_against_pytorch(tmp_path):
     out = _run(["benchmarks/bench_ops.py", "--dry-run"], tmp_path)
     doc = json.loads(next(tmp_path.rglob("ops_dry-run.json")).read_text())

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import run_fresh
+from conftest import DEVICE, run_fresh
 
 import hf_flash
 from hf_flash.kernels import dropout_mask, effective_dropout_p
@@ -85,8 +85,11 @@ def test_bert_attention_dropout_replayed_exactly():
     AttentionInterface.register("replay_eager_test", _replay_attention)
     AttentionMaskInterface.register("replay_eager_test", hf_flash._glue.hf_flash_mask)
 
-    model = build("bert", attention_probs_dropout_prob=0.3, hidden_dropout_prob=0.1).train()
-    ids, mask, labels = batch("bert", "right")
+    # On a CUDA machine CPU tensors would take the plain PyTorch fallback and its own RNG, so the
+    # test runs where the kernel does: the GPU there, the interpreter here.
+    model = build("bert", attention_probs_dropout_prob=0.3, hidden_dropout_prob=0.1)
+    model = model.to(DEVICE).train()
+    ids, mask, labels = (t.to(DEVICE) for t in batch("bert", "right"))
     ref = copy.deepcopy(model)
     ref.set_attn_implementation("replay_eager_test")
     patched = hf_flash.patch(copy.deepcopy(model))
