@@ -136,3 +136,37 @@ def test_short_sequence_warm_up_saves_a_start_that_later_runs_load(tiny, tmp_pat
     hot = _evals(_train(tiny, tmp_path / "hot", "--init", str(start)))
     assert hot[0]["mlm_accuracy"] > cold[0]["mlm_accuracy"]
     assert json.loads((tmp_path / "hot" / "curve.jsonl").read_text().splitlines()[0])["init"] == info
+
+
+def test_run_gpu_sh_modes_on_the_cpu(tiny, tmp_path):
+    # The GPU machine's command sequence (warm-up, calibration, a timed run) on the tiny config, so
+    # a shell mistake shows here and not after a machine start.
+    runs = tmp_path / "runs"
+    env = {**_env(), "CONFIG": "tiny", "DATA": str(tiny / "data"), "RUNS": str(runs),
+           "OUT": str(tmp_path / "out"), "BUDGET": "240", "EXPECTED_INIT_SHA": "",
+           "EXPECTED_START_SHA": "0" * 64, "WARMUP_SEQ": "32", "WARMUP_BATCH": "8",
+           "WARMUP_ARGS": "--tiny --eval_every 32", "EXTRA": "--tiny --eval_every 32",
+           "CALIBRATE_MARGIN": "5", "CALIBRATE_AT": "20"}
+
+    def run_gpu(*args):
+        r = subprocess.run(["bash", str(EX / "run_gpu.sh"), *args], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout
+
+    out = run_gpu("warmup", str(TARGET), "0")
+    start = json.loads((runs / "start-seed0" / "init.json").read_text())
+    assert start["reached"] and start["max_seq_len"] == 32
+    # The hash is checked against the known one (here a made-up one, so it must warn).
+    assert f"WARNING: warm-up sha256 {start['state_dict_sha256']}" in out
+
+    out = run_gpu("calibrate", "20", "0")
+    assert f"runs start from {runs}/start-seed0" in out
+    assert "TARGET=" in out or "NO TARGET:" in out
+    assert (tmp_path / "out" / "calibrate-sdpa-s0-n1.jsonl").exists()
+
+    run_gpu("run", "eager", str(TARGET), "1")
+    result = json.loads((runs / f"eager-t{TARGET}-s1-n1" / "result.json").read_text())
+    assert result["reached"]
+    header = json.loads((runs / f"eager-t{TARGET}-s1-n1" / "curve.jsonl").read_text().splitlines()[0])
+    assert header["init"]["state_dict_sha256"] == start["state_dict_sha256"]

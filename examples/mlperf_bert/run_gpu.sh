@@ -19,7 +19,10 @@
 #
 # Settings through the environment: BUDGET (seconds this command may use, default 570), OUT,
 # RUNS (default runs/mlperf_bert), DATA (default .carry/mlperf_bert/data), INIT_SEED (0), NPROC (1:
-# processes per node for torchrun), CONFIG (large), EXTRA (more train.py arguments, e.g. "--per_device_batch 24").
+# processes per node for torchrun), CONFIG (large), EXTRA (more train.py arguments for calibrate and
+# run, e.g. "--per_device_batch 24"), WARMUP_SEQ/WARMUP_BATCH/WARMUP_ARGS (the warm-up's), CALIBRATE_AT
+# and CALIBRATE_MARGIN, EXPECTED_INIT_SHA/EXPECTED_START_SHA (below). tests/test_mlperf_train.py runs
+# the three modes on the CPU with the tiny config.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 START=$(date +%s)
@@ -32,6 +35,7 @@ CONFIG=${CONFIG:-large}  # tiny (with EXTRA=--tiny) only to try this script on a
 NPROC=${NPROC:-1}
 EXTRA=${EXTRA:-}
 CALIBRATE_AT=${CALIBRATE_AT:-240}
+CALIBRATE_MARGIN=${CALIBRATE_MARGIN:-75}  # seconds of start-up in the calibration's time limit
 # Warm-up settings. On BERT-large (H200, 2026-12-01) they reached 0.113 at the 4th evaluation (step
 # 512, 82 s of training, lr still warming up through 5e-4): past the unigram plateau (~0.048) that
 # 3e-3 at batch 32 never left. An evaluation every 128 steps (16384 samples) cost 1.5 s a time.
@@ -115,7 +119,7 @@ calibrate)
     dir=$RUNS/calibrate-sdpa-s$seed-n$NPROC
     rm -rf "$dir"
     # --time_limit counts from process start (~1 min of start-up on BERT-large), hence the margin.
-    limit=$(( secs + 75 < $(left) - 15 ? secs + 75 : $(left) - 15 ))
+    limit=$(( secs + CALIBRATE_MARGIN < $(left) - 15 ? secs + CALIBRATE_MARGIN : $(left) - 15 ))
     launch --data "$DATA" --init "$FROM" --attn sdpa --target 1.01 --seed "$seed" --out "$dir" \
         --time_limit "$limit" --on_time_limit stop $EXTRA || echo "calibration run exited with $?"
     cp "$dir/curve.jsonl" "$OUT/calibrate-sdpa-s$seed-n$NPROC.jsonl" || { echo "no curve written"; exit 4; }
