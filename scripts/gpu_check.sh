@@ -19,27 +19,7 @@ python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 
     { echo "gpu_check: no CUDA device"; exit 2; }
 python3 -c "import hf_flash" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e .
 
-part() {  # part NAME SECONDS command...: run it, log it, one summary line
-    local name=$1 limit=$2 t0 rc pid dog
-    shift 2
-    t0=$(date +%s)
-    # Each part in a process group of its own (job control on), ended whole when its time is up:
-    # pytest-xdist workers outlive a killed pytest and would share the GPU with the next part's
-    # timings. SIGINT first, so that pytest still prints its failures (without job control a
-    # background command would ignore SIGINT).
-    set -m
-    "$@" > "$OUT/$name.log" 2>&1 &
-    pid=$!
-    ( sleep "$limit"; kill -INT -- -"$pid"; sleep 20; kill -KILL -- -"$pid" ) 2>/dev/null &
-    dog=$!
-    wait "$pid"
-    rc=$?
-    kill "$dog" 2>/dev/null
-    kill -KILL -- -"$pid" 2>/dev/null  # anything of the group still running
-    local secs=$(( $(date +%s) - t0 ))
-    echo "$name: rc=$rc$([ "$secs" -ge "$limit" ] && echo ' (time limit)') in $secs s" |
-        tee -a "$OUT/summary.txt"
-}
+. scripts/parts.sh  # part NAME SECONDS command...
 
 # Autotuning off: every shape class of the grid would otherwise time several compiled configs.
 # Three property examples per (head dim, causal) test instead of ten: most of them compile kernels

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# On a CUDA machine, the examples' GPU runs for examples/README.md, each part under its own time
+# limit (about 9.5 minutes in all): the classifier with each backend, generation speed, and the
+# on-policy distillation at a reduced size.
+#
+#   bash scripts/gpu_examples.sh [OUT]       # default OUT: runs/gpu_examples
+#
+# The classifier needs the MiniLM-L6 weights and en-corpus' labeled.tsv.xz: MODEL (a folder,
+# default .carry/minilm) and DATA (the folder holding labeled.tsv.xz, default .carry), both carried
+# along. OUT gets three files (the device returns few): summary.txt, results.json (each part's
+# result.json by part name) and logs.txt (the end of each part's log); the logs stay in
+# runs/examples/logs.
+# Limits through the environment: CLS_S (100 per backend), GEN_S (120), DISTILL_S (150).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/gpu_examples}
+MODEL=${MODEL:-.carry/minilm}
+DATA=${DATA:-.carry}
+LOGS=runs/examples/logs
+rm -rf runs/examples  # a result.json of an earlier call must not pass for this one's
+mkdir -p "$OUT" "$LOGS"
+: > "$OUT/summary.txt"
+# TINY=1: every example in its --tiny mode, on the CPU too (tests the script, measures nothing).
+TINY=${TINY:-0}
+if [ "$TINY" = 1 ]; then
+    tiny=(--tiny); cls_data=(); distill_size=()
+else
+    python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" ||
+        { echo "gpu_examples: no CUDA device"; exit 2; }
+    tiny=(); cls_data=(--model "$MODEL" --data "$DATA")
+    # Reduced from 2000/200/300 steps to fit its part.
+    distill_size=(--teacher_steps 800 --warmup_steps 100 --distill_steps 100)
+fi
+python3 -c "import hf_flash" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e .
+export HF_HUB_OFFLINE=1
+. scripts/parts.sh  # part NAME SECONDS command...
+
+# hf_flash first: it pays Triton's compilations, the others CUDA's own first-use costs.
+for attn in hf_flash sdpa eager; do
+    part "classifier_$attn" "${CLS_S:-100}" python3 examples/finetune_classifier.py --attn "$attn" \
+        "${cls_data[@]}" "${tiny[@]}" --out "runs/examples/classifier_$attn"
+done
+part generation "${GEN_S:-120}" python3 examples/generation_speed.py "${tiny[@]}" \
+    --out runs/examples/generation
+part distill "${DISTILL_S:-150}" python3 examples/onpolicy_distillation.py \
+    --out runs/examples/distill "${distill_size[@]}" "${tiny[@]}"
+
+python3 - "$OUT" "$LOGS" <<'PY'
+import json, re, sys
+from pathlib import Path
+out, logs = Path(sys.argv[1]), Path(sys.argv[2])
+results = {}
+for f in sorted(Path("runs/examples").glob("*/result.json")):
+    results[f.parent.name] = json.loads(f.read_text())
+(out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+with open(out / "logs.txt", "w") as fh:
+    for log in sorted(logs.glob("*.log")):
+        # Progress bars redraw with carriage returns: keep each line's last state.
+        lines = [ln.split("\r")[-1] for ln in log.read_text(errors="replace").split("\n")]
+        fh.write(f"==== {log.name}\n" + "\n".join(lines[-40:]) + "\n")
+for name, r in results.items():
+    print(name, json.dumps(r)[:400])
+PY
+cat "$OUT/summary.txt"
