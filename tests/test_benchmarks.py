@@ -43,7 +43,9 @@ def test_bench_models_dry_run_compiled(tmp_path):
     rows = {r["impl"]: r for r in doc["rows"]}
     assert all(r["status"] == "ok" and r["compiled"] for r in rows.values())
     # The compiled training step itself called the kernel (through the custom op).
+    # Through the custom op only: no layer fell back to the eager autograd Function.
     assert rows["hf_flash"]["compiled_hf_flash_calls"] > 0
+    assert rows["hf_flash"]["compiled_eager_hf_flash_calls"] == 0
     assert rows["sdpa"]["compiled_hf_flash_calls"] == 0
     assert doc["meta"]["timing"]["compiled"] == "torch.compile, aot_eager"
     assert all(r["host_ms"] > 0 and r["warmup_s"] > 0 for r in rows.values())

@@ -25,8 +25,11 @@ def test_curves_that_fall_or_stay_flat_give_no_target():
     assert pick_target(_evals([0.1096, 0.1075, 0.0839] + [0.048] * 9), at=240)[0] is None
     # The H100 run from the random init: the unigram plateau from the second evaluation on.
     assert pick_target(_evals([0.042, 0.0481, 0.0481, 0.0420, 0.0481, 0.0481]), at=120)[0] is None
+    # A plateau whose noise puts its maximum late is still flat.
+    assert pick_target(_evals([0.0481, 0.0420, 0.0481, 0.0481, 0.0482, 0.0481]), at=120)[0] is None
     target, why = pick_target(_evals([0.2, 0.3]), at=10)
     assert target is None and "no evaluation within 10 s" in why
+    assert pick_target(_evals([0.2, 0.3]), at=30)[0] is None  # nothing in the second half
 
 
 def test_recorded_calibrations_are_refused():

@@ -55,9 +55,10 @@ GRAD_ACCUM = 1
 EVAL_BATCH = 64
 LR = 5e-4                   # LAMB peak learning rate, for the run from the warm-up's checkpoint. On
                             # BERT-large (H200, 2026-12-01) 3e-3 undid the warm-up: accuracy 0.110 at
-                            # lr 1.3e-3, then back to the unigram plateau (0.048) by lr 3e-3 and flat
-                            # for 2400 steps. 5e-4 is where the warm-up was still climbing: batch 32 at
-                            # 512 tokens carries ~2000 predictions a step, as its batch 128 at 128 did.
+                            # lr 1.3e-3, then back to the unigram plateau (0.048) by lr 3e-3, flat
+                            # from step 512 to the end (2432). 5e-4 is where the warm-up was still
+                            # climbing; batch 32 at 512 tokens carries ~2000 predictions a step, as
+                            # the warm-up's batch 128 at 128 tokens did.
 WARMUP_STEPS = 100          # short: the weights are warm, only LAMB's moments start from zero
 DECAY_STEPS = 12000         # polynomial decay horizon (= max steps): far past the target, so the lr is
                             # nearly flat over the timed window and identical for every backend
