@@ -7,7 +7,7 @@
 #
 # OUT gets eight files: summary.txt (one line per part: exit status and seconds), tests.log,
 # ops.log, models.log, and the benchmarks' CSV/JSON (ops_bar_check.*, models_train_check.*).
-# Limits through the environment: TESTS_S (290), OPS_S (170), MODELS_S (110); WORKERS (16,
+# Limits through the environment: TESTS_S (270), OPS_S (200), MODELS_S (100); WORKERS (16,
 # pytest-xdist processes). The benchmarks record the git sha; set GIT_SHA if this checkout's git
 # metadata is not the code being run.
 set -u
@@ -24,15 +24,15 @@ python3 -c "import hf_flash" 2>/dev/null || python3 -m pip install -q --no-deps 
 # Autotuning off: every shape class of the grid would otherwise time several compiled configs.
 # Three property examples per (head dim, causal) test instead of ten: most of them compile kernels
 # of their own, and ten took 60-110 s per test.
-part tests "${TESTS_S:-290}" env HF_FLASH_AUTOTUNE=0 HF_FLASH_PROPERTY_EXAMPLES=3 \
+part tests "${TESTS_S:-270}" env HF_FLASH_AUTOTUNE=0 HF_FLASH_PROPERTY_EXAMPLES=3 \
     python3 -m pytest -q -p no:cacheprovider --tb=short -rf -n "${WORKERS:-16}" -k "not long_seq" \
     tests/test_kernel.py tests/test_patch_gpu.py tests/test_reliability.py tests/test_patch_models.py
 # The three model-shaped bar cases (each ~40-70 s with its tuning); the long ones take bench_ops alone.
-part ops "${OPS_S:-170}" python3 benchmarks/bench_ops.py --suite bar --quick --cases bert,gpt2 \
-    --backends hf_flash,cudnn --out "$OUT" --tag check --time-budget $(( ${OPS_S:-170} - 20 ))
-part models "${MODELS_S:-110}" python3 benchmarks/bench_models.py --suite train --models bert \
+part ops "${OPS_S:-200}" python3 benchmarks/bench_ops.py --suite bar --quick --cases bert,gpt2 \
+    --backends hf_flash,cudnn --out "$OUT" --tag check --time-budget $(( ${OPS_S:-200} - 20 ))
+part models "${MODELS_S:-100}" python3 benchmarks/bench_models.py --suite train --models bert \
     --impls sdpa,hf_flash --patch-kwargs '{"packed": true}' --quick --profile --out "$OUT" \
-    --tag check --time-budget $(( ${MODELS_S:-110} - 15 ))
+    --tag check --time-budget $(( ${MODELS_S:-100} - 15 ))
 
 echo
 tail -n 2 "$OUT/tests.log"
