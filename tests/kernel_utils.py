@@ -34,11 +34,41 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().nan_to_num(nan=float("inf")).max().item()
 
 
+def base2_reference_with_grads(q, k, v, do, *, float_mask, causal=0, kpm=None):
+    """Output and grads of fp32 attention evaluated as the kernels do it: scores and the additive
+    mask scaled to base 2 and added in fp32, then exp2.
+
+    Where a row's scores are all pushed far from zero by a finite mask (-1e4, as older HF models
+    add), adding the mask rounds every score to the fp32 grid at that magnitude (~1e-3), in natural
+    units as in base 2, and where the values land on the grid decides the row's error: one fp32
+    evaluation can be lucky by two orders of magnitude. Taking the worse of this and the natural
+    evaluation as the same-dtype error keeps the ratio rule about the kernel, not the luck.
+    """
+    from hf_flash.kernels._reference import allowed_keys
+    log2e = 1.4426950408889634
+    q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    kk, vv = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    s = torch.matmul(q, kk.transpose(-1, -2)) * (q.shape[-1] ** -0.5 * log2e)
+    s = s + float_mask.float() * log2e
+    allowed = allowed_keys(q.shape[2], k.shape[2], causal=causal, kpm=kpm, device=q.device)
+    s = s.masked_fill(~allowed, float("-inf"))
+    row_max = s.amax(-1, keepdim=True).detach()
+    empty = torch.isneginf(row_max)
+    p = torch.exp2(s - row_max.masked_fill(empty, 0.0))
+    p = p / p.sum(-1, keepdim=True).masked_fill(empty, 1.0)
+    out = torch.matmul(p, vv)
+    out.backward(do.float())
+    return out.detach(), [t.grad for t in (q, k, v)]
+
+
 def check_ratio(name, got, ref64, same_dtype, ratio, dtype, floor_ulps=4):
-    """Assert err(got) <= ratio * err(same_dtype) + floor, both against the float64 reference."""
+    """Assert err(got) <= ratio * err(same_dtype) + floor, both against the float64 reference.
+    `same_dtype` may be a list of equally valid same-dtype evaluations: the worst one counts."""
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
     err = max_err(got, ref64)
-    base = max_err(same_dtype, ref64)
+    evals = same_dtype if isinstance(same_dtype, (list, tuple)) else [same_dtype]
+    base = max(max_err(t, ref64) for t in evals)
     floor = floor_ulps * EPS[dtype] * max(1.0, ref64.abs().max().item())
     assert err <= ratio * base + floor, (
         f"{name}: error {err:.3e} > {ratio} x same-dtype error {base:.3e} + floor {floor:.1e}")

@@ -18,7 +18,8 @@ from torch.nn.attention.bias import causal_lower_right
 
 import hf_flash
 from conftest import DEVICE, GPU_GRID
-from kernel_utils import GRAD_RATIO, OUT_RATIO, check_ratio, reference_with_grads
+from kernel_utils import (GRAD_RATIO, OUT_RATIO, base2_reference_with_grads, check_ratio,
+                          reference_with_grads)
 
 HEAD_DIMS = [1, 3, 8, 24, 40]
 CAUSAL = ["none", "top_left", "bottom_right"]
@@ -93,8 +94,15 @@ def test_random_cases_match_reference(D, causal, data):
     out.backward(do)
     o64, _, g64 = reference_with_grads(q, k, v, do, **ref)
     o32, _, g32 = reference_with_grads(q, k, v, do, dtype=torch.float32, **ref)
-    check_ratio("out", out, o64, o32, OUT_RATIO, torch.float32)
-    for name, t, r64, r32 in zip(("dq", "dk", "dv"), (q, k, v), g64, g32):
+    outs, grads = [o32], [[g] for g in g32]
+    if "float_mask" in ref:  # the same fp32 sum of scores and mask, in the kernels' base 2
+        o2, g2 = base2_reference_with_grads(q, k, v, do, float_mask=ref["float_mask"],
+                                            causal=ref.get("causal", 0), kpm=ref.get("kpm"))
+        outs.append(o2)
+        for g, extra in zip(grads, g2):
+            g.append(extra)
+    check_ratio("out", out, o64, outs, OUT_RATIO, torch.float32)
+    for name, t, r64, r32 in zip(("dq", "dk", "dv"), (q, k, v), g64, grads):
         check_ratio(name, t.grad, r64, r32, GRAD_RATIO, torch.float32, floor_ulps=64)
 
 
