@@ -33,14 +33,23 @@ def kernel_source_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def _portable(arg, out):
+    """The results folder as OUT when it is an absolute path: it names the machine, not the run."""
+    if isinstance(arg, str) and out and os.path.isabs(str(out)) and arg == str(out):
+        return "OUT"
+    return arg
+
+
 def run_metadata(args) -> dict:
     """Who, what and where: enough to tell two result files apart and to reproduce one."""
     import torch
 
+    out = getattr(args, "out", None)
     meta = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "args": {k: v for k, v in vars(args).items()},
+        "command": " ".join([os.path.basename(sys.executable)]
+                            + [_portable(a, out) for a in sys.argv]),
+        "args": {k: _portable(v, out) if k == "out" else v for k, v in vars(args).items()},
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

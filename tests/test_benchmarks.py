@@ -34,6 +34,8 @@ def test_bench_models_dry_run_with_packed_and_profile(tmp_path):
     assert abs(rows["hf_flash+opts"]["eval_loss"] - rows["sdpa"]["eval_loss"]) < 1e-4
     assert all(r["host_ms"] > 0 for r in rows.values())  # --profile ran (no GPU kernel time here)
     assert set(doc["profiles"]) == {f"bert_tiny_mlm {i}" for i in rows}
+    # The results folder (an absolute path here) is not written into the results.
+    assert doc["meta"]["args"]["out"] == "OUT" and "--out OUT" in doc["meta"]["command"]
 
 
 def test_bench_models_dry_run_compiled(tmp_path):
