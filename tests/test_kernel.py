@@ -187,6 +187,39 @@ def test_long_sequences(n, D, causal, dtype):
     _run_case(1, 2 if n <= 8192 else 1, 2 if n <= 8192 else 1, n, n, D, dtype, {"causal": causal})
 
 
+def _n_candidates():
+    from hf_flash.kernels import _backward, _forward
+    return 1 + max(len(_forward._FWD_CONFIGS), len(_backward._BWD_CONFIGS))  # + the heuristic
+
+
+@pytest.mark.parametrize("index", range(_n_candidates()))
+def test_every_tuning_candidate_is_exact(monkeypatch, index):
+    # The tuner may pick any candidate for a shape class, while the test grid runs with tuning off
+    # (one heuristic config per class). So each candidate is forced here, for the forward and both
+    # backward kernels, on shapes with partial tiles in both directions: a tile-size-dependent
+    # mistake (boundary, causal diagonal, dropout offsets) would otherwise ship untested.
+    from hf_flash.kernels import _backward, _forward, _tuning
+    for mod in (_common, _forward, _backward):
+        monkeypatch.setattr(mod, "AUTOTUNE", True)  # the full candidate lists
+    monkeypatch.setattr(_tuning, "_CHOSEN", {})
+    monkeypatch.setattr(_tuning, "_COMPILED", {})
+    monkeypatch.setattr(_tuning, "worth_tuning", lambda key: True)
+    forced = []
+
+    def pick(kernel, cands, grid, args, constexprs):
+        forced.append(cands[index % len(cands)])
+        return forced[-1]
+
+    monkeypatch.setattr(_tuning, "_pick", pick)
+    for B, H, H_KV, n_q, n_k, D, case in (
+            (2, 2, 2, 200, 200, 64, {"causal": C_TL, "kpm": True, "dropout": 0.2}),
+            (1, 4, 2, 70, 200, 40, {"causal": C_BR}),
+            (2, 2, 2, 150, 90, 64, {"mask": "float"})):
+        _tuning._CHOSEN.clear()
+        _run_case(B, H, H_KV, n_q, n_k, D, torch.float16, case)
+    assert len(forced) == 9  # fwd, dq and dkdv of each case went through the forced pick
+
+
 def test_small_shape_classes_take_the_heuristic_config(monkeypatch):
     # Timing candidates compiles each of them; below TUNE_MIN_SCORES a call is too short for any
     # config to pay that back, so the first candidate (what HF_FLASH_AUTOTUNE=0 uses) is taken.
