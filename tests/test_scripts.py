@@ -1,0 +1,41 @@
+"""scripts/parts.sh, the time-limited part runner of the GPU scripts, on the CPU: a part past its
+limit is interrupted (SIGINT first, so Python and pytest still report), marked as cut, and leaves
+nothing of its process group running; a part within its limit is left alone."""
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_parts_cut_a_slow_part_whole_and_leave_a_quick_one_alone(tmp_path):
+    marker = tmp_path / "child-alive"
+    # The slow part starts a grandchild that would outlive a plain kill of its parent.
+    slow = (f"import subprocess, time; subprocess.Popen(['sh', '-c', 'sleep 30; touch {marker}']); "
+            "time.sleep(30)")
+    script = f"""
+. {ROOT}/scripts/parts.sh
+part slow 2 python3 -c "{slow}"
+part quick 20 python3 -c "print('done')"
+"""
+    r = subprocess.run(["bash", "-c", script], env={**os.environ, "OUT": str(tmp_path)},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = (tmp_path / "summary.txt").read_text().splitlines()
+    assert lines[0].startswith("slow: rc=130 (time limit)"), lines
+    assert lines[1].startswith("quick: rc=0 in") and "time limit" not in lines[1], lines
+    assert "KeyboardInterrupt" in (tmp_path / "slow.log").read_text()  # SIGINT reached Python
+    assert (tmp_path / "quick.log").read_text().strip() == "done"
+    assert "Terminated" not in r.stderr and "Interrupt" not in r.stderr  # no job notices
+    # The whole group went, the grandchild too (it would still be sleeping otherwise).
+    assert not [pid for pid in _pids_running(f"touch {marker}")]
+
+
+def _pids_running(text):
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                yield proc.name
+        except OSError:  # gone meanwhile
+            pass
