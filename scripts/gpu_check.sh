@@ -35,6 +35,7 @@ part models "${MODELS_S:-100}" python3 benchmarks/bench_models.py --suite train 
     --tag check --time-budget $(( ${MODELS_S:-100} - 15 ))
 
 echo
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20
 tail -n 2 "$OUT/tests.log"
 grep -A 12 "^fwd+bwd: ms" "$OUT/ops.log" | head -n 10
 grep -B 1 -A 4 "^model " "$OUT/models.log" | head -n 8
