@@ -1,6 +1,7 @@
 """Compile every forward/backward kernel variant for Hopper (sm_90), no GPU needed.
 
     python scripts/compile_kernels.py            # about 5 minutes on 2 cores
+    python scripts/compile_kernels.py --configs  # every tuning candidate instead (~2.5 minutes)
 
 Triton's whole pipeline (front end, MLIR passes, LLVM, ptxas) runs on the host, so a machine
 without a GPU can check that a kernel change still compiles for the GPU, which the CPU test
@@ -13,6 +14,7 @@ put it first on the path:
 """
 
 import itertools
+import sys
 import time
 
 import triton
@@ -41,12 +43,37 @@ def signature(kernel, constexprs, dtype):
     return out
 
 
+KERNELS = ((_forward._fwd_kernel, {}, "fwd"), (_backward._bwd_dq_kernel, {"HAS_DLSE": False}, "bwd"),
+           (_backward._bwd_dkdv_kernel, {}, "bwd"))
+
+
+def compile_configs(target):
+    """Each tuning candidate of each kernel (the tuner may pick any of them), on the plain and the
+    most loaded variant (causal, key padding, dropout), at head dims 64 and 128."""
+    lists = {"fwd": _forward._FWD_CONFIGS, "bwd": _backward._BWD_CONFIGS}
+    n, t0 = 0, time.time()
+    for (kernel, extra, kind), d, loaded in itertools.product(KERNELS, [64, 128], [False, True]):
+        for c in lists[kind]:
+            if not _common.smem_ok(c, d, 2, 1 if kind == "fwd" else 2, 2):
+                continue  # the candidate lists drop it for this head dim too
+            cx = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
+                      IS_CAUSAL=loaded, HAS_KPM=loaded, MASK_KIND=0, HAS_DROPOUT=loaded,
+                      DOT_PRECISION="tf32", VARLEN=False, **extra)
+            src = ASTSource(fn=kernel, signature=signature(kernel, cx, "bf16"), constexprs=cx)
+            triton.compile(src, target=target,
+                           options={"num_warps": c["num_warps"], "num_stages": c["num_stages"]})
+            n += 1
+    print(f"compiled {n} tuning-candidate variants for sm_90 in {time.time() - t0:.0f} s "
+          f"(triton {triton.__version__})")
+
+
 def main():
     if _common.INTERPRET:
         raise SystemExit("unset TRITON_INTERPRET: this compiles for the GPU")
     target = GPUTarget("cuda", 90, 32)
-    kernels = ((_forward._fwd_kernel, {}), (_backward._bwd_dq_kernel, {"HAS_DLSE": False}),
-               (_backward._bwd_dkdv_kernel, {}))
+    if "--configs" in sys.argv[1:]:
+        return compile_configs(target)
+    kernels = [(k, extra) for k, extra, _ in KERNELS]
     n, t0 = 0, time.time()
     for kernel, extra in kernels:
         for varlen, causal, kpm, mask_kind, dropout, d in itertools.product(
