@@ -69,7 +69,10 @@ INIT=$RUNS/init-$CONFIG-seed$INIT_SEED
 if [ ! -f "$INIT/init.json" ]; then
     python3 examples/mlperf_bert/make_checkpoint.py --config "$CONFIG" --seed "$INIT_SEED" --out "$INIT"
 fi
-sha=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['state_dict_sha256'])" "$INIT/init.json")
+sha_of() {  # sha_of FOLDER: the state-dict hash its init.json records
+    python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['state_dict_sha256'])" "$1/init.json"
+}
+sha=$(sha_of "$INIT")
 known() {  # known SHA "LIST": is SHA one of the LIST (an empty LIST knows every SHA)
     [ -z "$2" ] && return 0
     case " $2 " in *" $1 "*) return 0 ;; esac
@@ -85,7 +88,7 @@ WARM=$RUNS/start-seed$INIT_SEED
 if [ -f "$WARM/init.json" ]; then FROM=$WARM; else FROM=$INIT; fi
 check_start() {
     local start
-    start=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['state_dict_sha256'])" "$WARM/init.json")
+    start=$(sha_of "$WARM")
     echo "start $WARM sha256 $start" | tee -a "$OUT/machine.txt"
     known "$start" "$EXPECTED_START_SHA" ||
         echo "WARNING: warm-up sha256 $start is not the known $EXPECTED_START_SHA" | tee -a "$OUT/machine.txt"
