@@ -204,11 +204,24 @@ def test_every_tuning_candidate_is_exact(monkeypatch, index):
     monkeypatch.setattr(_tuning, "_CHOSEN", {})
     monkeypatch.setattr(_tuning, "_COMPILED", {})
     monkeypatch.setattr(_tuning, "worth_tuning", lambda key: True)
-    forced = []
+    forced, skipped = [], []
 
     def pick(kernel, cands, grid, args, constexprs):
-        forced.append(cands[index % len(cands)])
-        return forced[-1]
+        cfg = cands[index % len(cands)]
+        if not _common.INTERPRET and cfg is not cands[0]:
+            # The tuner skips a listed config that does not fit this GPU for the case (on an H200
+            # two candidates asked for 240 KiB of shared memory, 227 KiB is there); so does this
+            # test, after a launch that says so (outputs are fully rewritten by every launch). The
+            # heuristic, cands[0], is what small shapes and HF_FLASH_AUTOTUNE=0 take: it must fit.
+            try:
+                kernel[grid(cfg)](*args, **constexprs, **cfg)
+            except Exception as e:
+                if "OutOfResources" not in type(e).__name__:
+                    raise
+                skipped.append((cfg, str(e)))
+                cfg = cands[0]
+        forced.append(cfg)
+        return cfg
 
     monkeypatch.setattr(_tuning, "_pick", pick)
     for B, H, H_KV, n_q, n_k, D, case in (
@@ -218,6 +231,7 @@ def test_every_tuning_candidate_is_exact(monkeypatch, index):
         _tuning._CHOSEN.clear()
         _run_case(B, H, H_KV, n_q, n_k, D, torch.float16, case)
     assert len(forced) == 9  # fwd, dq and dkdv of each case went through the forced pick
+    assert len(skipped) < len(forced), f"every forced candidate was out of resources: {skipped}"
 
 
 def test_small_shape_classes_take_the_heuristic_config(monkeypatch):
