@@ -65,6 +65,16 @@ def test_tiny_run_reaches_target_and_resume_continues_the_same_run(tiny, tmp_pat
     assert 0 < res["train_time_to_target_s"] < res["time_to_target_s"]  # eval counted in the latter
     assert all(e["eval_predictions"] == ev[0]["eval_predictions"] > 100 for e in ev)  # whole eval set
 
+    # The untimed kernel warm-up learns nothing and puts every RNG back: without it, the same curve.
+    assert whole[0]["kernel_warmup_s"] is not None
+    cold = _train(tiny, tmp_path / "no_warm", "--no_warm_kernels")
+    assert cold[0]["kernel_warmup_s"] is None
+    for a, b in zip(cold, whole):
+        assert a["event"] == b["event"]
+        for k in ("loss", "grad_norm", "mlm_accuracy", "eval_loss", "tokens"):
+            assert a.get(k) == b.get(k), (k, a, b)
+    assert len(cold) == len(whole)
+
     # Pause after 5 steps (time limit 0), then --resume: same data order, same RNG, same curve.
     out = tmp_path / "split"
     first = _train(tiny, out, "--time_limit", "0", "--time_check_every", "5")
