@@ -65,3 +65,12 @@ def test_bench_ops_dry_run_checks_against_pytorch(tmp_path):
     # The spot check against PyTorch ran for every case and passed.
     assert {r["case"] for r in ours if r.get("check") == "ok"} == cases
     assert "0 not ok" in out
+
+
+def test_bench_first_call_dry_run_runs_each_mode_in_its_own_process(tmp_path):
+    out = _run(["benchmarks/bench_first_call.py", "--dry-run"], tmp_path)
+    rows = json.loads(next(tmp_path.rglob("first_call_dry-run.json")).read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["tuned-threads", "tuned-serial", "heuristic"]
+    assert all("error" not in r and r["first_train_call_s"] > 0 < r["first_eval_call_s"] for r in rows)
+    assert rows[1]["compile_threads"] == 1  # the mode's environment reached its process
+    assert "results in" in out

@@ -255,6 +255,62 @@ def test_small_shape_classes_take_the_heuristic_config(monkeypatch):
     assert len(timed) == 2 and launched == [64, 64, 32, 32, 64]
 
 
+def test_tuning_candidates_compile_on_threads_before_timing(monkeypatch):
+    # _pick hands every candidate to Triton's async compile mode on a thread pool, then times them.
+    # A fake kernel stands in for Triton's warmup (which needs a GPU): it submits a compile that
+    # waits for a second one to start, so the test only passes if they ran at the same time; one
+    # candidate's compile fails, which must be left to its timing launch.
+    import inspect
+    import threading
+
+    from hf_flash.kernels import _tuning
+    if _tuning._async_compile is None:
+        pytest.skip("this Triton has no async compile mode")
+    monkeypatch.setattr(_tuning, "COMPILE_THREADS", 4)
+    started, both = [], threading.Barrier(2, timeout=10)
+    compiled = []
+
+    class FakeKernel:
+        def warmup(self, *args, grid, BLOCK_M, **kw):
+            def compile_fn():
+                started.append(threading.current_thread().name)
+                if BLOCK_M in (64, 32):
+                    both.wait()  # raises BrokenBarrierError if the two never overlap
+                if BLOCK_M == 16:
+                    raise RuntimeError("a compile error")
+                return BLOCK_M
+            mode = _tuning._async_compile.active_mode.get()
+            cleanup = () if submit_args == 3 else (lambda fk: None,)  # Triton 3.9 added it
+            return mode.submit(("fake", BLOCK_M), compile_fn, compiled.append, *cleanup)
+
+    submit_args = len(inspect.signature(_tuning._async_compile.AsyncCompileMode.submit).parameters) - 1
+    cands = [{"BLOCK_M": 64}, {"BLOCK_M": 32}, {"BLOCK_M": 16}]
+    _tuning._precompile(FakeKernel(), cands, lambda c: (1,), (), {})
+    assert sorted(compiled) == [32, 64]  # finalised; the failing one dropped, no error raised
+    assert len(started) == 3 and threading.current_thread().name not in started
+    # One thread, or a caller already in an async compile mode: nothing is submitted here.
+    monkeypatch.setattr(_tuning, "COMPILE_THREADS", 1)
+    _tuning._precompile(FakeKernel(), cands, lambda c: (1,), (), {})
+    assert len(started) == 3
+
+
+@pytest.mark.gpu
+def test_tuned_launch_after_parallel_compile_is_exact(monkeypatch):
+    # The real path on a GPU: a shape class big enough to be tuned, every candidate compiled on
+    # threads, timed, the winner launched; the result must match the reference like any config.
+    from hf_flash.kernels import _backward, _forward, _tuning
+    for mod in (_common, _forward, _backward):
+        monkeypatch.setattr(mod, "AUTOTUNE", True)
+    monkeypatch.setattr(_tuning, "_CHOSEN", {})
+    monkeypatch.setattr(_tuning, "_COMPILED", {})
+    monkeypatch.setattr(_tuning, "worth_tuning", lambda key: True)
+    calls = []
+    real = _tuning._precompile
+    monkeypatch.setattr(_tuning, "_precompile", lambda *a: calls.append(len(a[1])) or real(*a))
+    _run_case(2, 4, 2, 300, 300, 64, torch.bfloat16, {"causal": C_TL, "kpm": True, "dropout": 0.1})
+    assert len(calls) == 3 and min(calls) > 1  # fwd, dq, dkdv, each over several candidates
+
+
 @pytest.mark.gpu
 def test_direct_launch_keeps_triton_specialisation():
     # After the first call, launches skip Triton's binder and reuse the compiled kernel for the
