@@ -1,0 +1,44 @@
+"""examples/mlperf_bert/plot.py: the results table and plot from curve logs."""
+
+import json
+import sys
+from pathlib import Path
+
+EX = Path(__file__).resolve().parents[1] / "examples" / "mlperf_bert"
+sys.path.insert(0, str(EX))
+import plot  # noqa: E402
+
+RESULTS = EX / "results" / "h200-2026-12-01"
+
+
+def _curve(path, attn, seconds, warmed):
+    head = {"event": "run", "attn": attn, "target": 0.5, "world_size": 1, "seed": 1,
+            "device": "test GPU", "layers": 2, "hidden": 8, "kernel_warmup_s": 3.0 if warmed else None}
+    ev = {"event": "eval", "step": 10, "run_s": seconds, "train_s": seconds - 1, "mlm_accuracy": 0.5}
+    res = {"event": "result", "reached": True, "time_to_target_s": seconds,
+           "train_time_to_target_s": seconds - 1, "steps_to_target": 10, "tokens_to_target": 1000}
+    path.write_text("".join(json.dumps(r) + "\n" for r in (head, ev, res)))
+    return path
+
+
+def test_committed_h200_runs_give_the_readme_figures():
+    runs = [plot.load_run(p) for p in sorted(RESULTS.glob("*-t0.140-*.jsonl"))]
+    text = plot.table(runs)
+    assert "| hf_flash | 1 | no | 0.14 | 229.4 (n=1) | 1280.0 (n=1) |" in text
+    assert "| sdpa | 1 | no | 0.14 | 187.4 (n=1) | 1280.0 (n=1) |" in text
+    assert "hf_flash / sdpa mean time to target" in text and ": 1.224" in text
+
+
+def test_runs_warmed_before_the_clock_are_kept_apart(tmp_path):
+    runs = [plot.load_run(_curve(tmp_path / f"{a}-{w}.jsonl", a, s, w)) for a, s, w in
+            (("sdpa", 100.0, False), ("hf_flash", 130.0, False), ("sdpa", 90.0, True),
+             ("hf_flash", 60.0, True))]
+    text = plot.table(runs)
+    assert "| hf_flash | 1 | yes | 0.5 | 60.0 (n=1) |" in text
+    assert "| hf_flash | 1 | no | 0.5 | 130.0 (n=1) |" in text
+    ratios = [ln for ln in text.splitlines() if ln.startswith("- hf_flash / sdpa")]
+    assert len(ratios) == 2 and any(ln.endswith(": 1.300") for ln in ratios)
+    assert any(ln.endswith(": 0.667") for ln in ratios)
+    png = tmp_path / "p.png"
+    plot.plot(runs, png)
+    assert png.stat().st_size > 1000
