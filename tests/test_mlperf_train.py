@@ -104,6 +104,23 @@ def test_two_process_gloo_run_reaches_target(tiny, tmp_path):
     assert all(e["eval_predictions"] == _evals(curve)[0]["eval_predictions"] for e in _evals(curve))
 
 
+def test_packed_backend_patches_the_encoder(tiny):
+    from train import load_model
+
+    model, how = load_model(tiny / "init", "hf_flash_packed")
+    assert how == "hf_flash.patch(fallback=raise, packed=True)"
+    assert "forward" in vars(model.bert.encoder)  # the packed forward shadows the class's
+    _, how = load_model(tiny / "init", "hf_flash")
+    assert how == "hf_flash.patch(fallback=raise)"
+
+
+@pytest.mark.gpu
+def test_hf_flash_packed_tiny_run_on_gpu_reaches_target(tiny, tmp_path):
+    curve = _train(tiny, tmp_path / "packed", attn="hf_flash_packed")
+    assert curve[0]["attn_how"].endswith("packed=True)") and curve[0]["kernel_warmup_s"] is not None
+    assert json.loads((tmp_path / "packed" / "result.json").read_text())["reached"]
+
+
 @pytest.mark.gpu
 def test_hf_flash_tiny_run_on_gpu_uses_the_kernel_with_key_padding(tiny, tmp_path):
     curve = _train(tiny, tmp_path / "flash", attn="hf_flash")
