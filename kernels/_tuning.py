@@ -32,7 +32,17 @@ except ImportError:  # pragma: no cover - another Triton: candidates compile one
 # Triton's compile (MLIR passes, LLVM, ptxas) runs without the GIL: on 2 CPU cores, 4 forward
 # candidates for sm_90 took 7.8 s one by one and 5.1 s on 2 threads (Triton 3.6; 10.4 and 5.7 s
 # with 3.9). HF_FLASH_COMPILE_THREADS=1 compiles them one by one, inside the timing loop.
-COMPILE_THREADS = int(os.environ.get("HF_FLASH_COMPILE_THREADS", "0")) or min(16, os.cpu_count() or 1)
+def _compile_threads() -> int:
+    raw = os.environ.get("HF_FLASH_COMPILE_THREADS", "").strip()
+    if not raw:
+        return min(16, os.cpu_count() or 1)
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"HF_FLASH_COMPILE_THREADS must be a whole number >= 1 (1: one compile at a "
+                         f"time), got {raw!r}")
+    return int(raw)
+
+
+COMPILE_THREADS = _compile_threads()
 
 _CHOSEN: dict = {}    # (name, shape key) -> config
 # (name, shape key, device, specialisation, constexprs) -> (compiled kernel, constexpr values)

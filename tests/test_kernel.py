@@ -294,6 +294,18 @@ def test_tuning_candidates_compile_on_threads_before_timing(monkeypatch):
     assert len(started) == 3
 
 
+def test_compile_threads_setting_is_checked(monkeypatch):
+    from hf_flash.kernels import _tuning
+    monkeypatch.setenv("HF_FLASH_COMPILE_THREADS", "3")
+    assert _tuning._compile_threads() == 3
+    monkeypatch.delenv("HF_FLASH_COMPILE_THREADS")
+    assert 1 <= _tuning._compile_threads() <= 16
+    for bad in ("0", "-2", "four"):
+        monkeypatch.setenv("HF_FLASH_COMPILE_THREADS", bad)
+        with pytest.raises(ValueError, match="HF_FLASH_COMPILE_THREADS must be a whole number"):
+            _tuning._compile_threads()
+
+
 @pytest.mark.gpu
 def test_tuned_launch_after_parallel_compile_is_exact(monkeypatch):
     # The real path on a GPU: a shape class big enough to be tuned, every candidate compiled on
