@@ -320,7 +320,7 @@ def test_tuned_launch_after_parallel_compile_is_exact(monkeypatch):
     real = _tuning._precompile
     monkeypatch.setattr(_tuning, "_precompile", lambda *a: calls.append(len(a[1])) or real(*a))
     _run_case(2, 4, 2, 300, 300, 64, torch.bfloat16, {"causal": C_TL, "kpm": True, "dropout": 0.1})
-    assert len(calls) == 3 and min(calls) > 1  # fwd, dq, dkdv, each over several candidates
+    assert len(calls) >= 3 and min(calls) > 1  # fwd, dq, dkdv at least, each over several candidates
 
 
 @pytest.mark.gpu
