@@ -146,6 +146,12 @@ def _precompile(kernel, candidates, grid, args, constexprs):
                 pass
 
 
+def out_of_resources(e: BaseException) -> bool:
+    """Whether a launch failed because the config does not fit this GPU (registers, shared
+    memory): the tuner skips such a config."""
+    return "OutOfResources" in type(e).__name__ or "out of resource" in str(e).lower()
+
+
 def _pick(kernel, candidates, grid, args, constexprs):
     if len(candidates) == 1:
         return candidates[0]
@@ -155,8 +161,8 @@ def _pick(kernel, candidates, grid, args, constexprs):
         try:
             ms = triton.testing.do_bench(lambda: kernel[grid(cfg)](*args, **constexprs, **cfg),
                                          warmup=5, rep=20, return_mode="median")
-        except Exception as e:  # a config that does not fit this GPU (registers, shared memory)
-            if "OutOfResources" in type(e).__name__ or "out of resource" in str(e).lower():
+        except Exception as e:
+            if out_of_resources(e):
                 continue
             raise
         if ms < best_ms:

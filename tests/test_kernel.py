@@ -192,18 +192,25 @@ def _n_candidates():
     return 1 + max(len(_forward._FWD_CONFIGS), len(_backward._BWD_CONFIGS))  # + the heuristic
 
 
+def _tuning_on(monkeypatch):
+    """Tuning as on a GPU for every shape class: the full candidate lists, nothing chosen or
+    compiled yet. Returns the tuning module."""
+    from hf_flash.kernels import _backward, _forward, _tuning
+    for mod in (_common, _forward, _backward):
+        monkeypatch.setattr(mod, "AUTOTUNE", True)
+    monkeypatch.setattr(_tuning, "_CHOSEN", {})
+    monkeypatch.setattr(_tuning, "_COMPILED", {})
+    monkeypatch.setattr(_tuning, "worth_tuning", lambda key: True)
+    return _tuning
+
+
 @pytest.mark.parametrize("index", range(_n_candidates()))
 def test_every_tuning_candidate_is_exact(monkeypatch, index):
     # The tuner may pick any candidate for a shape class, while the test grid runs with tuning off
     # (one heuristic config per class). So each candidate is forced here, for the forward and both
     # backward kernels, on shapes with partial tiles in both directions: a tile-size-dependent
     # mistake (boundary, causal diagonal, dropout offsets) would otherwise ship untested.
-    from hf_flash.kernels import _backward, _forward, _tuning
-    for mod in (_common, _forward, _backward):
-        monkeypatch.setattr(mod, "AUTOTUNE", True)  # the full candidate lists
-    monkeypatch.setattr(_tuning, "_CHOSEN", {})
-    monkeypatch.setattr(_tuning, "_COMPILED", {})
-    monkeypatch.setattr(_tuning, "worth_tuning", lambda key: True)
+    _tuning = _tuning_on(monkeypatch)
     forced, skipped = [], []
 
     def pick(kernel, cands, grid, args, constexprs):
@@ -216,7 +223,7 @@ def test_every_tuning_candidate_is_exact(monkeypatch, index):
             try:
                 kernel[grid(cfg)](*args, **constexprs, **cfg)
             except Exception as e:
-                if "OutOfResources" not in type(e).__name__:
+                if not _tuning.out_of_resources(e):
                     raise
                 skipped.append((cfg, str(e)))
                 cfg = cands[0]
@@ -310,12 +317,7 @@ def test_compile_threads_setting_is_checked(monkeypatch):
 def test_tuned_launch_after_parallel_compile_is_exact(monkeypatch):
     # The real path on a GPU: a shape class big enough to be tuned, every candidate compiled on
     # threads, timed, the winner launched; the result must match the reference like any config.
-    from hf_flash.kernels import _backward, _forward, _tuning
-    for mod in (_common, _forward, _backward):
-        monkeypatch.setattr(mod, "AUTOTUNE", True)
-    monkeypatch.setattr(_tuning, "_CHOSEN", {})
-    monkeypatch.setattr(_tuning, "_COMPILED", {})
-    monkeypatch.setattr(_tuning, "worth_tuning", lambda key: True)
+    _tuning = _tuning_on(monkeypatch)
     calls = []
     real = _tuning._precompile
     monkeypatch.setattr(_tuning, "_precompile", lambda *a: calls.append(len(a[1])) or real(*a))

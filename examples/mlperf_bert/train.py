@@ -464,10 +464,10 @@ def main(argv=None):
 
     warm_s = None
     if not cli.no_warm_kernels:
-        width = -(-int(max(train_set.lengths().max(), eval_set.lengths().max())) // PAD_TO_MULTIPLE)
-        warm_s = warm_kernels(model, targs.device, targs.bf16,
-                              (cli.per_device_batch, width * PAD_TO_MULTIPLE),
-                              (cli.eval_batch, width * PAD_TO_MULTIPLE),
+        longest = int(max(train_set.lengths().max(), eval_set.lengths().max()))
+        width = -(-longest // PAD_TO_MULTIPLE) * PAD_TO_MULTIPLE  # as the collator pads
+        warm_s = warm_kernels(model, targs.device, targs.bf16, (cli.per_device_batch, width),
+                              (cli.eval_batch, width),
                               int(np.diff(train_set.pred_offsets).max()),
                               model.config.vocab_size)
 
