@@ -8,15 +8,18 @@ EX = Path(__file__).resolve().parents[1] / "examples" / "mlperf_bert"
 sys.path.insert(0, str(EX))
 import plot  # noqa: E402
 
-RESULTS = EX / "results" / "h200-2026-12-01"
+RESULTS = EX / "results" / "h200-2026-12-01"  # seed 1, kernels compiled inside the clock
+WARMED = EX / "results" / "h200-2026-12-01-warmed"  # seed 2, kernels warmed before the clock
 
 
-def _curve(path, attn, seconds, warmed):
+def _curve(path, attn, seconds, warmed, paused_at=None):
     head = {"event": "run", "attn": attn, "target": 0.5, "world_size": 1, "seed": 1,
             "device": "test GPU", "layers": 2, "hidden": 8, "kernel_warmup_s": 3.0 if warmed else None}
     ev = {"event": "eval", "step": 10, "run_s": seconds, "train_s": seconds - 1, "mlm_accuracy": 0.5}
     res = {"event": "result", "reached": True, "time_to_target_s": seconds,
            "train_time_to_target_s": seconds - 1, "steps_to_target": 10, "tokens_to_target": 1000}
+    if paused_at is not None:  # stopped by its time limit before the target, to be resumed
+        res = {"event": "paused", "step": paused_at, "run_s": seconds}
     path.write_text("".join(json.dumps(r) + "\n" for r in (head, ev, res)))
     return path
 
@@ -29,6 +32,19 @@ def test_committed_h200_runs_give_the_readme_figures():
     assert "hf_flash / sdpa mean time to target" in text and ": 1.224" in text
 
 
+def test_committed_warmed_h200_runs_give_the_readme_figures():
+    runs = [plot.load_run(p) for p in sorted(WARMED.glob("*-t0.140-*.jsonl"))]
+    text = plot.table(runs)
+    assert "| hf_flash | 1 | yes | 0.14 | 191.9 (n=1) | 1280.0 (n=1) |" in text
+    assert "| sdpa | 1 | yes | 0.14 | 190.5 (n=1) | 1280.0 (n=1) |" in text
+    assert "| eager | 1 | yes | 0.14 | 278.3 (n=1) | 1152.0 (n=1) |" in text
+    assert "hf_flash_packed-t0.140-s2-n1.jsonl (paused at step 860, not resumed)" in text
+    ratios = {ln.split(" mean")[0]: ln.rsplit(": ", 1)[1] for ln in text.splitlines()
+              if ln.startswith("- ")}
+    assert ratios == {"- eager / sdpa": "1.461", "- hf_flash / sdpa": "1.007",
+                      "- hf_flash / eager": "0.689", "- sdpa / eager": "0.684"}
+
+
 def test_runs_warmed_before_the_clock_are_kept_apart(tmp_path):
     runs = [plot.load_run(_curve(tmp_path / f"{a}-{w}.jsonl", a, s, w)) for a, s, w in
             (("sdpa", 100.0, False), ("hf_flash", 130.0, False), ("sdpa", 90.0, True),
@@ -39,6 +55,8 @@ def test_runs_warmed_before_the_clock_are_kept_apart(tmp_path):
     ratios = [ln for ln in text.splitlines() if ln.startswith("- hf_flash / sdpa")]
     assert len(ratios) == 2 and any(ln.endswith(": 1.300") for ln in ratios)
     assert any(ln.endswith(": 0.667") for ln in ratios)
+    paused = plot.load_run(_curve(tmp_path / "paused.jsonl", "hf_flash", 40.0, True, paused_at=7))
+    assert "paused.jsonl (paused at step 7, not resumed)" in plot.table([paused])
     png = tmp_path / "p.png"
     plot.plot(runs, png)
     assert png.stat().st_size > 1000

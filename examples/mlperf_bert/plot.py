@@ -24,8 +24,17 @@ def load_run(path):
     if not heads:
         raise ValueError(f"{path}: no run header")
     results = [r for r in recs if r["event"] == "result"]
+    paused = [r for r in recs if r["event"] == "paused"]
     return {"path": str(path), "head": heads[0], "evals": [r for r in recs if r["event"] == "eval"],
-            "result": results[-1] if results else None}
+            "result": results[-1] if results else None, "paused": paused[-1] if paused else None}
+
+
+def _not_reached(r):
+    """How a run that has no time to target is listed: its file, and whether it was only paused."""
+    name = Path(r["path"]).name
+    if r["result"] is None and r["paused"] is not None:
+        return f"{name} (paused at step {r['paused']['step']}, not resumed)"
+    return name
 
 
 def _mean_sd(xs):
@@ -52,7 +61,7 @@ def table(runs):
     means = {}
     for (attn, target, world, warmed), rs in sorted(by.items()):
         done = [r["result"] for r in rs if r["result"] and r["result"]["reached"]]
-        missed = [Path(r["path"]).name for r in rs if not (r["result"] and r["result"]["reached"])]
+        missed = [_not_reached(r) for r in rs if not (r["result"] and r["result"]["reached"])]
         t = [d["time_to_target_s"] for d in done]
         s = [float(d["steps_to_target"]) for d in done]
         tps = [d["tokens_to_target"] / d["train_time_to_target_s"] for d in done
@@ -91,7 +100,8 @@ def plot(runs, png):
         y = [e["mlm_accuracy"] for e in r["evals"]]
         ax.plot(x, y, color=COLORS.get(h["attn"], "gray"), alpha=0.8, marker=".",
                 ls=("-", "--", ":", "-.")[h["seed"] % 4],
-                label=f"{h['attn']} seed {h['seed']}" + (f" x{h['world_size']}" if h["world_size"] > 1 else ""))
+                label=f"{h['attn']} seed {h['seed']}" + (f" x{h['world_size']}" if h["world_size"] > 1 else "")
+                + ("" if h.get("kernel_warmup_s") is None else ", kernels warmed"))
         if h["target"] <= 1:
             targets.add(h["target"])
     for t in sorted(targets):
