@@ -74,3 +74,16 @@ def test_bench_first_call_dry_run_runs_each_mode_in_its_own_process(tmp_path):
     assert all("error" not in r and r["first_train_call_s"] > 0 < r["first_eval_call_s"] for r in rows)
     assert rows[1]["compile_threads"] == 1  # the mode's environment reached its process
     assert "results in" in out
+
+
+def test_profile_decode_dry_run_profiles_both_levels_and_backends(tmp_path):
+    out = _run(["benchmarks/profile_decode.py", "--dry-run"], tmp_path)
+    doc = json.loads(next(tmp_path.rglob("decode_dry-run.json")).read_text())
+    got = {(r["level"], r["backend"]) for r in doc["rows"]}
+    assert got == {(lvl, b) for lvl in ("op", "model") for b in ("sdpa", "hf_flash")}
+    assert all(r["host_us_per_call"] > 0 for r in doc["rows"] if r["level"] == "op")
+    assert all(r["ms_per_step"] >= r["host_ms_per_step"] > 0 for r in doc["rows"] if r["level"] == "model")
+    # The hf_flash decode steps went through the kernel's autograd Function, the sdpa ones did not.
+    ops = {b: {t["op"] for t in tops} for b, tops in doc["top_host_ops"].items()}
+    assert "_FlashAttention" in ops["hf_flash"] and "_FlashAttention" not in ops["sdpa"]
+    assert "results in" in out

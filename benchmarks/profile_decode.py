@@ -1,0 +1,167 @@
+"""Where a decode step's time goes: one attention call of decode shape, then whole decode steps of
+examples/generation_speed.py's model, for sdpa and hf_flash.
+
+    python benchmarks/profile_decode.py --out benchmarks/results/h200
+
+1. Op level, the call a decode step makes in every layer: one query row per sequence against a
+   left-padded KV cache (B16, 16 query heads on 4 KV heads, 603 keys, D64, bf16). Host time is
+   the mean time to queue a call; GPU kernel time and launches per call come from torch.profiler.
+2. Model level: the example's Llama-style model (bf16) prefills left-padded prompts, then takes
+   decode steps through forward() with its cache. Per step: host time to queue it, time with a
+   synchronise, and, from torch.profiler, GPU kernel time and the number of kernel launches. The
+   profiler's top host operators for each backend go to the JSON.
+
+--dry-run: a tiny model on the CPU under Triton's interpreter (plumbing only; nothing is timed
+that means anything, and there is no GPU time).
+"""
+
+import argparse
+import inspect
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "examples"))
+import benchlib  # noqa: E402
+import generation_speed as gen  # noqa: E402
+
+import hf_flash  # noqa: E402
+
+FULL = dict(batch=16, prompt_len=475, steps=32, calls=200, **gen.MODEL)
+TINY = dict(batch=2, prompt_len=12, steps=3, calls=3, hidden=32, layers=2, heads=4, kv_heads=2)
+BACKENDS = ("sdpa", "hf_flash")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def op_level(s, device, dtype):
+    """Host and GPU microseconds per decode-shaped attention call, per backend."""
+    B, H, KV, D = s["batch"], s["heads"], s["kv_heads"], s["hidden"] // s["heads"]
+    n_k = s["prompt_len"] + 128
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, 1, D, generator=g).to(device, dtype)
+    k, v = (torch.randn(B, KV, n_k, D, generator=g).to(device, dtype) for _ in range(2))
+    keep = torch.ones(B, n_k, dtype=torch.bool)
+    for b in range(0, B, 2):  # every other sequence left-padded by a third of the keys
+        keep[b, : n_k // 3] = False
+    keep = keep.to(device)
+    calls = {
+        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=keep[:, None, None, :], enable_gqa=True),
+        "hf_flash": lambda: hf_flash.flash_attention(
+            q, k, v, key_padding_mask=keep, enable_gqa=True),
+    }
+    rows = []
+    with torch.no_grad():
+        for name, fn in calls.items():
+            for _ in range(3):
+                fn()
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(s["calls"]):
+                fn()
+            host_us = (time.perf_counter() - t0) / s["calls"] * 1e6
+            _sync(device)
+            gpu_us, launches, _ = _profile(lambda: [fn() for _ in range(s["calls"])], device)
+            rows.append({"level": "op", "backend": name, "B": B, "H": H, "KV": KV, "n_k": n_k,
+                         "D": D, "host_us_per_call": round(host_us, 1),
+                         "gpu_kernel_us_per_call": None if gpu_us is None else round(gpu_us / s["calls"], 1),
+                         "launches_per_call": launches / s["calls"]})
+    return rows
+
+
+def _profile(step, device):
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        _sync(device)
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") \
+        if device.type == "cuda" else None
+    # Kernel launches, counted on the host side (cudaLaunchKernel and Triton's cuLaunchKernel*).
+    launches = sum(e.count for e in events if "LaunchKernel" in e.key)
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    return gpu_us, launches, [{"op": e.key[:80], "calls": e.count,
+                               "self_cpu_us": round(e.self_cpu_time_total, 1)} for e in top]
+
+
+def model_level(s, device, dtype):
+    ids, mask = gen.make_prompts(gen.PROMPTS, s["batch"], s["prompt_len"], 0)
+    ids, mask = ids.to(device), mask.to(device)
+    model = gen.build_model("llama", s["hidden"], s["layers"], s["heads"], s["kv_heads"],
+                            max_len=ids.shape[1] + s["steps"] + 8, seed=0).to(device, dtype).eval()
+    # The cache's keyword: `cache` in newer transformers, `past_key_values` (deprecated there) before.
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    rows, tops = [], {}
+    for name in BACKENDS:
+        gen.switch(model, name)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            cache, am = getattr(out, "cache", None) or out.past_key_values, mask
+            nxt = out.logits[:, -1:].argmax(-1)
+            host, synced = [], []
+
+            def step():
+                nonlocal out, am, nxt
+                am = torch.cat([am, am.new_ones(am.shape[0], 1)], dim=1)
+                out = model(input_ids=nxt, attention_mask=am, use_cache=True, **{cache_kw: cache})
+                nxt = out.logits[:, -1:].argmax(-1)
+
+            for i in range(s["steps"]):
+                _sync(device)
+                t0 = time.perf_counter()
+                step()
+                t1 = time.perf_counter()
+                _sync(device)
+                if i >= 2:  # the first steps pay compiles and CUDA's first-use costs
+                    host.append((t1 - t0) * 1e3)
+                    synced.append((time.perf_counter() - t0) * 1e3)
+            gpu_us, launches, tops[name] = _profile(step, device)
+        rows.append({"level": "model", "backend": name, "batch": s["batch"], "layers": s["layers"],
+                     "prompt_tokens_max": ids.shape[1], "host_ms_per_step": round(statistics.median(host), 3),
+                     "ms_per_step": round(statistics.median(synced), 3),
+                     "gpu_kernel_ms_per_step": None if gpu_us is None else round(gpu_us / 1e3, 3),
+                     "launches_per_step": launches})
+    gen.switch(model, "sdpa")  # leaves the model unpatched
+    return rows, tops
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: plumbing only")
+    args = p.parse_args(argv)
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("profile_decode.py needs a CUDA GPU (or --dry-run)")
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    s = TINY if args.dry_run else FULL
+    rows = op_level(s, device, dtype)
+    model_rows, tops = model_level(s, device, dtype)
+    rows += model_rows
+    out = benchlib.output_dir(args.out, args.dry_run)
+    stem = "decode_dry-run" if args.dry_run else "decode_profile"
+    benchlib.write_results(out, stem, benchlib.run_metadata(args), rows, {"top_host_ops": tops})
+    print(benchlib.table(["backend", "host us/call", "GPU kernel us/call", "launches/call"],
+                         [[r["backend"], r["host_us_per_call"], r["gpu_kernel_us_per_call"],
+                           r["launches_per_call"]] for r in rows if r["level"] == "op"]))
+    print()
+    print(benchlib.table(["backend", "host ms/step", "ms/step", "GPU kernel ms/step", "launches/step"],
+                         [[r["backend"], r["host_ms_per_step"], r["ms_per_step"],
+                           r["gpu_kernel_ms_per_step"], r["launches_per_step"]]
+                          for r in rows if r["level"] == "model"]))
+    print(f"results in {out}")
+
+
+if __name__ == "__main__":
+    main()
