@@ -6,6 +6,14 @@
 Triton's whole pipeline (front end, MLIR passes, LLVM, ptxas) runs on the host, so a machine
 without a GPU can check that a kernel change still compiles for the GPU, which the CPU test
 suite (Triton's interpreter) cannot. It checks compilation only: results need a GPU run.
+
+Each variant is compiled as Triton specialises it at run time for the common case (base pointers
+16-byte aligned; strides, head count and lengths multiples of 16, as for BERT and GPT-2 shapes).
+That matters: without it Triton cannot prove 16-byte loads, does not software-pipeline the K/V
+(or Q/dO) loads, and reports a fraction of the shared memory the GPU run needs. The default mode
+compiles the config each variant runs with when not tuning (`default_config`) and fails if one
+needs more shared memory than an H100/H200 block may have; `--configs` lists the tuning
+candidates over that limit (the tuner skips those at run time).
 Do not set TRITON_INTERPRET for this. To check another Triton release than the installed one,
 put it first on the path:
 
@@ -34,6 +42,8 @@ def signature(kernel, constexprs, dtype):
     for name in kernel.arg_names:
         if name in constexprs:
             out[name] = "constexpr"
+        elif name == "MASK" and constexprs.get("MASK_KIND") == 2:
+            out[name] = "*fp32"  # an additive float mask, at its widest
         elif name in _POINTER_TYPES:
             out[name] = _POINTER_TYPES[name]
         elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
@@ -45,13 +55,36 @@ def signature(kernel, constexprs, dtype):
 
 KERNELS = ((_forward._fwd_kernel, {}, "fwd"), (_backward._bwd_dq_kernel, {"HAS_DLSE": False}, "bwd"),
            (_backward._bwd_dkdv_kernel, {}, "bwd"))
+SMEM_LIMIT = 232448  # bytes of shared memory one block may opt into on sm_90 (227 KiB)
+_UNIT_STRIDES = ("stride_mn", "stride_kpmn")  # 1 for contiguous masks; not multiples of 16
+_LENGTHS = ("H", "N_Q", "N_K", "STATS_N")
+
+
+def runtime_attrs(kernel, sig):
+    """The divisibility Triton's launcher would find: 16 for every pointer, every stride but the
+    masks' unit ones, and the head count and lengths (all multiples of 16 in the common case)."""
+    attrs = {}
+    for i, name in enumerate(kernel.arg_names):
+        t = sig[name]
+        if t.startswith("*") or name in _LENGTHS or (
+                name.startswith("stride_") and name not in _UNIT_STRIDES):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+def build(kernel, cx, dtype, target, warps, stages):
+    """Compile one variant; returns the shared memory (bytes) it needs per block."""
+    sig = signature(kernel, cx, dtype)
+    src = ASTSource(fn=kernel, signature=sig, constexprs=cx, attrs=runtime_attrs(kernel, sig))
+    compiled = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+    return compiled.metadata.shared
 
 
 def compile_configs(target):
     """Each tuning candidate of each kernel (the tuner may pick any of them), on the plain and the
     most loaded variant (causal, key padding, dropout), at head dims 64 and 128."""
     lists = {"fwd": _forward._FWD_CONFIGS, "bwd": _backward._BWD_CONFIGS}
-    n, t0 = 0, time.time()
+    n, over, t0 = 0, [], time.time()
     for (kernel, extra, kind), d, loaded in itertools.product(KERNELS, [64, 128], [False, True]):
         for c in lists[kind]:
             if not _common.smem_ok(c, d, 2, 1 if kind == "fwd" else 2, 2):
@@ -59,12 +92,15 @@ def compile_configs(target):
             cx = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
                       IS_CAUSAL=loaded, HAS_KPM=loaded, MASK_KIND=0, HAS_DROPOUT=loaded,
                       DOT_PRECISION="tf32", VARLEN=False, **extra)
-            src = ASTSource(fn=kernel, signature=signature(kernel, cx, "bf16"), constexprs=cx)
-            triton.compile(src, target=target,
-                           options={"num_warps": c["num_warps"], "num_stages": c["num_stages"]})
+            shared = build(kernel, cx, "bf16", target, c["num_warps"], c["num_stages"])
+            if shared > SMEM_LIMIT:
+                over.append(f"  {kernel.__name__} D{d} {'loaded' if loaded else 'plain'} {c}: "
+                            f"{shared} bytes")
             n += 1
-    print(f"compiled {n} tuning-candidate variants for sm_90 in {time.time() - t0:.0f} s "
-          f"(triton {triton.__version__})")
+    print(f"compiled {n} tuning-candidate variants (bf16) for sm_90 in {time.time() - t0:.0f} s "
+          f"(triton {triton.__version__}); {len(over)} need more than {SMEM_LIMIT} bytes of "
+          f"shared memory (skipped by the tuner on the GPU):")
+    print("\n".join(over))
 
 
 def main():
@@ -73,21 +109,39 @@ def main():
     target = GPUTarget("cuda", 90, 32)
     if "--configs" in sys.argv[1:]:
         return compile_configs(target)
-    kernels = [(k, extra) for k, extra, _ in KERNELS]
-    n, t0 = 0, time.time()
-    for kernel, extra in kernels:
+    n, worst, over, t0 = 0, (0, ""), [], time.time()
+
+    def one(kernel, extra, kind, dtype, d, varlen, causal, kpm, mask_kind, dropout):
+        nonlocal n, worst
+        c = _common.default_config(kind, d, {"bf16": 2, "fp32": 4}[dtype])
+        cx = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
+                  IS_CAUSAL=causal, HAS_KPM=kpm, MASK_KIND=mask_kind, HAS_DROPOUT=dropout,
+                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", VARLEN=varlen, **extra)
+        shared = build(kernel, cx, dtype, target, c["num_warps"], c["num_stages"])
+        what = (f"{kernel.__name__} {dtype} D{d} varlen={varlen} causal={causal} kpm={kpm} "
+                f"mask={mask_kind} dropout={dropout} {c}: {shared} bytes")
+        worst = max(worst, (shared, what))
+        if shared > SMEM_LIMIT:
+            over.append("  " + what)
+        n += 1
+
+    for kernel, extra, kind in KERNELS:
+        # Every bf16 variant at head dims 64 and 128 ...
         for varlen, causal, kpm, mask_kind, dropout, d in itertools.product(
                 [False, True], [False, True], [False, True], [0, 2], [False, True], [64, 128]):
             if varlen and (kpm or mask_kind):
                 continue  # packed sequences take no masks
-            cx = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=64, BLOCK_N=64, IS_CAUSAL=causal,
-                      HAS_KPM=kpm, MASK_KIND=mask_kind, HAS_DROPOUT=dropout,
-                      DOT_PRECISION="tf32", VARLEN=varlen, **extra)
-            src = ASTSource(fn=kernel, signature=signature(kernel, cx, "bf16"), constexprs=cx)
-            triton.compile(src, target=target, options={"num_warps": 4, "num_stages": 3})
-            n += 1
+            one(kernel, extra, kind, "bf16", d, varlen, causal, kpm, mask_kind, dropout)
+        # ... and the most loaded one (causal, key padding, float mask, dropout) in fp32 and at
+        # head dim 256, where tiles are widest.
+        for dtype, d in (("fp32", 64), ("fp32", 128), ("fp32", 256), ("bf16", 256)):
+            one(kernel, extra, kind, dtype, d, False, True, True, 2, True)
     print(f"compiled {n} kernel variants for sm_90 in {time.time() - t0:.0f} s "
-          f"(triton {triton.__version__})")
+          f"(triton {triton.__version__}), each with its untuned config; the most shared memory: "
+          f"{worst[1]}")
+    if over:
+        print(f"{len(over)} need more than {SMEM_LIMIT} bytes of shared memory:\n" + "\n".join(over))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

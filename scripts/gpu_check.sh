@@ -5,11 +5,15 @@
 #
 #   bash scripts/gpu_check.sh [OUT]          # default OUT: runs/gpu_check
 #
-# OUT gets eight files: summary.txt (one line per part: exit status and seconds), tests.log,
-# ops.log, models.log, and the benchmarks' CSV/JSON (ops_bar_check.*, models_train_check.*).
-# Limits through the environment: TESTS_S (270), OPS_S (200), MODELS_S (100); WORKERS (16,
-# pytest-xdist processes). The benchmarks record the git sha; set GIT_SHA if this checkout's git
-# metadata is not the code being run.
+# OUT gets up to nine files: summary.txt (one line per part: exit status and seconds), one log per
+# part (tests.log, ops.log, models.log, scale.log), and the benchmarks' CSV/JSON (ops_bar_check.*,
+# models_train_check.*).
+# PARTS picks the parts, in this order (default "tests ops models"): tests, ops, models, and scale
+# (tests/test_gpu_scale.py alone: offsets past 2^31 elements, 64k/128k tokens with their memory,
+# 1000 calls with flat allocator statistics, CUDA-graph capture; ~40 GiB of GPU memory).
+# Limits through the environment: TESTS_S (270), OPS_S (200), MODELS_S (100), SCALE_S (150);
+# WORKERS (16, pytest-xdist processes). The benchmarks record the git sha; set GIT_SHA if this
+# checkout's git metadata is not the code being run.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/gpu_check}
@@ -20,23 +24,32 @@ python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 
 python3 -c "import hf_flash" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e .
 
 . scripts/parts.sh  # part NAME SECONDS command...
+PARTS=" ${PARTS:-tests ops models} "
+want() { case "$PARTS" in *" $1 "*) return 0 ;; esac; return 1; }
 
 # Autotuning off: every shape class of the grid would otherwise time several compiled configs.
 # Three property examples per (head dim, causal) test instead of ten: most of them compile kernels
 # of their own, and ten took 60-110 s per test.
-part tests "${TESTS_S:-270}" env HF_FLASH_AUTOTUNE=0 HF_FLASH_PROPERTY_EXAMPLES=3 \
+want tests && part tests "${TESTS_S:-270}" env HF_FLASH_AUTOTUNE=0 HF_FLASH_PROPERTY_EXAMPLES=3 \
     python3 -m pytest -q -p no:cacheprovider --tb=short -rf -n "${WORKERS:-16}" -k "not long_seq" \
     tests/test_kernel.py tests/test_patch_gpu.py tests/test_reliability.py tests/test_patch_models.py
 # The three model-shaped bar cases (each ~40-70 s with its tuning); the long ones take bench_ops alone.
-part ops "${OPS_S:-200}" python3 benchmarks/bench_ops.py --suite bar --quick --cases bert,gpt2 \
+want ops && part ops "${OPS_S:-200}" python3 benchmarks/bench_ops.py --suite bar --quick --cases bert,gpt2 \
     --backends hf_flash,cudnn --out "$OUT" --tag check --time-budget $(( ${OPS_S:-200} - 20 ))
-part models "${MODELS_S:-100}" python3 benchmarks/bench_models.py --suite train --models bert \
+want models && part models "${MODELS_S:-100}" python3 benchmarks/bench_models.py --suite train --models bert \
     --impls sdpa,hf_flash --patch-kwargs '{"packed": true}' --quick --profile --out "$OUT" \
     --tag check --time-budget $(( ${MODELS_S:-100} - 15 ))
+# Alone: its tensors take ~40 GiB, and its memory figures are the point (-s prints them).
+want scale && part scale "${SCALE_S:-150}" env HF_FLASH_AUTOTUNE=0 \
+    python3 -m pytest -q -s -p no:cacheprovider --tb=short -rf tests/test_gpu_scale.py
 
 echo
-grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20
-tail -n 2 "$OUT/tests.log"
-grep -A 12 "^fwd+bwd: ms" "$OUT/ops.log" | head -n 10
-grep -B 1 -A 4 "^model " "$OUT/models.log" | head -n 8
+for log in tests scale; do
+    [ -f "$OUT/$log.log" ] || continue
+    grep -E "^(FAILED|ERROR)" "$OUT/$log.log" | head -n 20
+    tail -n 2 "$OUT/$log.log"
+done
+[ -f "$OUT/scale.log" ] && grep -iE "GiB|MiB" "$OUT/scale.log" | head -n 8
+[ -f "$OUT/ops.log" ] && grep -A 12 "^fwd+bwd: ms" "$OUT/ops.log" | head -n 10
+[ -f "$OUT/models.log" ] && grep -B 1 -A 4 "^model " "$OUT/models.log" | head -n 8
 cat "$OUT/summary.txt"
