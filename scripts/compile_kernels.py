@@ -12,8 +12,10 @@ Each variant is compiled as Triton specialises it at run time for the common cas
 That matters: without it Triton cannot prove 16-byte loads, does not software-pipeline the K/V
 (or Q/dO) loads, and reports a fraction of the shared memory the GPU run needs. The default mode
 compiles the config each variant runs with when not tuning (`default_config`) and fails if one
-needs more shared memory than an H100/H200 block may have; `--configs` lists the tuning
-candidates over that limit (the tuner skips those at run time).
+needs more shared memory than an H100/H200 block may have; `--configs` prints each tuning
+candidate's registers, local-memory spills and shared memory (registers and spills need the
+cuobjdump that ships with Triton's NVIDIA backend), and lists those over the shared-memory limit
+(the tuner skips them at run time).
 Do not set TRITON_INTERPRET for this. To check another Triton release than the installed one,
 put it first on the path:
 
@@ -22,7 +24,11 @@ put it first on the path:
 """
 
 import itertools
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 import triton
@@ -77,14 +83,32 @@ def build(kernel, cx, dtype, target, warps, stages):
     sig = signature(kernel, cx, dtype)
     src = ASTSource(fn=kernel, signature=sig, constexprs=cx, attrs=runtime_attrs(kernel, sig))
     compiled = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
-    return compiled.metadata.shared
+    return compiled.metadata.shared, registers(compiled)
+
+
+_CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def registers(compiled):
+    """(registers per thread, stack bytes per thread) from the cubin, by the cuobjdump Triton
+    ships; a stack means local-memory spills. None where there is no cuobjdump."""
+    if not os.access(_CUOBJDUMP, os.X_OK):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        out = subprocess.run([_CUOBJDUMP, "--dump-resource-usage", path], capture_output=True,
+                             text=True).stdout
+    reg, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
+    return (int(reg.group(1)), int(stack.group(1))) if reg and stack else None
 
 
 def compile_configs(target):
     """Each tuning candidate of each kernel (the tuner may pick any of them), on the plain and the
     most loaded variant (causal, key padding, dropout), at head dims 64 and 128."""
     lists = {"fwd": _forward._FWD_CONFIGS, "bwd": _backward._BWD_CONFIGS}
-    n, over, t0 = 0, [], time.time()
+    n, over, rows, t0 = 0, [], [], time.time()
     for (kernel, extra, kind), d, loaded in itertools.product(KERNELS, [64, 128], [False, True]):
         for c in lists[kind]:
             if not _common.smem_ok(c, d, 2, 1 if kind == "fwd" else 2, 2):
@@ -92,11 +116,18 @@ def compile_configs(target):
             cx = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
                       IS_CAUSAL=loaded, HAS_KPM=loaded, MASK_KIND=0, HAS_DROPOUT=loaded,
                       DOT_PRECISION="tf32", VARLEN=False, **extra)
-            shared = build(kernel, cx, "bf16", target, c["num_warps"], c["num_stages"])
+            shared, regs = build(kernel, cx, "bf16", target, c["num_warps"], c["num_stages"])
+            what = (f"{kernel.__name__:16s} D{d:<3d} {'loaded' if loaded else 'plain ':6s} "
+                    f"{c['BLOCK_M']:3d} x {c['BLOCK_N']:<3d} warps {c['num_warps']} "
+                    f"stages {c['num_stages']}")
+            rows.append(f"{what}  registers {regs[0] if regs else '?':>3}  spill "
+                        f"{regs[1] if regs else '?':>4} B  shared {shared:6d} B")
             if shared > SMEM_LIMIT:
-                over.append(f"  {kernel.__name__} D{d} {'loaded' if loaded else 'plain'} {c}: "
-                            f"{shared} bytes")
+                over.append(f"  {what}: {shared} bytes")
             n += 1
+    print("each tuning candidate, bf16; loaded = causal, key padding and dropout; spill = stack "
+          "bytes per thread (local memory)")
+    print("\n".join(rows))
     print(f"compiled {n} tuning-candidate variants (bf16) for sm_90 in {time.time() - t0:.0f} s "
           f"(triton {triton.__version__}); {len(over)} need more than {SMEM_LIMIT} bytes of "
           f"shared memory (skipped by the tuner on the GPU):")
@@ -117,7 +148,7 @@ def main():
         cx = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
                   IS_CAUSAL=causal, HAS_KPM=kpm, MASK_KIND=mask_kind, HAS_DROPOUT=dropout,
                   DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", VARLEN=varlen, **extra)
-        shared = build(kernel, cx, dtype, target, c["num_warps"], c["num_stages"])
+        shared, _ = build(kernel, cx, dtype, target, c["num_warps"], c["num_stages"])
         what = (f"{kernel.__name__} {dtype} D{d} varlen={varlen} causal={causal} kpm={kpm} "
                 f"mask={mask_kind} dropout={dropout} {c}: {shared} bytes")
         worst = max(worst, (shared, what))
