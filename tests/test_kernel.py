@@ -492,6 +492,19 @@ def test_fully_masked_rows_give_zeros_and_zero_grads():
     assert torch.all(k.grad[1] == 0) and torch.all(v.grad[1] == 0)
 
 
+@pytest.mark.parametrize("B, H, n_q, n_k", [(0, 2, 5, 7), (2, 0, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0)])
+def test_empty_dimensions_give_what_sdpa_gives(B, H, n_q, n_k):
+    # Tensors with a zero-size dimension are valid inputs to SDPA: the same shapes come back, and
+    # with no keys at all every row has no visible key, hence zeros and zero gradients.
+    q, k, v = (torch.randn(B, H, n, 16, device=DEVICE, requires_grad=True) for n in (n_q, n_k, n_k))
+    out = hf_flash.flash_attention(q, k, v, is_causal=n_q == n_k)
+    out.sum().backward()
+    assert out.shape == (B, H, n_q, 16)
+    assert torch.all(out == 0) if n_k == 0 else out.numel() == 0
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and torch.all(t.grad == 0)
+
+
 def test_bool_key_mask_in_4d_form_matches_key_padding():
     # HF's eager masks arrive as (B, 1, 1, K): recognised as key padding (tiles skipped).
     q, k, v = make_qkv(3, 2, 2, 30, 50, 32, torch.float32, DEVICE)
