@@ -210,8 +210,9 @@ def unservable_reason(module, query, key, value, kwargs) -> Optional[str]:
         return f"different head dims for query/key/value ({d}, {key.shape[-1]}, {value.shape[-1]})"
     if d > MAX_HEAD_DIM:
         return f"head dim {d} > {MAX_HEAD_DIM}"
-    if query.shape[1] % key.shape[1] != 0:
-        return f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} key heads"
+    h_q, h_kv = query.shape[1], key.shape[1]
+    if (h_kv == 0 and h_q != 0) or (h_kv != 0 and h_q % h_kv != 0):
+        return f"{h_q} query heads are not a multiple of {h_kv} key heads"
     return None
 
 

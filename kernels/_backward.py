@@ -352,7 +352,7 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
     hi_t = kv_hi if kv_hi is not None else stats
     seed_t = seed if seed is not None else stats
     cu_t = cu_seqlens if varlen else stats
-    group = H // H_KV if H_KV else 1  # no heads: an empty grid, nothing runs
+    group = H // H_KV
     constexprs = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
                       MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
                       DOT_PRECISION=dot_precision(q.dtype), VARLEN=varlen)

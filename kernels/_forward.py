@@ -191,7 +191,7 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
     seed_t = seed if seed is not None else stats
     cu_t = cu_seqlens if varlen else stats
     block_d = max(16, next_pow2(D))
-    group = H // k.shape[1] if k.shape[1] else 1  # no heads: an empty grid, nothing runs
+    group = H // k.shape[1]
     args = (q, k, v, o, stats, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t,
             *row_strides(q, varlen), *row_strides(k, varlen), *row_strides(v, varlen),
             *row_strides(o, varlen), *mask_strides, *kpm_strides,

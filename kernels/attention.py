@@ -223,6 +223,11 @@ def _varlen_fallback(q4, k4, v4, cu, causal, scale, dropout_p):
 def _dispatch(q, k, v, mask, kpm, causal, scale, dropout_p, want_lse, cu_seqlens=None,
               max_seqlen=0):
     """Returns (out, natural-log lse or None when not wanted)."""
+    if q.numel() == 0 or k.numel() == 0:
+        # A zero-size dimension (no batch, heads, queries or keys): nothing reaches a kernel, whose
+        # grids would be empty or whose head ratio undefined. With no keys every row sees none.
+        out = _NoWork.apply(q, k, v)
+        return out, (torch.full(q.shape[:3], float("-inf"), device=q.device) if want_lse else None)
     if q.device.type == "cpu" and not INTERPRET:
         global _warned_fallback
         if not _warned_fallback:
@@ -246,6 +251,20 @@ def _dispatch(q, k, v, mask, kpm, causal, scale, dropout_p, want_lse, cu_seqlens
                            max_seqlen)
     # The kernels keep the lse in base 2; converting costs a launch, so only when asked.
     return out, (lse2 * LN2 if want_lse else None)
+
+
+class _NoWork(torch.autograd.Function):
+    """Zeros shaped like the query, and zero gradients: attention with nothing to attend to."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.inputs = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
+        return torch.zeros_like(q)
+
+    @staticmethod
+    def backward(ctx, do):
+        return tuple(torch.zeros(shape, dtype=dtype, device=device)
+                     for shape, dtype, device in ctx.inputs)
 
 
 def _check_tensors(q, k, v, enable_gqa):

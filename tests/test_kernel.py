@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -492,15 +493,30 @@ def test_fully_masked_rows_give_zeros_and_zero_grads():
     assert torch.all(k.grad[1] == 0) and torch.all(v.grad[1] == 0)
 
 
-@pytest.mark.parametrize("B, H, n_q, n_k", [(0, 2, 5, 7), (2, 0, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0)])
-def test_empty_dimensions_give_what_sdpa_gives(B, H, n_q, n_k):
+@pytest.mark.parametrize("B, H, H_KV, n_q, n_k", [(0, 2, 2, 5, 7), (2, 0, 0, 5, 7), (2, 0, 2, 5, 7),
+                                                   (2, 2, 2, 0, 7), (2, 2, 2, 5, 0), (2, 4, 2, 5, 0)])
+@pytest.mark.parametrize("fallback", [False, True])
+def test_empty_dimensions_give_what_sdpa_gives(monkeypatch, B, H, H_KV, n_q, n_k, fallback):
     # Tensors with a zero-size dimension are valid inputs to SDPA: the same shapes come back, and
-    # with no keys at all every row has no visible key, hence zeros and zero gradients.
-    q, k, v = (torch.randn(B, H, n, 16, device=DEVICE, requires_grad=True) for n in (n_q, n_k, n_k))
-    out = hf_flash.flash_attention(q, k, v, is_causal=n_q == n_k)
-    out.sum().backward()
-    assert out.shape == (B, H, n_q, 16)
-    assert torch.all(out == 0) if n_k == 0 else out.numel() == 0
+    # with no keys at all every row has no visible key, hence zeros, lse -inf and zero gradients.
+    # Also on the CPU's plain-PyTorch fallback (fallback=True).
+    from hf_flash.kernels import attention
+    if fallback:
+        if DEVICE != "cpu":
+            pytest.skip("the plain-PyTorch fallback serves CPU tensors only")
+        monkeypatch.setattr(attention, "INTERPRET", False)
+    q = torch.randn(B, H, n_q, 16, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(B, H_KV, n_k, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's one-time notice
+        out, lse = hf_flash.flash_attention(q, k, v, is_causal=n_q == n_k, enable_gqa=H != H_KV,
+                                            return_lse=True)
+    (out.sum() + lse[lse.isfinite()].sum()).backward()
+    assert out.shape == (B, H, n_q, 16) and lse.shape == (B, H, n_q)
+    if n_k == 0:
+        assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    else:
+        assert out.numel() == 0
     for t in (q, k, v):
         assert t.grad.shape == t.shape and torch.all(t.grad == 0)
 
