@@ -3,13 +3,20 @@ examples/generation_speed.py's model, for sdpa and hf_flash.
 
     python benchmarks/profile_decode.py --out benchmarks/results/h200
 
-1. Op level, the call a decode step makes in every layer: one query row per sequence against a
-   left-padded KV cache (B16, 16 query heads on 4 KV heads, 603 keys, D64, bf16). Host time is
-   the mean time to queue a call; GPU kernel time and launches per call come from torch.profiler.
-2. Model level: the example's Llama-style model (bf16) prefills left-padded prompts, then takes
-   decode steps through forward() with its cache. Per step: host time to queue it, time with a
-   synchronise, and, from torch.profiler, GPU kernel time and the number of kernel launches. The
-   profiler's top host operators for each backend go to the JSON.
+1. Op level: the call each layer makes in a decode step, as each backend receives it from
+   transformers: one query row per sequence (the query a transposed view, as HF's layout gives)
+   against a left-padded KV cache as long as the example's longest (its prompts plus 128 new
+   tokens), 16 query heads on 4 KV heads, D64, bf16. sdpa gets what transformers' SDPA path
+   passes with a padding mask (K/V repeated to every query head, a (batch, 1, 1, k_len) bool
+   mask); hf_flash what its patch passes (a bottom-right causal bias, the key padding mask,
+   grouped heads). Host time is the mean time to queue a call; GPU kernel time and kernels per
+   call come from torch.profiler's device events (copies and fills excluded).
+2. Model level: the example's Llama-style model (bf16) prefills its left-padded prompts, then
+   takes decode steps through forward() with the cache and position ids from the mask, as
+   generate() does, without generate()'s own per-step work (logits processors, stopping checks).
+   Per step: host time to queue it (which includes any wait for the GPU inside it), time with a
+   synchronise, GPU kernel time and kernels launched. The top host operators of each backend go
+   to the JSON.
 
 --dry-run: a tiny model on the CPU under Triton's interpreter (plumbing only; nothing is timed
 that means anything, and there is no GPU time).
@@ -32,8 +39,10 @@ import generation_speed as gen  # noqa: E402
 
 import hf_flash  # noqa: E402
 
-FULL = dict(batch=16, prompt_len=475, steps=32, calls=200, **gen.MODEL)
-TINY = dict(batch=2, prompt_len=12, steps=3, calls=3, hidden=32, layers=2, heads=4, kv_heads=2)
+FULL = dict(batch=gen.BATCH, prompt_len=gen.PROMPT_LEN, new_tokens=gen.NEW_TOKENS, steps=32,
+            calls=200, **gen.MODEL)
+TINY = dict(batch=2, prompt_len=12, new_tokens=4, steps=3, calls=3, hidden=32, layers=2, heads=4,
+            kv_heads=2)
 BACKENDS = ("sdpa", "hf_flash")
 
 
@@ -42,22 +51,25 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def op_level(s, device, dtype):
+def op_level(s, device, dtype, n_k):
     """Host and GPU microseconds per decode-shaped attention call, per backend."""
+    from torch.nn.attention.bias import causal_lower_right
+
     B, H, KV, D = s["batch"], s["heads"], s["kv_heads"], s["hidden"] // s["heads"]
-    n_k = s["prompt_len"] + 128
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(B, H, 1, D, generator=g).to(device, dtype)
+    q = torch.randn(B, 1, H, D, generator=g).to(device, dtype).transpose(1, 2)
     k, v = (torch.randn(B, KV, n_k, D, generator=g).to(device, dtype) for _ in range(2))
     keep = torch.ones(B, n_k, dtype=torch.bool)
     for b in range(0, B, 2):  # every other sequence left-padded by a third of the keys
         keep[b, : n_k // 3] = False
     keep = keep.to(device)
+    k_rep, v_rep = (t.repeat_interleave(H // KV, dim=1) for t in (k, v))
     calls = {
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=keep[:, None, None, :], enable_gqa=True),
+            q, k_rep, v_rep, attn_mask=keep[:, None, None, :]),
         "hf_flash": lambda: hf_flash.flash_attention(
-            q, k, v, key_padding_mask=keep, enable_gqa=True),
+            q, k, v, attn_mask=causal_lower_right(1, n_k), key_padding_mask=keep,
+            enable_gqa=True),
     }
     rows = []
     with torch.no_grad():
@@ -70,11 +82,11 @@ def op_level(s, device, dtype):
                 fn()
             host_us = (time.perf_counter() - t0) / s["calls"] * 1e6
             _sync(device)
-            gpu_us, launches, _ = _profile(lambda: [fn() for _ in range(s["calls"])], device)
+            gpu_us, kernels, _ = _profile(lambda: [fn() for _ in range(s["calls"])], device)
             rows.append({"level": "op", "backend": name, "B": B, "H": H, "KV": KV, "n_k": n_k,
                          "D": D, "host_us_per_call": round(host_us, 1),
                          "gpu_kernel_us_per_call": None if gpu_us is None else round(gpu_us / s["calls"], 1),
-                         "launches_per_call": launches / s["calls"]})
+                         "kernels_per_call": kernels / s["calls"]})
     return rows
 
 
@@ -86,18 +98,23 @@ def _profile(step, device):
         step()
         _sync(device)
     events = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") \
-        if device.type == "cuda" else None
-    # Kernel launches, counted on the host side (cudaLaunchKernel and Triton's cuLaunchKernel*).
-    launches = sum(e.count for e in events if "LaunchKernel" in e.key)
+    # Device-side kernels only: copies and fills are not launches of either backend's attention.
+    kernels = [e for e in events if e.device_type.name == "CUDA"
+               and not e.key.startswith(("Memcpy", "Memset"))]
+    gpu_us = sum(e.self_device_time_total for e in kernels) if device.type == "cuda" else None
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
-    return gpu_us, launches, [{"op": e.key[:80], "calls": e.count,
-                               "self_cpu_us": round(e.self_cpu_time_total, 1)} for e in top]
+    return gpu_us, sum(e.count for e in kernels), [
+        {"op": e.key[:80], "calls": e.count, "self_cpu_us": round(e.self_cpu_time_total, 1)}
+        for e in top]
+
+
+def prompts(s, device):
+    ids, mask = gen.make_prompts(gen.PROMPTS, s["batch"], s["prompt_len"], 0)
+    return ids.to(device), mask.to(device)
 
 
 def model_level(s, device, dtype):
-    ids, mask = gen.make_prompts(gen.PROMPTS, s["batch"], s["prompt_len"], 0)
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = prompts(s, device)
     model = gen.build_model("llama", s["hidden"], s["layers"], s["heads"], s["kv_heads"],
                             max_len=ids.shape[1] + s["steps"] + 8, seed=0).to(device, dtype).eval()
     # The cache's keyword: `cache` in newer transformers, `past_key_values` (deprecated there) before.
@@ -106,15 +123,19 @@ def model_level(s, device, dtype):
     for name in BACKENDS:
         gen.switch(model, name)
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            # Position ids from the mask, as generate() derives them (padding positions get 1).
+            pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
             cache, am = getattr(out, "cache", None) or out.past_key_values, mask
             nxt = out.logits[:, -1:].argmax(-1)
             host, synced = [], []
 
             def step():
-                nonlocal out, am, nxt
+                nonlocal out, am, pos, nxt
                 am = torch.cat([am, am.new_ones(am.shape[0], 1)], dim=1)
-                out = model(input_ids=nxt, attention_mask=am, use_cache=True, **{cache_kw: cache})
+                pos = pos[:, -1:] + 1
+                out = model(input_ids=nxt, attention_mask=am, position_ids=pos, use_cache=True,
+                            **{cache_kw: cache})
                 nxt = out.logits[:, -1:].argmax(-1)
 
             for i in range(s["steps"]):
@@ -126,12 +147,12 @@ def model_level(s, device, dtype):
                 if i >= 2:  # the first steps pay compiles and CUDA's first-use costs
                     host.append((t1 - t0) * 1e3)
                     synced.append((time.perf_counter() - t0) * 1e3)
-            gpu_us, launches, tops[name] = _profile(step, device)
+            gpu_us, kernels, tops[name] = _profile(step, device)
         rows.append({"level": "model", "backend": name, "batch": s["batch"], "layers": s["layers"],
                      "prompt_tokens_max": ids.shape[1], "host_ms_per_step": round(statistics.median(host), 3),
                      "ms_per_step": round(statistics.median(synced), 3),
                      "gpu_kernel_ms_per_step": None if gpu_us is None else round(gpu_us / 1e3, 3),
-                     "launches_per_step": launches})
+                     "kernels_per_step": kernels})
     gen.switch(model, "sdpa")  # leaves the model unpatched
     return rows, tops
 
@@ -146,19 +167,20 @@ def main(argv=None):
         raise SystemExit("profile_decode.py needs a CUDA GPU (or --dry-run)")
     dtype = torch.float32 if args.dry_run else torch.bfloat16
     s = TINY if args.dry_run else FULL
-    rows = op_level(s, device, dtype)
+    ids, _ = prompts(s, device)
+    rows = op_level(s, device, dtype, n_k=ids.shape[1] + s["new_tokens"])
     model_rows, tops = model_level(s, device, dtype)
     rows += model_rows
     out = benchlib.output_dir(args.out, args.dry_run)
     stem = "decode_dry-run" if args.dry_run else "decode_profile"
     benchlib.write_results(out, stem, benchlib.run_metadata(args), rows, {"top_host_ops": tops})
-    print(benchlib.table(["backend", "host us/call", "GPU kernel us/call", "launches/call"],
+    print(benchlib.table(["backend", "host us/call", "GPU kernel us/call", "kernels/call"],
                          [[r["backend"], r["host_us_per_call"], r["gpu_kernel_us_per_call"],
-                           r["launches_per_call"]] for r in rows if r["level"] == "op"]))
+                           r["kernels_per_call"]] for r in rows if r["level"] == "op"]))
     print()
-    print(benchlib.table(["backend", "host ms/step", "ms/step", "GPU kernel ms/step", "launches/step"],
+    print(benchlib.table(["backend", "host ms/step", "ms/step", "GPU kernel ms/step", "kernels/step"],
                          [[r["backend"], r["host_ms_per_step"], r["ms_per_step"],
-                           r["gpu_kernel_ms_per_step"], r["launches_per_step"]]
+                           r["gpu_kernel_ms_per_step"], r["kernels_per_step"]]
                           for r in rows if r["level"] == "model"]))
     print(f"results in {out}")
 

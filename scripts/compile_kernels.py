@@ -1,26 +1,35 @@
-"""Compile every forward/backward kernel variant for Hopper (sm_90), no GPU needed.
+"""Compile the forward/backward kernel variants for Hopper (sm_90), no GPU needed.
 
     python scripts/compile_kernels.py            # about 5 minutes on 2 cores
-    python scripts/compile_kernels.py --configs  # every tuning candidate instead (~2.5 minutes)
+    python scripts/compile_kernels.py --configs  # every tuning candidate instead (~4 minutes)
 
 Triton's whole pipeline (front end, MLIR passes, LLVM, ptxas) runs on the host, so a machine
 without a GPU can check that a kernel change still compiles for the GPU, which the CPU test
 suite (Triton's interpreter) cannot. It checks compilation only: results need a GPU run.
 
-Each variant is compiled as Triton specialises it at run time for the common case (base pointers
-16-byte aligned; strides, head count and lengths multiples of 16, as for BERT and GPT-2 shapes).
-That matters: without it Triton cannot prove 16-byte loads, does not software-pipeline the K/V
-(or Q/dO) loads, and reports a fraction of the shared memory the GPU run needs. The default mode
-compiles the config each variant runs with when not tuning (`default_config`) and fails if one
-needs more shared memory than an H100/H200 block may have; `--configs` prints each tuning
-candidate's registers, local-memory spills and shared memory (registers and spills need the
-cuobjdump that ships with Triton's NVIDIA backend), and lists those over the shared-memory limit
-(the tuner skips them at run time).
+The default mode compiles every combination of causal masking, key padding, an additive float
+mask, dropout and packed rows, in bf16 at head dims 64 and 128 (plus the most loaded one in fp32
+and at head dim 256), each with the config it runs with when not tuning (`default_config`), and
+fails if one needs more shared memory than an H100/H200 block may have. Not compiled: the dense
+bool mask (the float mask's code path with another element type) and dq's lse-gradient input.
+`--configs` compiles every tuning candidate on three variants (plain; key padding and dropout, as
+in BERT training; causal, key padding and dropout) at head dims 64 and 128 and prints each one's
+registers, local-memory spills and shared memory (registers and spills need the cuobjdump that
+ships with Triton's NVIDIA backend), and lists those over the shared-memory limit (the tuner
+skips them at run time).
+
+Each variant is compiled as Triton specialises it at run time for a common case: base pointers
+16-byte aligned; strides, the head count and the lengths multiples of 16 (BERT-large's and
+GPT-2-medium's 16 heads, lengths such as 512 or 1024); ints equal to 1 as constants (the unit
+strides of contiguous masks, and one query head per key/value head). That matters: without the
+divisibility Triton cannot prove 16-byte loads, does not software-pipeline the K/V (or Q/dO)
+loads, and reports a fraction of the shared memory the GPU run needs.
+
 Do not set TRITON_INTERPRET for this. To check another Triton release than the installed one,
 put it first on the path:
 
-    python -m pip install --no-deps --target /tmp/triton-X triton==X
-    PYTHONPATH=/tmp/triton-X python scripts/compile_kernels.py
+    python -m pip install --no-deps --target DIR triton==X
+    PYTHONPATH=DIR python scripts/compile_kernels.py
 """
 
 import itertools
@@ -62,24 +71,35 @@ def signature(kernel, constexprs, dtype):
 KERNELS = ((_forward._fwd_kernel, {}, "fwd"), (_backward._bwd_dq_kernel, {"HAS_DLSE": False}, "bwd"),
            (_backward._bwd_dkdv_kernel, {}, "bwd"))
 SMEM_LIMIT = 232448  # bytes of shared memory one block may opt into on sm_90 (227 KiB)
-_UNIT_STRIDES = ("stride_mn", "stride_kpmn")  # 1 for contiguous masks; not multiples of 16
 _LENGTHS = ("H", "N_Q", "N_K", "STATS_N")
 
 
+def unit_constants(cx):
+    """The int arguments that are 1 at run time in the common case, which Triton turns into
+    constants: a present mask's (or key padding's) unit column stride, and the query heads per
+    key/value head. (An absent mask's strides are passed as 0.)"""
+    ones = {"GROUP": 1}
+    if cx.get("MASK_KIND"):
+        ones["stride_mn"] = 1
+    if cx.get("HAS_KPM"):
+        ones["stride_kpmn"] = 1
+    return ones
+
+
 def runtime_attrs(kernel, sig):
-    """The divisibility Triton's launcher would find: 16 for every pointer, every stride but the
-    masks' unit ones, and the head count and lengths (all multiples of 16 in the common case)."""
+    """The divisibility Triton's launcher would find: 16 for every pointer, every stride that is
+    not a constant 1 (0 included) and the head count and lengths."""
     attrs = {}
     for i, name in enumerate(kernel.arg_names):
         t = sig[name]
-        if t.startswith("*") or name in _LENGTHS or (
-                name.startswith("stride_") and name not in _UNIT_STRIDES):
+        if t != "constexpr" and (t.startswith("*") or name in _LENGTHS or name.startswith("stride_")):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return attrs
 
 
 def build(kernel, cx, dtype, target, warps, stages):
-    """Compile one variant; returns the shared memory (bytes) it needs per block."""
+    """Compile one variant; returns (shared memory bytes per block, registers() or None)."""
+    cx = {**cx, **{n: v for n, v in unit_constants(cx).items() if n in kernel.arg_names}}
     sig = signature(kernel, cx, dtype)
     src = ASTSource(fn=kernel, signature=sig, constexprs=cx, attrs=runtime_attrs(kernel, sig))
     compiled = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
@@ -104,20 +124,26 @@ def registers(compiled):
     return (int(reg.group(1)), int(stack.group(1))) if reg and stack else None
 
 
+# --configs variants: name -> (causal, key padding, dropout)
+_CONFIG_VARIANTS = {"plain": (False, False, False), "pad+drop": (False, True, True),
+                    "causal+pad+drop": (True, True, True)}
+
+
 def compile_configs(target):
-    """Each tuning candidate of each kernel (the tuner may pick any of them), on the plain and the
-    most loaded variant (causal, key padding, dropout), at head dims 64 and 128."""
+    """Each tuning candidate of each kernel (the tuner may pick any of them) on each of
+    _CONFIG_VARIANTS, at head dims 64 and 128."""
     lists = {"fwd": _forward._FWD_CONFIGS, "bwd": _backward._BWD_CONFIGS}
     n, over, rows, t0 = 0, [], [], time.time()
-    for (kernel, extra, kind), d, loaded in itertools.product(KERNELS, [64, 128], [False, True]):
+    for (kernel, extra, kind), d, variant in itertools.product(KERNELS, [64, 128], _CONFIG_VARIANTS):
+        causal, kpm, dropout = _CONFIG_VARIANTS[variant]
         for c in lists[kind]:
             if not _common.smem_ok(c, d, 2, 1 if kind == "fwd" else 2, 2):
                 continue  # the candidate lists drop it for this head dim too
             cx = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
-                      IS_CAUSAL=loaded, HAS_KPM=loaded, MASK_KIND=0, HAS_DROPOUT=loaded,
+                      IS_CAUSAL=causal, HAS_KPM=kpm, MASK_KIND=0, HAS_DROPOUT=dropout,
                       DOT_PRECISION="tf32", VARLEN=False, **extra)
             shared, regs = build(kernel, cx, "bf16", target, c["num_warps"], c["num_stages"])
-            what = (f"{kernel.__name__:16s} D{d:<3d} {'loaded' if loaded else 'plain ':6s} "
+            what = (f"{kernel.__name__:16s} D{d:<3d} {variant:15s} "
                     f"{c['BLOCK_M']:3d} x {c['BLOCK_N']:<3d} warps {c['num_warps']} "
                     f"stages {c['num_stages']}")
             rows.append(f"{what}  registers {regs[0] if regs else '?':>3}  spill "
@@ -125,8 +151,8 @@ def compile_configs(target):
             if shared > SMEM_LIMIT:
                 over.append(f"  {what}: {shared} bytes")
             n += 1
-    print("each tuning candidate, bf16; loaded = causal, key padding and dropout; spill = stack "
-          "bytes per thread (local memory)")
+    print("each tuning candidate, bf16 (pad = key padding, drop = dropout); spill = stack bytes "
+          "per thread (local memory)")
     print("\n".join(rows))
     print(f"compiled {n} tuning-candidate variants (bf16) for sm_90 in {time.time() - t0:.0f} s "
           f"(triton {triton.__version__}); {len(over)} need more than {SMEM_LIMIT} bytes of "
@@ -157,7 +183,7 @@ def main():
         n += 1
 
     for kernel, extra, kind in KERNELS:
-        # Every bf16 variant at head dims 64 and 128 ...
+        # Every bf16 combination at head dims 64 and 128 ...
         for varlen, causal, kpm, mask_kind, dropout, d in itertools.product(
                 [False, True], [False, True], [False, True], [0, 2], [False, True], [64, 128]):
             if varlen and (kpm or mask_kind):
