@@ -19,12 +19,18 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/gpu_check}
 mkdir -p "$OUT"
 : > "$OUT/summary.txt"
+rm -f "$OUT"/{tests,ops,models,scale}.log  # a part not run this time must not show an old log
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" ||
     { echo "gpu_check: no CUDA device"; exit 2; }
 python3 -c "import hf_flash" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e .
 
 . scripts/parts.sh  # part NAME SECONDS command...
 PARTS=" ${PARTS:-tests ops models} "
+for p in $PARTS; do
+    case "$p" in tests | ops | models | scale) ;;
+        *) echo "gpu_check: unknown part '$p' in PARTS (parts: tests ops models scale)"; exit 2 ;;
+    esac
+done
 want() { case "$PARTS" in *" $1 "*) return 0 ;; esac; return 1; }
 
 # Autotuning off: every shape class of the grid would otherwise time several compiled configs.

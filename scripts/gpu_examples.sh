@@ -10,7 +10,7 @@
 # along. OUT gets three files (the device returns few): summary.txt, results.json (each part's
 # result.json by part name) and logs.txt (the end of each part's log); the logs stay in
 # runs/examples/logs.
-# Limits through the environment: CLS_S (100 per backend), GEN_S (90), DISTILL_S (180).
+# Limits through the environment: CLS_S (100 per backend), GEN_S (100), DISTILL_S (170).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/gpu_examples}
@@ -29,9 +29,9 @@ else
         { echo "gpu_examples: no CUDA device"; exit 2; }
     tiny=(); cls_data=(--model "$MODEL" --data "$DATA")
     # Reduced to fit their parts: the distillation from 2000/200/300 steps, generation from 5
-    # timed repeats to 3 (it took 108 s with 5 on an H200).
+    # timed repeats to 2 (it took 108 s with 5 on an H200, ~8 s a repeat of the three backends).
     distill_size=(--teacher_steps 800 --warmup_steps 100 --distill_steps 100)
-    gen_size=(--repeats 3)
+    gen_size=(--repeats 2)
 fi
 python3 -c "import hf_flash" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e .
 export HF_HUB_OFFLINE=1
@@ -42,9 +42,9 @@ for attn in hf_flash sdpa eager; do
     part "classifier_$attn" "${CLS_S:-100}" python3 examples/finetune_classifier.py --attn "$attn" \
         "${cls_data[@]}" "${tiny[@]}" --out "runs/examples/classifier_$attn"
 done
-part generation "${GEN_S:-90}" python3 examples/generation_speed.py "${tiny[@]}" "${gen_size[@]}" \
+part generation "${GEN_S:-100}" python3 examples/generation_speed.py "${tiny[@]}" "${gen_size[@]}" \
     --out runs/examples/generation
-part distill "${DISTILL_S:-180}" python3 examples/onpolicy_distillation.py \
+part distill "${DISTILL_S:-170}" python3 examples/onpolicy_distillation.py \
     --out runs/examples/distill "${distill_size[@]}" "${tiny[@]}"
 
 python3 - "$OUT" "$LOGS" <<'PY'
