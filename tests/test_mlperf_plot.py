@@ -57,6 +57,12 @@ def test_runs_warmed_before_the_clock_are_kept_apart(tmp_path):
     assert any(ln.endswith(": 0.667") for ln in ratios)
     paused = plot.load_run(_curve(tmp_path / "paused.jsonl", "hf_flash", 40.0, True, paused_at=7))
     assert "paused.jsonl (paused at step 7, not resumed)" in plot.table([paused])
+    # Resumed after the pause (a new header) and not finished: not reported as paused.
+    resumed = tmp_path / "resumed.jsonl"
+    resumed.write_text((tmp_path / "paused.jsonl").read_text()
+                       + (tmp_path / "paused.jsonl").read_text().splitlines()[0] + "\n")
+    text = plot.table([plot.load_run(resumed)])
+    assert "resumed.jsonl" in text and "not resumed" not in text
     png = tmp_path / "p.png"
     plot.plot(runs, png)
     assert png.stat().st_size > 1000

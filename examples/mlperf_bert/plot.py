@@ -24,7 +24,10 @@ def load_run(path):
     if not heads:
         raise ValueError(f"{path}: no run header")
     results = [r for r in recs if r["event"] == "result"]
-    paused = [r for r in recs if r["event"] == "paused"]
+    # A pause counts only if nothing came after it: a resumed run writes a new header (and, once
+    # there, a result) after the pause.
+    last_head = max(i for i, r in enumerate(recs) if r["event"] == "run")
+    paused = [r for r in recs[last_head:] if r["event"] == "paused"]
     return {"path": str(path), "head": heads[0], "evals": [r for r in recs if r["event"] == "eval"],
             "result": results[-1] if results else None, "paused": paused[-1] if paused else None}
 
