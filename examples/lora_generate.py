@@ -15,7 +15,7 @@ One GPU:
 
 CPU smoke run (2 layers, hidden 32, 3 steps; what tests/test_examples.py runs):
 
-    python examples/lora_generate.py --tiny --out /tmp/lora-tiny
+    python examples/lora_generate.py --tiny --out runs/lora-tiny
 
 What it prints: the held-out loss (nats per byte) before and after training, the training losses,
 whether the reloaded model gives bit-identical logits and the same greedy text, and the generated text.

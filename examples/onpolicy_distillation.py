@@ -23,7 +23,7 @@ One GPU:
 
 CPU smoke run (2-layer teacher, 1-layer student, hidden 32, 2 steps each; what tests/test_examples.py runs):
 
-    python examples/onpolicy_distillation.py --tiny --out /tmp/distill-tiny
+    python examples/onpolicy_distillation.py --tiny --out runs/distill-tiny
 """
 
 import argparse
