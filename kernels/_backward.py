@@ -302,13 +302,9 @@ def _bwd_dq_kernel(
 # rows; dkdv: BLOCK_N key rows) and streams the other, so the lopsided tiles serve one kernel each:
 # (128, 32) a resident query block for dq, (32, 128) a resident key block for dkdv (at head dim 128
 # the H200 picked (64, 32) and (32, 64) from the square-ish rest).
-# The last three keep every tile in registers (no local-memory spills) in dkdv at head dim 128
-# without masks or dropout, and at head dim 64 with causal masking, key padding and dropout,
-# where most of the others spill; `scripts/compile_kernels.py --configs` prints each
-# candidate's registers and spills.
 _BWD_CONFIGS = [cfg(64, 128, 8, 2), cfg(64, 64, 4, 3), cfg(128, 64, 8, 2), cfg(32, 64, 4, 3),
                 cfg(64, 32, 4, 3), cfg(32, 32, 4, 2), cfg(128, 32, 8, 3), cfg(32, 128, 4, 3),
-                cfg(64, 64, 8, 3), cfg(32, 128, 8, 2), cfg(64, 32, 8, 2), cfg(32, 64, 8, 2)]
+                cfg(64, 64, 8, 3)]
 
 
 def _bwd_candidates(block_d, elt_size):

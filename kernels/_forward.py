@@ -147,10 +147,8 @@ def _fwd_kernel(
     tl.store(stats + 2 * STATS_N, log2_l, mask=m_ok)
 
 
-# (128, 128, 8, 2): a 128 x 128 tile for the loaded variants at head dim 128, where the 3-stage
-# one needs 240 KiB of shared memory (more than an H100/H200 block has).
 _FWD_CONFIGS = [cfg(128, 128, 8, 3), cfg(128, 64, 8, 3), cfg(128, 64, 4, 3), cfg(128, 32, 4, 4),
-                cfg(64, 64, 4, 3), cfg(64, 32, 4, 4), cfg(32, 32, 4, 2), cfg(128, 128, 8, 2)]
+                cfg(64, 64, 4, 3), cfg(64, 32, 4, 4), cfg(32, 32, 4, 2)]
 
 
 def _fwd_candidates(block_d, elt_size, n_q):

@@ -136,8 +136,9 @@ def compile_configs(target):
     n, over, rows, t0 = 0, [], [], time.time()
     for (kernel, extra, kind), d, variant in itertools.product(KERNELS, [64, 128], _CONFIG_VARIANTS):
         causal, kpm, dropout = _CONFIG_VARIANTS[variant]
-        for c in lists[kind]:
-            if not _common.smem_ok(c, d, 2, 1 if kind == "fwd" else 2, 2):
+        first = _common.default_config(kind, d, 2)  # heads every candidate list, untuned too
+        for c in [first] + [c for c in lists[kind] if c != first]:
+            if c is not first and not _common.smem_ok(c, d, 2, 1 if kind == "fwd" else 2, 2):
                 continue  # the candidate lists drop it for this head dim too
             cx = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
                       IS_CAUSAL=causal, HAS_KPM=kpm, MASK_KIND=0, HAS_DROPOUT=dropout,
