@@ -16,6 +16,13 @@
 # checkout's git metadata is not the code being run.
 set -u
 cd "$(dirname "$0")/.."
+PARTS=" ${PARTS:-tests ops models} "
+for p in $PARTS; do
+    case "$p" in tests | ops | models | scale) ;;
+        *) echo "gpu_check: unknown part '$p' in PARTS (parts: tests ops models scale)"; exit 2 ;;
+    esac
+done
+want() { case "$PARTS" in *" $1 "*) return 0 ;; esac; return 1; }
 OUT=${1:-runs/gpu_check}
 mkdir -p "$OUT"
 : > "$OUT/summary.txt"
@@ -25,13 +32,6 @@ python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 
 python3 -c "import hf_flash" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e .
 
 . scripts/parts.sh  # part NAME SECONDS command...
-PARTS=" ${PARTS:-tests ops models} "
-for p in $PARTS; do
-    case "$p" in tests | ops | models | scale) ;;
-        *) echo "gpu_check: unknown part '$p' in PARTS (parts: tests ops models scale)"; exit 2 ;;
-    esac
-done
-want() { case "$PARTS" in *" $1 "*) return 0 ;; esac; return 1; }
 
 # Autotuning off: every shape class of the grid would otherwise time several compiled configs.
 # Three property examples per (head dim, causal) test instead of ten: most of them compile kernels

@@ -39,3 +39,11 @@ def _pids_running(text):
                 yield proc.name
         except OSError:  # gone meanwhile
             pass
+
+
+def test_gpu_check_refuses_an_unknown_part_before_anything_runs(tmp_path):
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out")],
+                       env={**os.environ, "PARTS": "tests scales"}, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "unknown part 'scales'" in r.stdout
+    assert not (tmp_path / "out").exists()
