@@ -113,8 +113,7 @@ def prompts(s, device):
     return ids.to(device), mask.to(device)
 
 
-def model_level(s, device, dtype):
-    ids, mask = prompts(s, device)
+def model_level(s, device, dtype, ids, mask):
     model = gen.build_model("llama", s["hidden"], s["layers"], s["heads"], s["kv_heads"],
                             max_len=ids.shape[1] + s["steps"] + 8, seed=0).to(device, dtype).eval()
     # The cache's keyword: `cache` in newer transformers, `past_key_values` (deprecated there) before.
@@ -167,9 +166,9 @@ def main(argv=None):
         raise SystemExit("profile_decode.py needs a CUDA GPU (or --dry-run)")
     dtype = torch.float32 if args.dry_run else torch.bfloat16
     s = TINY if args.dry_run else FULL
-    ids, _ = prompts(s, device)
+    ids, mask = prompts(s, device)
     rows = op_level(s, device, dtype, n_k=ids.shape[1] + s["new_tokens"])
-    model_rows, tops = model_level(s, device, dtype)
+    model_rows, tops = model_level(s, device, dtype, ids, mask)
     rows += model_rows
     out = benchlib.output_dir(args.out, args.dry_run)
     stem = "decode_dry-run" if args.dry_run else "decode_profile"

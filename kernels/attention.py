@@ -301,9 +301,8 @@ def _check_tensors(q, k, v, enable_gqa):
         raise ValueError(f"head dim {D} (the last dim of query, key and value) is not supported: "
                          f"hf_flash supports 1 to {MAX_HEAD_DIM}")
     h_q, h_kv = q.shape[1], k.shape[1]
-    if h_q == h_kv == 0:
-        pass  # no heads at all: an empty result, as SDPA gives
-    elif h_kv == 0 or h_q % h_kv != 0:
+    # No heads at all (both 0) is valid: an empty result, as SDPA gives.
+    if (h_kv == 0 and h_q != 0) or (h_kv != 0 and h_q % h_kv != 0):
         raise ValueError(f"query heads ({h_q}) must be a multiple of key/value heads ({h_kv})")
     if h_q != h_kv and not enable_gqa:
         raise ValueError(f"query has {h_q} heads but key/value have {h_kv}: pass "
