@@ -23,8 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"hf_flash": "#d62728", "flash": "#1f77b4", "efficient": "#2ca02c", "cudnn": "#9467bd",
           "math": "#7f7f7f", "flex": "#ff7f0e", "sdpa": "#1f77b4", "eager": "#7f7f7f",
-          "hf_flash+opts": "#8c564b"}
+          "hf_flash+opts": "#8c564b", "sdpa+compile": "#17becf", "hf_flash+compile": "#e377c2"}
 MODES = ("fwd", "bwd", "fwd+bwd")
+NOT_TRIED = float("nan")  # grouped_bars draws nothing for it (None: tried, no result)
 
 
 def load(csv_path: Path):
@@ -51,8 +52,14 @@ def load(csv_path: Path):
 
 def subtitle(meta) -> str:
     return (f"{meta.get('gpu', '?')} | torch {meta.get('torch', '?')} | triton "
-            f"{meta.get('triton', '?')} | git {str(meta.get('git_sha', '?'))[:10]} | "
-            f"{meta.get('date_utc', '?')}")
+            f"{meta.get('triton', '?')} | git {meta.get('git_sha', '?')} | {meta.get('date_utc', '?')}")
+
+
+def legend(ax, series):
+    # Proxies, not the bars: a series with no bar in this axis still gets its own colour.
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=COLORS.get(s, "gray"), label=s) for s in series], fontsize=7)
 
 
 def ok(r) -> bool:
@@ -60,7 +67,8 @@ def ok(r) -> bool:
 
 
 def grouped_bars(ax, groups, series, value, label_fmt="{:.0f}", log=False):
-    """Bars for each series within each group; value(group, series) -> float or None."""
+    """Bars for each series within each group; value(group, series) -> float, None (tried
+    without a result: an x at the axis bottom) or NaN (not tried: nothing drawn)."""
     n = max(len(series), 1)
     width = 0.8 / n
     if log:
@@ -73,7 +81,7 @@ def grouped_bars(ax, groups, series, value, label_fmt="{:.0f}", log=False):
             y = value(g, s)
             if y is None:
                 miss.append(x)
-            else:
+            elif y == y:  # NaN: not tried here
                 xs.append(x)
                 ys.append(y)
         bars = ax.bar(xs, ys, width, label=s, color=COLORS.get(s))
@@ -125,7 +133,7 @@ def plot_bar_suite(rows, meta, out: Path):
                      if (c, b, m) in idx and ok(idx[(c, b, m)]) else None)
         ax.set_title(c, fontsize=8)
         ax.set_ylabel("TFLOP/s")
-    axes[0][0].legend(fontsize=7)
+    legend(axes[0][0], backends)
     fig.suptitle("Attention, bar cases\n" + subtitle(meta), fontsize=9)
     fig.tight_layout()
     path = out / "bar_cases.png"
@@ -154,7 +162,7 @@ def plot_sweep(rows, meta, out: Path):
                 ax.set_title(f"{var}, head dim {d}, {m}", fontsize=9)
                 ax.set_xlabel("sequence length")
                 ax.set_ylabel("TFLOP/s")
-        axes[0][0].legend(fontsize=7)
+        legend(axes[0][0], backends)
         fig.suptitle(f"Attention speed, {var} (batch x seq = 16k tokens, hidden 2048)\n"
                      + subtitle(meta), fontsize=9)
         fig.tight_layout()
@@ -178,7 +186,7 @@ def plot_memory(rows, meta, out: Path):
                  and isinstance(idx[(n, b)].get("peak_mib"), float) else None, log=True)
     ax.set_xlabel("sequence length (B4 H16 D64; 65536 at B1)")
     ax.set_ylabel("extra peak memory, fwd+bwd (MiB)")
-    ax.legend(fontsize=7)
+    legend(ax, backends)
     fig.suptitle("Attention memory\n" + subtitle(meta), fontsize=9)
     fig.tight_layout()
     path = out / "memory.png"
@@ -189,19 +197,20 @@ def plot_memory(rows, meta, out: Path):
 
 def plot_models(rows, meta, out: Path):
     paths = []
-    impls = present(rows, "impl", ("eager", "sdpa", "hf_flash", "hf_flash+opts"))
+    order = ("eager", "sdpa", "hf_flash", "hf_flash+opts", "sdpa+compile", "hf_flash+compile")
     train = [r for r in rows if r["suite"] in ("train", "dry-run")]
     if train:
+        impls = present(train, "impl", order)
         models = list(dict.fromkeys(r["model"] for r in train))
         idx = {(r["model"], r["impl"]): r for r in train}
         fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.8), squeeze=False)
         for ax, m in zip(axes[0], models):
             grouped_bars(ax, ["train step"], impls,
-                         lambda _, i: idx[(m, i)]["ms_step"] if (m, i) in idx and ok(idx[(m, i)])
-                         else None, label_fmt="{:.1f}")
+                         lambda _, i: NOT_TRIED if (m, i) not in idx else
+                         idx[(m, i)]["ms_step"] if ok(idx[(m, i)]) else None, label_fmt="{:.1f}")
             ax.set_title(m, fontsize=8)
             ax.set_ylabel("ms per step (lower is better)")
-        axes[0][0].legend(fontsize=7)
+        legend(axes[0][0], impls)
         fig.suptitle("Training step\n" + subtitle(meta), fontsize=9)
         fig.tight_layout()
         path = out / "models_train.png"
@@ -210,17 +219,18 @@ def plot_models(rows, meta, out: Path):
         paths.append(path)
     long = [r for r in rows if r["suite"] == "long"]
     if long:
+        impls = present(long, "impl", order)
         ctxs = sorted({r["N"] for r in long})
         idx = {(r["N"], r["impl"]): r for r in long}
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for ax, key, ylabel, fmt in ((axes[0], "tokens_s", "tokens/s", "{:.0f}"),
                                      (axes[1], "peak_gib", "peak memory (GiB)", "{:.1f}")):
             grouped_bars(ax, ctxs, impls,
-                         lambda n, i: idx[(n, i)][key] if (n, i) in idx and ok(idx[(n, i)])
-                         else None, label_fmt=fmt)
+                         lambda n, i: NOT_TRIED if (n, i) not in idx else
+                         idx[(n, i)][key] if ok(idx[(n, i)]) else None, label_fmt=fmt)
             ax.set_xlabel("context (GPT-2-small, batch 1); x = out of memory or n/a")
             ax.set_ylabel(ylabel)
-        axes[0].legend(fontsize=7)
+        legend(axes[0], impls)
         fig.suptitle("Longer context\n" + subtitle(meta), fontsize=9)
         fig.tight_layout()
         path = out / "models_long.png"
@@ -241,6 +251,8 @@ def merge(paths):
         if rows:
             metas.append(meta)
         for r in rows:
+            if r.get("compiled") is True:  # a torch.compile'd step is another contender, not a re-run
+                r["impl"] = f"{r['impl']}+compile"
             key = (r.get("suite"), r.get("case") or r.get("model"), r.get("backend") or r.get("impl"),
                    r.get("mode"))
             if r.get("status") != "ok" and merged.get(key, {}).get("status") == "ok":
@@ -248,8 +260,10 @@ def merge(paths):
             merged[key] = r
     meta = {}
     for k in ("gpu", "torch", "triton", "git_sha", "date_utc"):
-        vals = list(dict.fromkeys(str(m.get(k, "?")) for m in metas))
-        meta[k] = vals[0] if len(vals) == 1 else "/".join(v[:10] for v in vals)
+        # shas and timestamps to 10 characters (a sha's prefix, the day) before telling runs apart
+        cut = 10 if k in ("git_sha", "date_utc") else None
+        vals = list(dict.fromkeys(str(m.get(k, "?"))[:cut] for m in metas))
+        meta[k] = "/".join(vals) if len(vals) <= 3 else f"{vals[0]}../{vals[-1]} ({len(vals)} runs)"
     return list(merged.values()), meta
 
 

@@ -101,10 +101,14 @@ def plot(runs, png):
             continue
         x = [e["run_s"] / 60 for e in r["evals"]]
         y = [e["mlm_accuracy"] for e in r["evals"]]
-        ax.plot(x, y, color=COLORS.get(h["attn"], "gray"), alpha=0.8, marker=".",
+        # Runs that compiled their kernels inside the clock are a different group (never averaged
+        # with the warmed ones): drawn faint, so the same seed's two groups tell apart.
+        warmed = h.get("kernel_warmup_s") is not None
+        ax.plot(x, y, color=COLORS.get(h["attn"], "gray"), alpha=0.8 if warmed else 0.3,
+                lw=1.5 if warmed else 1.0, marker="." if warmed else "x",
                 ls=("-", "--", ":", "-.")[h["seed"] % 4],
                 label=f"{h['attn']} seed {h['seed']}" + (f" x{h['world_size']}" if h["world_size"] > 1 else "")
-                + ("" if h.get("kernel_warmup_s") is None else ", kernels warmed"))
+                + (", kernels warmed" if warmed else ", kernels compiled in the clock"))
         if h["target"] <= 1:
             targets.add(h["target"])
     for t in sorted(targets):
