@@ -34,7 +34,8 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().nan_to_num(nan=float("inf")).max().item()
 
 
-def base2_reference_with_grads(q, k, v, do, *, float_mask, causal=0, kpm=None):
+def base2_reference_with_grads(q, k, v, do, *, float_mask, causal=0, kpm=None, dropout_p=0.0,
+                               keep_mask=None):
     """Output and grads of fp32 attention evaluated as the kernels do it: scores and the additive
     mask scaled to base 2 and added in fp32, then exp2.
 
@@ -43,7 +44,9 @@ def base2_reference_with_grads(q, k, v, do, *, float_mask, causal=0, kpm=None):
     units as in base 2, and where the values land on the grid decides the row's error: one fp32
     evaluation can be lucky by two orders of magnitude. Taking the worse of this and the natural
     evaluation as the same-dtype error keeps the ratio rule about the kernel, not the luck.
+    `keep_mask` replays a dropout mask of `dropout_p`, as in reference_attention.
     """
+    from hf_flash.kernels import effective_dropout_p
     from hf_flash.kernels._reference import allowed_keys
     log2e = 1.4426950408889634
     q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
@@ -57,6 +60,8 @@ def base2_reference_with_grads(q, k, v, do, *, float_mask, causal=0, kpm=None):
     empty = torch.isneginf(row_max)
     p = torch.exp2(s - row_max.masked_fill(empty, 0.0))
     p = p / p.sum(-1, keepdim=True).masked_fill(empty, 1.0)
+    if keep_mask is not None:
+        p = p * keep_mask / (1.0 - effective_dropout_p(dropout_p))
     out = torch.matmul(p, vv)
     out.backward(do.float())
     return out.detach(), [t.grad for t in (q, k, v)]

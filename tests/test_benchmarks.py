@@ -83,7 +83,12 @@ def test_profile_decode_dry_run_profiles_both_levels_and_backends(tmp_path):
     assert got == {(lvl, b) for lvl in ("op", "model") for b in ("sdpa", "hf_flash")}
     assert all(r["host_us_per_call"] > 0 for r in doc["rows"] if r["level"] == "op")
     assert all(r["ms_per_step"] >= r["host_ms_per_step"] > 0 for r in doc["rows"] if r["level"] == "model")
+    # Each backend's steps at first-met cache lengths and again at the same ones.
+    visits = [(r["backend"], r["lengths"]) for r in doc["rows"] if r["level"] == "model"]
+    assert visits == [(b, f"{v} visit") for b in ("sdpa", "hf_flash") for v in ("first", "again")]
     # The hf_flash decode steps went through the kernel's autograd Function, the sdpa ones did not.
     ops = {b: {t["op"] for t in tops} for b, tops in doc["top_host_ops"].items()}
-    assert "_FlashAttention" in ops["hf_flash"] and "_FlashAttention" not in ops["sdpa"]
+    for v in ("first", "again"):
+        assert "_FlashAttention" in ops[f"hf_flash, {v} visit"]
+        assert "_FlashAttention" not in ops[f"sdpa, {v} visit"]
     assert "results in" in out

@@ -19,11 +19,11 @@ from torch.nn.attention.bias import causal_lower_right
 import hf_flash
 from conftest import DEVICE, GPU_GRID
 from kernel_utils import (GRAD_RATIO, OUT_RATIO, base2_reference_with_grads, check_ratio,
-                          reference_with_grads)
+                          reference_with_grads, replayed_keep_mask)
 
 HEAD_DIMS = [1, 3, 8, 24, 40]
 CAUSAL = ["none", "top_left", "bottom_right"]
-# Per (head dim, causal) test: 150 on a GPU, 30 on the CPU. HF_FLASH_PROPERTY_EXAMPLES overrides it
+# Per (head dim, causal) test: 10 on a GPU, 2 on the CPU. HF_FLASH_PROPERTY_EXAMPLES overrides it
 # (scripts/gpu_check.sh takes 3 to fit its time limit; a property pass can take more).
 EXAMPLES = int(os.environ.get("HF_FLASH_PROPERTY_EXAMPLES", 10 if GPU_GRID else 2))
 
@@ -38,9 +38,11 @@ def attention_case(draw, D, causal):
     kpm_kind = draw(st.sampled_from(["none", "random", "all_masked_row", "single_key"]))
     float_mask = draw(st.sampled_from(["none", "neg_inf", "large_negative", "huge_negative"]))
     layout = draw(st.sampled_from(["bhnd", "bnhd", "sliced"]))
+    dropout = draw(st.sampled_from([0.0, 0.0, 0.1, 0.6]))  # half the examples without
     seed = draw(st.integers(0, 2**31 - 1))
     return dict(B=B, h_kv=h_kv, group=group, n_q=n_q, n_k=n_k, D=D, causal=causal,
-                kpm_kind=kpm_kind, float_mask=float_mask, layout=layout, seed=seed)
+                kpm_kind=kpm_kind, float_mask=float_mask, layout=layout, dropout=dropout,
+                seed=seed)
 
 
 def _tensor(shape, layout, gen):
@@ -89,6 +91,12 @@ def test_random_cases_match_reference(D, causal, data):
             m[:, :, 0] = fill  # at least one row made only of the finite fill
         fa["attn_mask"] = m.to(DEVICE)
         ref["float_mask"] = m.double().to(DEVICE)
+    p = case["dropout"]
+    if p > 0:
+        # The references replay the kernel's own dropout mask: the same seed draws the same one.
+        fa["dropout_p"] = ref["dropout_p"] = p
+        ref["keep_mask"] = replayed_keep_mask(case["seed"], p, B, H, n_q, n_k, DEVICE)
+        torch.manual_seed(case["seed"])
     out = hf_flash.flash_attention(q, k, v, enable_gqa=case["group"] > 1, **fa)
     do = torch.randn(out.shape, generator=gen).to(DEVICE)
     out.backward(do)
@@ -97,7 +105,8 @@ def test_random_cases_match_reference(D, causal, data):
     outs, grads = [o32], [[g] for g in g32]
     if "float_mask" in ref:  # the same fp32 sum of scores and mask, in the kernels' base 2
         o2, g2 = base2_reference_with_grads(q, k, v, do, float_mask=ref["float_mask"],
-                                            causal=ref.get("causal", 0), kpm=ref.get("kpm"))
+                                            causal=ref.get("causal", 0), kpm=ref.get("kpm"),
+                                            dropout_p=p, keep_mask=ref.get("keep_mask"))
         outs.append(o2)
         for g, extra in zip(grads, g2):
             g.append(extra)
