@@ -1,4 +1,5 @@
-"""On-policy distillation against off-policy distillation, both models' attention in hf_flash.
+"""On-policy distillation against off-policy distillation, both models' attention in hf_flash
+(or, with --attn, in transformers' eager or sdpa, to compare).
 
 On-policy: the student samples completions of training prompts itself (generate, KV cache); the teacher
 scores every token of them; the student minimises the per-token reverse KL to the teacher,
@@ -20,6 +21,7 @@ One GPU:
     python examples/onpolicy_distillation.py --out runs/distill
 
     python examples/onpolicy_distillation.py --teacher runs/distill/teacher --out runs/distill-2
+    python examples/onpolicy_distillation.py --teacher runs/distill/teacher --attn sdpa --out runs/distill-sdpa
 
 CPU smoke run (2-layer teacher, 1-layer student, hidden 32, 2 steps each; what tests/test_examples.py runs):
 
@@ -57,6 +59,7 @@ BATCH = 32                  # prompts per distillation step
 PROMPT_LEN = 32             # bytes of text each completion continues
 COMPLETION = 64             # sampled tokens per prompt
 EVAL_PROMPTS = 128
+ATTN = "hf_flash"           # both models' attention: hf_flash, sdpa or eager
 LR = 1e-3
 TEMPERATURE = 1.0           # sampling temperature of both methods (1: the models' own distributions)
 SEED = 0
@@ -94,6 +97,14 @@ def build(hidden, layers, heads, max_len, seed):
                       pad_token_id=PAD, bos_token_id=BOS, eos_token_id=None)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+
+
+def with_attention(model, attn):
+    """`model` with its attention in `attn`: hf_flash through its patch, else transformers' own."""
+    if attn == "hf_flash":
+        return hf_flash.patch(model, fallback="raise")
+    model.set_attn_implementation(attn)
+    return model
 
 
 def reverse_kl(student_logits, teacher_logits):
@@ -200,6 +211,7 @@ def main(argv=None):
     for key in ints:
         p.add_argument(f"--{key}", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--attn", default=ATTN, choices=["hf_flash", "sdpa", "eager"])
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--out", type=Path, required=True, help="folder for teacher/ and result.json")
@@ -224,17 +236,17 @@ def main(argv=None):
     max_len = max(args.seq, args.prompt_len + args.completion)
     timings = {}
 
-    # 1. The teacher: given, or trained on the text; patched either way.
+    # 1. The teacher: given, or trained on the text; in --attn either way.
     t0 = time.perf_counter()
     if args.teacher:
         teacher = AutoModelForCausalLM.from_pretrained(args.teacher, attn_implementation="eager")
         if teacher.config.vocab_size < VOCAB:
             raise SystemExit(f"--teacher has {teacher.config.vocab_size} tokens; byte-level text "
                              f"needs {VOCAB}")
-        teacher = hf_flash.patch(teacher.to(device), fallback="raise")
+        teacher = with_attention(teacher.to(device), args.attn)
     else:
-        teacher = hf_flash.patch(build(args.t_hidden, args.t_layers, args.t_heads, max_len,
-                                       args.seed).to(device), fallback="raise")
+        teacher = with_attention(build(args.t_hidden, args.t_layers, args.t_heads, max_len,
+                                       args.seed).to(device), args.attn)
         train_on_text(teacher, train_data, args.teacher_steps, args.seq, args.batch, args.lr, g,
                       amp, device, "teacher")
         teacher.save_pretrained(args.out / "teacher")  # a normal checkpoint: patching leaves no trace
@@ -242,8 +254,8 @@ def main(argv=None):
     timings["teacher_s"] = time.perf_counter() - t0
 
     # 2. The student's common starting point.
-    student0 = hf_flash.patch(build(args.s_hidden, args.s_layers, args.s_heads, max_len,
-                                    args.seed + 1).to(device), fallback="raise")
+    student0 = with_attention(build(args.s_hidden, args.s_layers, args.s_heads, max_len,
+                                    args.seed + 1).to(device), args.attn)
     train_on_text(student0, train_data, args.warmup_steps, args.seq, args.batch, args.lr, g, amp,
                   device, "student warm-up")
 
@@ -254,7 +266,8 @@ def main(argv=None):
     def prompts_of(step):
         return train_prompts[step * args.batch:(step + 1) * args.batch]
 
-    result = {"teacher": str(args.teacher) if args.teacher else "trained here",
+    result = {"attn": args.attn, "attn_implementation": teacher.config._attn_implementation,
+              "teacher": str(args.teacher) if args.teacher else "trained here",
               "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
               "student_parameters": sum(p.numel() for p in student0.parameters()),
               "distill_steps": args.distill_steps, "prompts_per_step": args.batch,
@@ -262,8 +275,8 @@ def main(argv=None):
               "kl_start": held_out_kl(student0, teacher, eval_prompts, args, amp, args.seed)}
     for method in ("on_policy", "off_policy"):
         student = copy.deepcopy(student0)
-        if not hf_flash.is_patched(student):  # the copy must run the same attention as the original
-            hf_flash.patch(student, fallback="raise")
+        if args.attn == "hf_flash" and not hf_flash.is_patched(student):
+            hf_flash.patch(student, fallback="raise")  # the copy must run the original's attention
         torch.manual_seed(args.seed + 2)   # the same sampling randomness for both methods
         losses, seconds = distill(student, teacher, method, prompts_of, args, amp)
         result[method] = {"kl": held_out_kl(student, teacher, eval_prompts, args, amp, args.seed),

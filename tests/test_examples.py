@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import hf_flash
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CORPUS = EXAMPLES.parent.parent / "shared" / "data" / "en-corpus"
 
@@ -92,6 +94,19 @@ def test_onpolicy_distillation(tmp_path):
     # Reverse-KL losses are KLs themselves: non-negative; the trained teacher was saved for reuse.
     assert min(r["on_policy"]["losses"]) >= 0.0
     assert (tmp_path / "teacher" / "config.json").is_file()
+
+
+def test_onpolicy_distillation_with_eager_attention_matches_hf_flash(tmp_path):
+    # The same seeds and the same saved teacher (a trained one draws from the data generator
+    # first): only the attention implementation differs, so the student's starting KL to the
+    # teacher agrees up to fp32 rounding.
+    ex = load("onpolicy_distillation")
+    ex.main(["--tiny", "--out", str(tmp_path / "trained")])
+    teacher = ["--teacher", str(tmp_path / "trained" / "teacher")]
+    flash = ex.main(["--tiny", *teacher, "--out", str(tmp_path / "flash")])
+    eager = ex.main(["--tiny", "--attn", "eager", *teacher, "--out", str(tmp_path / "eager")])
+    assert (flash["attn_implementation"], eager["attn_implementation"]) == (hf_flash.ATTN_NAME, "eager")
+    assert math.isclose(eager["kl_start"], flash["kl_start"], rel_tol=1e-4)
 
 
 def test_reverse_kl_is_a_kl():
