@@ -247,8 +247,10 @@ def main(argv=None):
     else:
         teacher = with_attention(build(args.t_hidden, args.t_layers, args.t_heads, max_len,
                                        args.seed).to(device), args.attn)
-        train_on_text(teacher, train_data, args.teacher_steps, args.seq, args.batch, args.lr, g,
-                      amp, device, "teacher")
+        # Its windows come from a generator of its own, so that the student's warm-up and the
+        # prompts below are the same whether the teacher is trained here or given (--teacher).
+        train_on_text(teacher, train_data, args.teacher_steps, args.seq, args.batch, args.lr,
+                      torch.Generator().manual_seed(args.seed + 3), amp, device, "teacher")
         teacher.save_pretrained(args.out / "teacher")  # a normal checkpoint: patching leaves no trace
     teacher.eval().requires_grad_(False)
     timings["teacher_s"] = time.perf_counter() - t0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine, the examples' GPU runs for examples/README.md, each part under its own time
-# limit (about 9.5 minutes in all): the classifier with each backend, generation speed, and the
-# on-policy distillation at a reduced size.
+# limit: the classifier with each backend, generation speed, and the on-policy distillation at a
+# reduced size with each backend (PARTS below: more than one 10-minute call in all).
 #
 #   bash scripts/gpu_examples.sh [OUT]       # default OUT: runs/gpu_examples
 #
@@ -10,14 +10,30 @@
 # along. OUT gets three files (the device returns few): summary.txt, results.json (each part's
 # result.json by part name) and logs.txt (the end of each part's log); the logs stay in
 # runs/examples/logs.
-# Limits through the environment: CLS_S (100 per backend), GEN_S (100), DISTILL_S (170).
+# Limits through the environment: CLS_S (100 per backend), GEN_S (100), DISTILL_S (250 for the
+# run that trains its teacher; 230 s on an H200), DISTILL_REUSE_S (220 for one that reuses it).
+# PARTS picks the parts, in this order (default "classifier generation", ~400 s): classifier (one
+# run per backend), generation, distill (hf_flash, training the teacher and saving it),
+# distill_sdpa and distill_eager (the same distillation in that attention, on distill's teacher:
+# in the same call as distill or a later one on the same machine). One call fits
+# "distill distill_sdpa" (~470 s); distill_eager then takes a call of its own.
 set -u
 cd "$(dirname "$0")/.."
+PARTS=" ${PARTS:-classifier generation} "
+for p in $PARTS; do
+    case "$p" in classifier | generation | distill | distill_sdpa | distill_eager) ;;
+        *) echo "gpu_examples: unknown part '$p' in PARTS (parts: classifier generation distill distill_sdpa distill_eager)"; exit 2 ;;
+    esac
+done
+want() { case "$PARTS" in *" $1 "*) return 0 ;; esac; return 1; }
 OUT=${1:-runs/gpu_examples}
 MODEL=${MODEL:-.carry/minilm}
 DATA=${DATA:-.carry}
 LOGS=runs/examples/logs
-rm -rf runs/examples  # a result.json of an earlier call must not pass for this one's
+# A result.json of an earlier call must not pass for this one's (the distillation's teacher stays
+# for distill_backends, which needs it).
+find runs/examples -name result.json -delete 2>/dev/null
+rm -rf runs/examples/logs
 mkdir -p "$OUT" "$LOGS"
 : > "$OUT/summary.txt"
 # TINY=1: every example in its --tiny mode, on the CPU too (tests the script, measures nothing).
@@ -38,14 +54,25 @@ export HF_HUB_OFFLINE=1
 . scripts/parts.sh  # part NAME SECONDS command...
 
 # hf_flash first: it pays Triton's compilations, the others CUDA's own first-use costs.
-for attn in hf_flash sdpa eager; do
+want classifier && for attn in hf_flash sdpa eager; do
     part "classifier_$attn" "${CLS_S:-100}" python3 examples/finetune_classifier.py --attn "$attn" \
         "${cls_data[@]}" "${tiny[@]}" --out "runs/examples/classifier_$attn"
 done
-part generation "${GEN_S:-100}" python3 examples/generation_speed.py "${tiny[@]}" "${gen_size[@]}" \
-    --out runs/examples/generation
-part distill "${DISTILL_S:-170}" python3 examples/onpolicy_distillation.py \
+want generation && part generation "${GEN_S:-100}" python3 examples/generation_speed.py "${tiny[@]}" \
+    "${gen_size[@]}" --out runs/examples/generation
+want distill && part distill "${DISTILL_S:-250}" python3 examples/onpolicy_distillation.py \
     --out runs/examples/distill "${distill_size[@]}" "${tiny[@]}"
+for attn in sdpa eager; do
+    want "distill_$attn" || continue
+    if [ ! -f runs/examples/distill/teacher/config.json ]; then
+        echo "distill_$attn: no runs/examples/distill/teacher (run the distill part first)" |
+            tee -a "$OUT/summary.txt"
+        continue
+    fi
+    part "distill_$attn" "${DISTILL_REUSE_S:-220}" python3 examples/onpolicy_distillation.py \
+        --attn "$attn" --teacher runs/examples/distill/teacher --out "runs/examples/distill_$attn" \
+        "${distill_size[@]}" "${tiny[@]}"
+done
 
 python3 - "$OUT" "$LOGS" <<'PY'
 import json, re, sys

@@ -3,8 +3,11 @@ limit is interrupted (SIGINT first, so Python and pytest still report), marked a
 nothing of its process group running; a part within its limit is left alone."""
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,9 +44,24 @@ def _pids_running(text):
             pass
 
 
-def test_gpu_check_refuses_an_unknown_part_before_anything_runs(tmp_path):
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out")],
-                       env={**os.environ, "PARTS": "tests scales"}, capture_output=True, text=True,
+@pytest.mark.parametrize("script,parts,bad", [("gpu_check.sh", "tests scales", "scales"),
+                                               ("gpu_examples.sh", "generation distill_flash",
+                                                "distill_flash")])
+def test_gpu_scripts_refuse_an_unknown_part_before_anything_runs(tmp_path, script, parts, bad):
+    r = subprocess.run(["bash", str(ROOT / "scripts" / script), str(tmp_path / "out")],
+                       env={**os.environ, "PARTS": parts}, capture_output=True, text=True,
                        timeout=60)
-    assert r.returncode == 2 and "unknown part 'scales'" in r.stdout
+    assert r.returncode == 2 and f"unknown part '{bad}'" in r.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_gpu_examples_distillation_on_a_missing_teacher_says_so(tmp_path):
+    # distill_sdpa alone, where no distill part has saved a teacher: a line in the summary, no run.
+    # The scripts alone in a scratch root (the script works in its own root's runs/): no part runs.
+    env = {**os.environ, "PARTS": "distill_sdpa", "TINY": "1"}
+    work = tmp_path / "repo"
+    shutil.copytree(ROOT / "scripts", work / "scripts")
+    r = subprocess.run(["bash", str(work / "scripts" / "gpu_examples.sh"), str(tmp_path / "out")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert "distill_sdpa: no runs/examples/distill/teacher" in (tmp_path / "out" / "summary.txt").read_text()
+    assert not (work / "runs" / "examples" / "distill_sdpa").exists(), r.stdout
