@@ -84,7 +84,7 @@ def grouped_bars(ax, groups, series, value, label_fmt="{:.0f}", log=False):
             elif y == y:  # NaN: not tried here
                 xs.append(x)
                 ys.append(y)
-        bars = ax.bar(xs, ys, width, label=s, color=COLORS.get(s))
+        bars = ax.bar(xs, ys, width, label=s, color=COLORS.get(s, "gray"))
         for b, y in zip(bars, ys):
             ax.annotate(label_fmt.format(y), (b.get_x() + b.get_width() / 2, b.get_height()),
                         ha="center", va="bottom", fontsize=5, rotation=90,
@@ -93,8 +93,9 @@ def grouped_bars(ax, groups, series, value, label_fmt="{:.0f}", log=False):
     # Drawn once the bars have set the axis range, so a log axis has a bottom to mark.
     bottom = ax.get_ylim()[0]
     for x, s in misses:
-        ax.plot([x], [bottom], "x", color=COLORS.get(s), markersize=4, clip_on=False)
+        ax.plot([x], [bottom], "x", color=COLORS.get(s, "gray"), markersize=4, clip_on=False)
     ax.set_ylim(bottom=bottom)
+    ax.set_xlim(-0.5, len(groups) - 0.5)  # the same slots whether or not every series has a bar
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([str(g) for g in groups])
     ax.grid(axis="y", alpha=0.3)
@@ -263,7 +264,8 @@ def merge(paths):
         # shas and timestamps to 10 characters (a sha's prefix, the day) before telling runs apart
         cut = 10 if k in ("git_sha", "date_utc") else None
         vals = list(dict.fromkeys(str(m.get(k, "?"))[:cut] for m in metas))
-        meta[k] = "/".join(vals) if len(vals) <= 3 else f"{vals[0]}../{vals[-1]} ({len(vals)} runs)"
+        what = "commits" if k == "git_sha" else "values"
+        meta[k] = "/".join(vals) if len(vals) <= 3 else f"{vals[0]} .. {vals[-1]} ({len(vals)} {what})"
     return list(merged.values()), meta
 
 

@@ -14,8 +14,9 @@ examples/generation_speed.py's model, for sdpa and hf_flash.
 2. Model level: the example's Llama-style model (bf16) prefills its left-padded prompts, then
    takes decode steps through forward() with the cache and position ids from the mask, as
    generate() does, without generate()'s own per-step work (logits processors, stopping checks).
-   Each backend does this twice: first at cache lengths the process has not met, then again at
-   the same lengths (cuDNN, which sdpa picks here, builds and keeps a plan per new shape).
+   Each backend does this twice: first at cache lengths it has not met in this process, then
+   again at the same lengths (cuDNN, which sdpa picks here, presumably builds and keeps a plan per
+   new shape; hf_flash's kernels specialise only on lengths' divisibility by 16).
    Per step: host time to queue it (which includes any wait for the GPU inside it), time with a
    synchronise, GPU kernel time and kernels launched. The top host operators of each backend go
    to the JSON.

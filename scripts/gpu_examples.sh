@@ -7,7 +7,7 @@
 #
 # The classifier needs the MiniLM-L6 weights and en-corpus' labeled.tsv.xz: MODEL (a folder,
 # default .carry/minilm) and DATA (the folder holding labeled.tsv.xz, default .carry), both carried
-# along. OUT gets three files (the device returns few): summary.txt, results.json (each part's
+# along. OUT gets three files (few, to keep what is copied back small): summary.txt, results.json (each part's
 # result.json by part name) and logs.txt (the end of each part's log); the logs stay in
 # runs/examples/logs.
 # Limits through the environment: CLS_S (100 per backend), GEN_S (100), DISTILL_S (250 for the
@@ -30,10 +30,11 @@ OUT=${1:-runs/gpu_examples}
 MODEL=${MODEL:-.carry/minilm}
 DATA=${DATA:-.carry}
 LOGS=runs/examples/logs
-# A result.json of an earlier call must not pass for this one's (the distillation's teacher stays
-# for distill_backends, which needs it).
+# A result.json of an earlier call must not pass for this one's. The distillation's teacher stays
+# for distill_sdpa / distill_eager in a later call, unless this call makes a new one.
 find runs/examples -name result.json -delete 2>/dev/null
 rm -rf runs/examples/logs
+case "$PARTS" in *" distill "*) rm -rf runs/examples/distill ;; esac
 mkdir -p "$OUT" "$LOGS"
 : > "$OUT/summary.txt"
 # TINY=1: every example in its --tiny mode, on the CPU too (tests the script, measures nothing).
@@ -60,12 +61,22 @@ want classifier && for attn in hf_flash sdpa eager; do
 done
 want generation && part generation "${GEN_S:-100}" python3 examples/generation_speed.py "${tiny[@]}" \
     "${gen_size[@]}" --out runs/examples/generation
-want distill && part distill "${DISTILL_S:-250}" python3 examples/onpolicy_distillation.py \
-    --out runs/examples/distill "${distill_size[@]}" "${tiny[@]}"
+# The teacher is kept with a note of the sizes it was made at: a run on it must use the same.
+sizes="TINY=$TINY ${distill_size[*]}"
+if want distill; then
+    part distill "${DISTILL_S:-250}" python3 examples/onpolicy_distillation.py \
+        --out runs/examples/distill "${distill_size[@]}" "${tiny[@]}"
+    [ -f runs/examples/distill/teacher/config.json ] && echo "$sizes" > runs/examples/distill/sizes.txt
+fi
 for attn in sdpa eager; do
     want "distill_$attn" || continue
     if [ ! -f runs/examples/distill/teacher/config.json ]; then
         echo "distill_$attn: no runs/examples/distill/teacher (run the distill part first)" |
+            tee -a "$OUT/summary.txt"
+        continue
+    fi
+    if [ "$(cat runs/examples/distill/sizes.txt 2>/dev/null)" != "$sizes" ]; then
+        echo "distill_$attn: the saved teacher was made at other sizes ($(cat runs/examples/distill/sizes.txt 2>/dev/null || echo unknown)), not $sizes: run distill again" |
             tee -a "$OUT/summary.txt"
         continue
     fi
