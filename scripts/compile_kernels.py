@@ -2,6 +2,7 @@
 
     python scripts/compile_kernels.py            # about 5 minutes on 2 cores
     python scripts/compile_kernels.py --configs  # every tuning candidate instead (~4 minutes)
+    python scripts/compile_kernels.py --lengths  # lengths divisible by 16 against not (~2 minutes)
 
 Triton's whole pipeline (front end, MLIR passes, LLVM, ptxas) runs on the host, so a machine
 without a GPU can check that a kernel change still compiles for the GPU, which the CPU test
@@ -16,7 +17,10 @@ bool mask (the float mask's code path with another element type) and dq's lse-gr
 in BERT training; causal, key padding and dropout) at head dims 64 and 128 and prints each one's
 registers, local-memory spills and shared memory (registers and spills need the cuobjdump that
 ships with Triton's NVIDIA backend), and lists those over the shared-memory limit (the tuner
-skips them at run time).
+skips them at run time). `--lengths` compiles each kernel's untuned config (head dim 64, key
+padding with dropout, and causal with key padding) with the lengths N_Q, N_K and STATS_N
+specialised as multiples of 16 and without, and prints registers, spills and SASS instructions
+of both: what `do_not_specialize` on the lengths would change in the code.
 
 Each variant is compiled as Triton specialises it at run time for a common case: base pointers
 16-byte aligned; strides, the head count and the lengths multiples of 16 (BERT-large's and
@@ -71,7 +75,7 @@ def signature(kernel, constexprs, dtype):
 KERNELS = ((_forward._fwd_kernel, {}, "fwd"), (_backward._bwd_dq_kernel, {"HAS_DLSE": False}, "bwd"),
            (_backward._bwd_dkdv_kernel, {}, "bwd"))
 SMEM_LIMIT = 232448  # bytes of shared memory one block may opt into on sm_90 (227 KiB)
-_LENGTHS = ("H", "N_Q", "N_K", "STATS_N")
+_LENGTHS = ("N_Q", "N_K", "STATS_N")
 
 
 def unit_constants(cx):
@@ -86,24 +90,27 @@ def unit_constants(cx):
     return ones
 
 
-def runtime_attrs(kernel, sig):
+def runtime_attrs(kernel, sig, lengths=_LENGTHS):
     """The divisibility Triton's launcher would find: 16 for every pointer, every stride that is
-    not a constant 1 (0 included) and the head count and lengths."""
+    not a constant 1 (0 included), the head count and the `lengths`."""
     attrs = {}
     for i, name in enumerate(kernel.arg_names):
         t = sig[name]
-        if t != "constexpr" and (t.startswith("*") or name in _LENGTHS or name.startswith("stride_")):
+        if t != "constexpr" and (t.startswith("*") or name in lengths or name == "H"
+                                 or name.startswith("stride_")):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return attrs
 
 
-def build(kernel, cx, dtype, target, warps, stages):
-    """Compile one variant; returns (shared memory bytes per block, registers() or None)."""
+def build(kernel, cx, dtype, target, warps, stages, lengths=_LENGTHS, want_compiled=False):
+    """Compile one variant; returns (shared memory bytes per block, registers() or None), and the
+    compiled kernel too with `want_compiled`. `lengths`: those compiled as multiples of 16."""
     cx = {**cx, **{n: v for n, v in unit_constants(cx).items() if n in kernel.arg_names}}
     sig = signature(kernel, cx, dtype)
-    src = ASTSource(fn=kernel, signature=sig, constexprs=cx, attrs=runtime_attrs(kernel, sig))
+    src = ASTSource(fn=kernel, signature=sig, constexprs=cx, attrs=runtime_attrs(kernel, sig, lengths))
     compiled = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
-    return compiled.metadata.shared, registers(compiled)
+    out = (compiled.metadata.shared, registers(compiled))
+    return (*out, compiled) if want_compiled else out
 
 
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -122,6 +129,38 @@ def registers(compiled):
                              text=True).stdout
     reg, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
     return (int(reg.group(1)), int(stack.group(1))) if reg and stack else None
+
+
+def sass_instructions(compiled):
+    """The number of SASS instructions in the cubin (cuobjdump -sass); None without cuobjdump."""
+    if not os.access(_CUOBJDUMP, os.X_OK):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([_CUOBJDUMP, "-sass", path], capture_output=True, text=True).stdout
+    return sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line))
+
+
+def compile_lengths(target):
+    """Each kernel's untuned config with the lengths compiled as multiples of 16, and without."""
+    print("untuned configs, bf16, head dim 64: registers / spill (stack bytes per thread) / SASS "
+          "instructions, with the lengths (N_Q, N_K, STATS_N) multiples of 16 and without")
+    for (kernel, extra, kind), (variant, (causal, kpm, dropout)) in itertools.product(
+            KERNELS, {"pad+drop": (False, True, True), "causal+pad": (True, True, False)}.items()):
+        c = _common.default_config(kind, 64, 2)
+        cx = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
+                  IS_CAUSAL=causal, HAS_KPM=kpm, MASK_KIND=0, HAS_DROPOUT=dropout,
+                  DOT_PRECISION="tf32", VARLEN=False, **extra)
+        cells = []
+        for lengths in (_LENGTHS, ()):
+            _, regs, compiled = build(kernel, cx, "bf16", target, c["num_warps"], c["num_stages"],
+                                      lengths, want_compiled=True)
+            cells.append(f"{regs[0] if regs else '?'} / {regs[1] if regs else '?'} B / "
+                         f"{sass_instructions(compiled)}")
+        print(f"{kernel.__name__:16s} {variant:10s}  multiples of 16: {cells[0]:18s}  not: {cells[1]}")
+    print(f"(triton {triton.__version__})")
 
 
 # --configs variants: name -> (causal, key padding, dropout)
@@ -167,6 +206,8 @@ def main():
     target = GPUTarget("cuda", 90, 32)
     if "--configs" in sys.argv[1:]:
         return compile_configs(target)
+    if "--lengths" in sys.argv[1:]:
+        return compile_lengths(target)
     n, worst, over, t0 = 0, (0, ""), [], time.time()
 
     def one(kernel, extra, kind, dtype, d, varlen, causal, kpm, mask_kind, dropout):

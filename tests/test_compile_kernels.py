@@ -9,6 +9,7 @@ less (it cannot prove 16-byte loads and does not pipeline them), which is what t
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,23 @@ def test_runtime_specialisation_reproduces_the_h200s_shared_memory():
     if got["regs"] is not None:  # cuobjdump ships with the NVIDIA backend
         regs, stack = got["regs"]
         assert 0 < regs <= 255 and stack >= 0
+
+
+def test_lengths_mode_compiles_both_specialisations_of_each_kernel():
+    # --lengths: every kernel's untuned config with the lengths as multiples of 16 and without.
+    # With cuobjdump (shipped with Triton's NVIDIA backend) the rows carry SASS counts.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        pytest.skip("Triton without its NVIDIA backend cannot compile for sm_90")
+    res = subprocess.run([sys.executable, "scripts/compile_kernels.py", "--lengths"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if "multiples of 16:" in line]
+    assert len(rows) == 6, res.stdout
+    kernels = {row.split()[0] for row in rows}
+    assert kernels == {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
+    for row in rows:
+        counts = [int(c) for c in re.findall(r"B / (\d+|None)", row) if c != "None"]
+        assert all(n > 100 for n in counts), row  # a real kernel body, both ways

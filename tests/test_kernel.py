@@ -429,6 +429,31 @@ def test_packed_sequences_match_each_sequence_alone(dtype, causal, gqa, dropout)
                         GRAD_RATIO, dtype, floor_ulps=64 if dtype == torch.float32 else 4)
 
 
+def test_packed_launches_compile_one_variant_whatever_the_longest_length(monkeypatch):
+    # Packed kernels read each sequence's length from cu_seqlens, so the longest one must not
+    # reach Triton's specialisation (multiple of 16 or not): batches whose longest sequence is 16
+    # or 20 tokens long, with the same total, must launch with the same specialisation key.
+    from hf_flash.kernels import _tuning
+
+    keys = []
+    real_launch = _tuning.launch
+
+    def spy(kernel, name, key, candidates, grid, args, constexprs):
+        keys.append((name, _tuning._spec_key(args)))
+        return real_launch(kernel, name, key, candidates, grid, args, constexprs)
+
+    monkeypatch.setattr(_tuning, "launch", spy)
+    gen = torch.Generator().manual_seed(0)
+    seen = []
+    for lens in ([16, 16], [20, 12]):
+        q, k, v, cu = _packed(lens, 2, 2, 16, torch.float32, DEVICE, gen)
+        keys.clear()
+        hf_flash.flash_attention_varlen(q, k, v, cu, max(lens), is_causal=True).sum().backward()
+        seen.append(sorted(keys))
+    assert [n for n, _ in seen[0]] == ["dkdv", "dq", "fwd"]
+    assert seen[0] == seen[1]
+
+
 def test_packed_sequences_equal_padded_batch_with_key_padding():
     # The same sequences as a right-padded batch with key padding: the real rows must agree.
     gen = torch.Generator().manual_seed(3)
