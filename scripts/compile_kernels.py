@@ -116,30 +116,33 @@ def build(kernel, cx, dtype, target, warps, stages, lengths=_LENGTHS, want_compi
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def registers(compiled):
-    """(registers per thread, stack bytes per thread) from the cubin, by the cuobjdump Triton
-    ships; a stack means local-memory spills. None where there is no cuobjdump."""
+def _cuobjdump(compiled, flag):
+    """What the cuobjdump Triton ships prints for `flag` on the compiled kernel's cubin; None
+    where there is no cuobjdump."""
     if not os.access(_CUOBJDUMP, os.X_OK):
         return None
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
-        out = subprocess.run([_CUOBJDUMP, "--dump-resource-usage", path], capture_output=True,
-                             text=True).stdout
+        return subprocess.run([_CUOBJDUMP, flag, path], capture_output=True, text=True).stdout
+
+
+def registers(compiled):
+    """(registers per thread, stack bytes per thread) from the cubin; a stack means local-memory
+    spills. None where there is no cuobjdump."""
+    out = _cuobjdump(compiled, "--dump-resource-usage")
+    if out is None:
+        return None
     reg, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
     return (int(reg.group(1)), int(stack.group(1))) if reg and stack else None
 
 
 def sass_instructions(compiled):
-    """The number of SASS instructions in the cubin (cuobjdump -sass); None without cuobjdump."""
-    if not os.access(_CUOBJDUMP, os.X_OK):
+    """The number of SASS instructions in the cubin; None where there is no cuobjdump."""
+    sass = _cuobjdump(compiled, "-sass")
+    if sass is None:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        sass = subprocess.run([_CUOBJDUMP, "-sass", path], capture_output=True, text=True).stdout
     return sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line))
 
 
