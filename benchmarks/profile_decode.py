@@ -123,9 +123,9 @@ def model_level(s, device, dtype, ids, mask):
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     rows, tops = [], {}
     # Two passes over the same prompts and steps: the first meets every cache length for the first
-    # time in the process, the second again. cuDNN builds an execution plan per new shape and
-    # keeps it, so sdpa's step depends on which pass it is; generation_speed's repeats time the
-    # second kind.
+    # time in the process, the second again. If cuDNN builds an execution plan per new shape and
+    # keeps it (as sdpa's host time suggests), sdpa's step depends on which pass it is;
+    # generation_speed's repeats time the second kind.
     for name, visit in [(b, v) for b in BACKENDS for v in ("first", "again")]:
         gen.switch(model, name)
         with torch.no_grad():

@@ -352,7 +352,7 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
     constexprs = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
                       MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
                       DOT_PRECISION=dot_precision(q.dtype), VARLEN=varlen)
-    scalars = (H, *length_args(N_Q, N_K, varlen, max_seqlen), N_Q, group,
+    scalars = (H, *length_args(rows_q, rows_k, varlen), N_Q, group,
                scale * 1.4426950408889634, scale,
                float(dropout_threshold(dropout_p)), dropout_scale(dropout_p),
                causal_offset)

@@ -139,14 +139,15 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def length_args(n_q: int, n_k: int, varlen: bool, max_seqlen: int) -> tuple:
-    """The N_Q, N_K the kernels are launched with. Packed sequences read their own lengths from
-    cu_seqlens in the kernel, so these are dead there; they go as the longest length rounded up
-    to a multiple of 16, which Triton specialises one way only, instead of compiling a second
-    variant whenever the longest sequence of a batch is not a multiple of 16 (same code)."""
+def length_args(rows_q: int, rows_k: int, varlen: bool) -> tuple:
+    """The N_Q, N_K the kernels are launched with, from the lengths that size the grid. Packed
+    sequences read their own lengths from cu_seqlens in the kernel, so these are dead there; they
+    go as the longest length rounded up to a multiple of 16, which Triton specialises one way
+    only, instead of compiling a second variant whenever the longest sequence of a batch is not
+    a multiple of 16 (same code)."""
     if varlen:
-        return (cdiv(max_seqlen, 16) * 16,) * 2
-    return n_q, n_k
+        return (cdiv(rows_q, 16) * 16,) * 2
+    return rows_q, rows_k
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -193,7 +193,7 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
     args = (q, k, v, o, stats, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t,
             *row_strides(q, varlen), *row_strides(k, varlen), *row_strides(v, varlen),
             *row_strides(o, varlen), *mask_strides, *kpm_strides,
-            H, *length_args(N_Q, N_K, varlen, max_seqlen), N_Q, group, scale * 1.4426950408889634,
+            H, *length_args(rows_q, rows_k, varlen), N_Q, group, scale * 1.4426950408889634,
             float(dropout_threshold(dropout_p)), dropout_scale(dropout_p), causal_offset)
     constexprs = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
                       MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
