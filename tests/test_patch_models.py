@@ -166,7 +166,7 @@ def test_trainer_loss_goes_down_without_attention_warnings(tmp_path, caplog):
     model = hf_flash.patch(build("gpt2"))
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2,
                              max_steps=6, learning_rate=3e-3, logging_steps=1, report_to=[],
-                             save_strategy="no", use_cpu=True, disable_tqdm=True)
+                             save_strategy="no", use_cpu=DEVICE == "cpu", disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=_TinyDataset("gpt2"))
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
         warnings.simplefilter("always")
