@@ -223,14 +223,17 @@ class Bench:
     def count_calls(self, fn) -> dict:
         """Attention calls, by implementation, in what fn() runs (CPU-side profiler events)."""
         from torch.profiler import ProfilerActivity, profile
+
+        from hf_flash.kernels._op import NO_GRAD_EVENT
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
             self.sync()
         counts = {"hf_flash_calls": 0, "hf_flash_op_calls": 0, "sdpa_calls": 0}
         backends = 0  # SDPA's backend ops: what a compiled graph calls instead of the front op
         for evt in prof.key_averages():
-            # Eager calls go through the autograd Function, compiled ones through the custom op.
-            if evt.key in ("hf_flash::attention_forward", "_FlashAttention"):
+            # Eager calls go through the autograd Function (or, with no gradient to track, carry
+            # the no-grad event), compiled ones through the custom op.
+            if evt.key in ("hf_flash::attention_forward", "_FlashAttention", NO_GRAD_EVENT):
                 counts["hf_flash_calls"] += evt.count
             if evt.key == "hf_flash::attention_forward":
                 counts["hf_flash_op_calls"] += evt.count

@@ -1,57 +1,139 @@
 """Host (Python) cost of one attention call, with GPU work made negligible.
 
-    python benchmarks/profile_host.py
+    python benchmarks/profile_host.py                    # on a GPU: small fwd and fwd+bwd calls
+    python benchmarks/profile_host.py --decode           # on a GPU: a decode step's layer call
+    python benchmarks/profile_host.py --decode --stub-launch   # any machine, no GPU needed
 
-Prints microseconds per call for the public function and for a bare kernel launch, then the top
+The small case prints microseconds per call for the public function and for SDPA, then the top
 host functions of fwd+bwd by own time (cProfile, after warm-up so compilation is excluded).
+
+--decode times the call a decode step makes in every layer, entered where transformers enters it
+(the attention-interface function, hf_flash_attention): one query row per sequence as a
+transposed view, 16 query heads on 4 KV heads, a 603-key cache with a 2-D key padding mask,
+bottom-right causal, under no_grad; the shape of examples/generation_speed.py's decode.
+
+--stub-launch runs it on the CPU under Triton's interpreter with the kernel launch replaced by
+what the direct launch path does before it hands the arguments to Triton's compiled launcher
+(config look-up, grid, specialisation key, cache look-up): the Python of the call path alone,
+without the launcher's own C cost (~10-20 us on a GPU host). Figures are min and median of 7
+rounds of 2000 calls, so a busy machine shows as a spread, not a slower min.
 """
 
+import argparse
 import cProfile
+import os
 import pstats
+import statistics
 import time
 
-import torch
 
-import hf_flash
-
-
-def per_call_us(fn, n=300):
-    for _ in range(20):
+def rounds_us(fn, sync, n=2000, reps=7):
+    for _ in range(50):
         fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = (time.perf_counter() - t) / n * 1e6
-    torch.cuda.synchronize()
-    return host
+    sync()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        out.append((time.perf_counter() - t) / n * 1e6)
+        sync()
+    return min(out), statistics.median(out)
+
+
+def stub_launch(tuning):
+    def launch(kernel, name, key, candidates, grid, tensors, scalars, constexprs):
+        cfg = tuning._CHOSEN.get((name, key))
+        if cfg is None:
+            cfg = tuning._CHOSEN[(name, key)] = candidates()[0]
+        grid(cfg)
+        spec = tuning._spec_key(tensors, scalars)
+        tuning._COMPILED.get((name, key, 0, spec, *constexprs.values()))
+    return launch
+
+
+def decode_case(torch, device):
+    from hf_flash import _glue
+
+    class Layer(torch.nn.Module):
+        is_causal = True
+
+    B, H, H_KV, N_K, D = 16, 16, 4, 603, 64
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = torch.randn(B, 1, H, D, device=device, dtype=dtype).transpose(1, 2)
+    k, v = (torch.randn(B, H_KV, N_K, D, device=device, dtype=dtype) for _ in range(2))
+    mask = torch.ones(B, N_K, dtype=torch.bool, device=device)
+    mask[: B // 2, : N_K // 3] = False  # left padding
+    layer = Layer()
+
+    def call():
+        with torch.no_grad():
+            _glue.hf_flash_attention(layer, q, k, v, mask, dropout=0.0, scaling=D ** -0.5)
+
+    def sdpa():
+        with torch.no_grad():
+            kk, vv = (t.repeat_interleave(H // H_KV, dim=1) for t in (k, v))
+            torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[:, None, None])
+
+    return call, sdpa
 
 
 def main():
-    q, k, v = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
-    do = torch.randn_like(q)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--decode", action="store_true", help="a decode step's per-layer call")
+    p.add_argument("--stub-launch", action="store_true",
+                   help="CPU, Triton's interpreter, kernel launch stubbed: the Python path only")
+    p.add_argument("--profile", action="store_true", help="also print the top functions (cProfile)")
+    args = p.parse_args()
+    if args.stub_launch:
+        os.environ["TRITON_INTERPRET"] = "1"  # before Triton defines the kernels
+    import torch
 
-    def fwd():
-        with torch.no_grad():
-            hf_flash.flash_attention(q, k, v)
+    import hf_flash
+    from hf_flash.kernels import _tuning
 
-    def fwd_bwd():
-        hf_flash.flash_attention(q, k, v).backward(do)
+    device = "cpu" if args.stub_launch else "cuda"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if args.stub_launch:
+        _tuning.launch = stub_launch(_tuning)
+    if args.decode:
+        call, sdpa = decode_case(torch, device)
+        lo, med = rounds_us(call, sync)
+        print(f"hf_flash decode layer call: {lo:8.1f} us min, {med:8.1f} median (host)")
+        if not args.stub_launch:
+            lo, med = rounds_us(sdpa, sync)
+            print(f"SDPA, K/V repeated, bool mask: {lo:5.1f} us min, {med:8.1f} median (host)")
+        hot = call
+    else:
+        if args.stub_launch:
+            p.error("--stub-launch goes with --decode")
+        q, k, v = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=True) for _ in range(3))
+        do = torch.randn_like(q)
 
-    def sdpa_fwd_bwd():
-        torch.nn.functional.scaled_dot_product_attention(q, k, v).backward(do)
+        def fwd():
+            with torch.no_grad():
+                hf_flash.flash_attention(q, k, v)
 
-    print(f"flash_attention fwd:      {per_call_us(fwd):8.1f} us/call (host)")
-    print(f"flash_attention fwd+bwd:  {per_call_us(fwd_bwd):8.1f} us/call (host)")
-    print(f"SDPA fwd+bwd:             {per_call_us(sdpa_fwd_bwd):8.1f} us/call (host)")
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(200):
-        fwd_bwd()
-    prof.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+        def fwd_bwd():
+            hf_flash.flash_attention(q, k, v).backward(do)
+
+        def sdpa_fwd_bwd():
+            torch.nn.functional.scaled_dot_product_attention(q, k, v).backward(do)
+
+        for name, fn in (("flash_attention fwd", fwd), ("flash_attention fwd+bwd", fwd_bwd),
+                         ("SDPA fwd+bwd", sdpa_fwd_bwd)):
+            lo, med = rounds_us(fn, sync, n=300)
+            print(f"{name + ':':26s}{lo:8.1f} us min, {med:8.1f} median (host)")
+        hot = fwd_bwd
+    if args.profile or not args.decode:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            hot()
+        prof.disable()
+        sync()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(22)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ and equals top-left when q_len == k_len. A 4-D mask is complete, as with SDPA.
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from typing import Any, Optional
@@ -222,6 +223,20 @@ def _module_is_causal(module, is_causal: Optional[bool]) -> bool:
     return bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", False))
 
 
+@functools.lru_cache(maxsize=1024)
+def _bottom_right_cached(q_len: int, k_len: int):
+    return causal_lower_right(q_len, k_len)
+
+
+def _bottom_right(q_len: int, k_len: int):
+    """The bottom-right causal bias for (q_len, k_len). Building one costs ~10 us of host time (it
+    is a tensor subclass), paid by every layer of every decode step, so the eager path reuses one
+    per shape; flash_attention only reads its lengths and variant. Compiling builds it afresh."""
+    if torch.compiler.is_compiling():
+        return causal_lower_right(q_len, k_len)
+    return _bottom_right_cached(q_len, k_len)
+
+
 def kernel_mask_args(attention_mask, causal: bool, q_len: int, k_len: int, batch: int):
     """Map the mask interface's output (plus module causality) to flash_attention arguments.
 
@@ -241,7 +256,7 @@ def kernel_mask_args(attention_mask, causal: bool, q_len: int, k_len: int, batch
         if q_len == k_len:
             return None, True, kpm, f"causal, {pad}"
         # q_len != k_len: a KV cache; the last query sees every key.
-        return causal_lower_right(q_len, k_len), False, kpm, f"causal bottom-right, {pad}"
+        return _bottom_right(q_len, k_len), False, kpm, f"causal bottom-right, {pad}"
     if attention_mask.dim() == 4:
         # Complete as given (causality included), as SDPA treats it.
         kind = "dense bool" if attention_mask.dtype == torch.bool else "dense additive"

@@ -190,11 +190,11 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
     cu_t = cu_seqlens if varlen else stats
     block_d = max(16, next_pow2(D))
     group = H // k.shape[1]
-    args = (q, k, v, o, stats, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t,
-            *row_strides(q, varlen), *row_strides(k, varlen), *row_strides(v, varlen),
-            *row_strides(o, varlen), *mask_strides, *kpm_strides,
-            H, *length_args(rows_q, rows_k, varlen), N_Q, group, scale * 1.4426950408889634,
-            float(dropout_threshold(dropout_p)), dropout_scale(dropout_p), causal_offset)
+    tensors = (q, k, v, o, stats, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t)
+    scalars = (*row_strides(q, varlen), *row_strides(k, varlen), *row_strides(v, varlen),
+               *row_strides(o, varlen), *mask_strides, *kpm_strides,
+               H, *length_args(rows_q, rows_k, varlen), N_Q, group, scale * 1.4426950408889634,
+               float(dropout_threshold(dropout_p)), dropout_scale(dropout_p), causal_offset)
     constexprs = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
                       MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
                       DOT_PRECISION=dot_precision(q.dtype), VARLEN=varlen)
@@ -202,5 +202,6 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
            *constexprs.values())
     _tuning.launch(_fwd_kernel, "fwd", key,
                    lambda: _fwd_candidates(block_d, q.element_size(), rows_q),
-                   lambda c: (cdiv(rows_q, c["BLOCK_M"]), n_batch * H), args, constexprs)
+                   lambda c: (cdiv(rows_q, c["BLOCK_M"]), n_batch * H), tensors, scalars,
+                   constexprs)
     return o, stats

@@ -51,20 +51,39 @@ _COMPILED: dict = {}
 _INT32 = range(-2**31, 2**31)
 
 
-def _spec_key(args):
-    """What Triton specialises on, per argument; None when an argument is of a kind not handled."""
+def _scalar_spec(scalars):
     key = []
-    for a in args:
+    for a in scalars:
         t = type(a)
         if t is int:
             key.append(3 if a == 1 else (a % 16 == 0) + 4 * (a not in _INT32))
         elif t is float:
             key.append(0)
-        elif isinstance(a, torch.Tensor):
-            key.append((a.dtype, a.data_ptr() % 16 == 0))
         else:
             return None
     return tuple(key)
+
+
+# The scalar arguments of a launch (strides, lengths, scale...) -> their specialisation. A model's
+# calls repeat the same few scalar tuples, and a dict hit costs a fraction of classifying ~30
+# values one by one. Bounded: a decode loop meets a new key length every step.
+_SCALAR_SPECS: dict = {}
+
+
+def _spec_key(tensors, scalars):
+    """What Triton specialises on, per argument; None when a scalar is of a kind not handled."""
+    try:
+        spec = _SCALAR_SPECS.get(scalars)
+    except TypeError:  # an unhashable scalar: leave the launch to Triton
+        return None
+    if spec is None:
+        spec = _scalar_spec(scalars)
+        if spec is None:
+            return None
+        if len(_SCALAR_SPECS) >= 4096:
+            _SCALAR_SPECS.clear()
+        _SCALAR_SPECS[scalars] = spec
+    return tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors]), spec
 
 
 def _current_stream(device_index):
@@ -88,12 +107,14 @@ def _hooks_active() -> bool:
     return any(h is not None and getattr(h, "calls", True) for h in hooks)
 
 
-def launch(kernel, name, key, candidates, grid, args, constexprs):
+def launch(kernel, name, key, candidates, grid, tensors, scalars, constexprs):
     """Launch `kernel` with the best config for `key` (`candidates()` lists dicts of
     BLOCK_M/BLOCK_N/num_warps/num_stages, best guess first); `grid(cfg)` gives the launch grid.
+    The kernel's arguments are `tensors` then `scalars` (ints and floats), in signature order.
     `key` starts with the bucketed query and key lengths. Every output must be fully rewritten
     by each launch (true of all hf_flash kernels), so the timing runs of a first call are
     harmless."""
+    args = tensors + scalars
     full_key = (name, key)
     cfg = _CHOSEN.get(full_key)
     if cfg is None:
@@ -104,7 +125,7 @@ def launch(kernel, name, key, candidates, grid, args, constexprs):
     if _common.INTERPRET or torch.compiler.is_compiling():
         kernel[g](*args, **constexprs, **cfg)
         return
-    spec = _spec_key(args)
+    spec = _spec_key(tensors, scalars)
     device = torch.cuda.current_device()  # Triton launches on the current device, as here
     # The shape key already holds the constexprs the config depends on; they are repeated here
     # because a caller may add one that does not change the config (but does change the code).

@@ -4,6 +4,7 @@ results files hold what the README's tables are built from."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,9 +87,26 @@ def test_profile_decode_dry_run_profiles_both_levels_and_backends(tmp_path):
     # Each backend's steps at first-met cache lengths and again at the same ones.
     visits = [(r["backend"], r["lengths"]) for r in doc["rows"] if r["level"] == "model"]
     assert visits == [(b, f"{v} visit") for b in ("sdpa", "hf_flash") for v in ("first", "again")]
-    # The hf_flash decode steps went through the kernel's autograd Function, the sdpa ones did not.
+    # The hf_flash decode steps ran the kernel (its no-grad path, named in profiles), the sdpa
+    # ones did not.
+    from hf_flash.kernels._op import NO_GRAD_EVENT
     ops = {b: {t["op"] for t in tops} for b, tops in doc["top_host_ops"].items()}
     for v in ("first", "again"):
-        assert "_FlashAttention" in ops[f"hf_flash, {v} visit"]
-        assert "_FlashAttention" not in ops[f"sdpa, {v} visit"]
+        assert NO_GRAD_EVENT in ops[f"hf_flash, {v} visit"]
+        assert NO_GRAD_EVENT not in ops[f"sdpa, {v} visit"]
     assert "results in" in out
+
+
+def test_profile_host_decode_with_the_launch_stubbed_runs_the_real_call_path():
+    # The stub stands in for the direct launch path with launch()'s own signature: if either
+    # drifts, this run fails. --profile shows the call went through the glue and the kernels'
+    # launch code (the figures themselves mean nothing here).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "benchmarks/profile_host.py", "--decode", "--stub-launch",
+                        "--profile"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "hf_flash decode layer call:" in r.stdout
+    for fn in ("hf_flash_attention", "attention_forward"):
+        assert fn in r.stdout, r.stdout[-3000:]
+    assert re.search(r"profile_host\.py:\d+\(launch\)", r.stdout), r.stdout[-3000:]  # the stub

@@ -242,6 +242,27 @@ def test_every_tuning_candidate_is_exact(monkeypatch, index):
     assert len(skipped) < len(forced), f"every forced candidate was out of resources: {skipped}"
 
 
+def test_specialisation_key_classifies_like_triton_and_memoises_scalars(monkeypatch):
+    # The direct launch path reuses a compiled kernel only where Triton would: ints by == 1,
+    # divisibility by 16 and 32-bit range, floats never, tensors by dtype and 16-byte alignment.
+    # The scalars' classification is memoised; a hit must give what classifying afresh gives.
+    from hf_flash.kernels import _tuning
+    monkeypatch.setattr(_tuning, "_SCALAR_SPECS", {})
+    buf = torch.zeros(64, dtype=torch.float16)
+    aligned, offset = buf[:8], buf[1:9]  # 2-byte offset: not 16-byte aligned
+    scalars = (1, 16, 17, 0, 2**40, -32, 0.5)
+    want = (3, 1, 0, 1, 5, 1, 0)
+    for _ in range(2):  # a miss, then a hit
+        spec = _tuning._spec_key((aligned, offset), scalars)
+        assert spec == (((torch.float16, True), (torch.float16, False)), want)
+    assert list(_tuning._SCALAR_SPECS) == [scalars]
+    assert _tuning._spec_key((aligned,), (1, "x")) is None  # a kind not handled: Triton's path
+    assert _tuning._spec_key((aligned,), (1, [2])) is None  # unhashable: Triton's path
+    monkeypatch.setattr(_tuning, "_SCALAR_SPECS", {(-i - 1,): (0,) for i in range(4096)})
+    _tuning._spec_key((), (7,))
+    assert list(_tuning._SCALAR_SPECS) == [(7,)]  # bounded: full, so cleared before adding
+
+
 def test_small_shape_classes_take_the_heuristic_config(monkeypatch):
     # Timing candidates compiles each of them; below TUNE_MIN_SCORES a call is too short for any
     # config to pay that back, so the first candidate (what HF_FLASH_AUTOTUNE=0 uses) is taken.
@@ -259,7 +280,7 @@ def test_small_shape_classes_take_the_heuristic_config(monkeypatch):
     cands = lambda: [{"BLOCK_M": 64}, {"BLOCK_M": 32}]  # noqa: E731
     for n_q, n_k in ((128, 128), (1, 4096), (512, 512), (256, 1024), (128, 128)):
         key = (_common.bucket(n_q), _common.bucket(n_k), "test")
-        _tuning.launch(FakeKernel(), "fake", key, cands, lambda c: (1,), (), {})
+        _tuning.launch(FakeKernel(), "fake", key, cands, lambda c: (1,), (), (), {})
     assert len(timed) == 2 and launched == [64, 64, 32, 32, 64]
 
 
@@ -438,9 +459,9 @@ def test_packed_launches_compile_one_variant_whatever_the_longest_length(monkeyp
     keys = []
     real_launch = _tuning.launch
 
-    def spy(kernel, name, key, candidates, grid, args, constexprs):
-        keys.append((name, _tuning._spec_key(args)))
-        return real_launch(kernel, name, key, candidates, grid, args, constexprs)
+    def spy(kernel, name, key, candidates, grid, tensors, scalars, constexprs):
+        keys.append((name, _tuning._spec_key(tensors, scalars)))
+        return real_launch(kernel, name, key, candidates, grid, tensors, scalars, constexprs)
 
     monkeypatch.setattr(_tuning, "launch", spy)
     gen = torch.Generator().manual_seed(0)
@@ -566,6 +587,34 @@ def test_inference_mode_with_key_padding():
         got_again = hf_flash.flash_attention(q.detach(), k.detach(), v.detach(),
                                              key_padding_mask=kpm_i)
     assert torch.equal(got, want.detach()) and torch.equal(got_again, got)
+
+
+def test_calls_without_gradients_skip_autograd_and_give_the_same_result(monkeypatch):
+    # Inference and decode calls launch the kernel without autograd.Function (host time); the
+    # result must be what the autograd path gives, bit for bit, and a call that needs gradients
+    # must still go through the Function.
+    from hf_flash.kernels import _op
+    q, k, v = make_qkv(2, 4, 2, 5, 19, 16, torch.float32, DEVICE, layout="bnhd")
+    kpm = torch.ones(2, 19, dtype=torch.bool, device=DEVICE)
+    kpm[0, :6] = False
+    kw = dict(attn_mask=causal_lower_right(5, 19), enable_gqa=True, key_padding_mask=kpm,
+              return_lse=True)
+    want, want_lse = hf_flash.flash_attention(q, k, v, **kw)
+    applied = []
+    real_apply = _op._FlashAttention.apply
+    monkeypatch.setattr(_op._FlashAttention, "apply",
+                        lambda *a: applied.append(1) or real_apply(*a))
+    with torch.no_grad():
+        got, got_lse = hf_flash.flash_attention(q, k, v, **kw)
+    with torch.inference_mode():
+        got_inf, _ = hf_flash.flash_attention(q, k, v, **kw)
+    bare, _ = hf_flash.flash_attention(q.detach(), k.detach(), v.detach(), **kw)  # grad mode on
+    assert not applied
+    for t in (got, got_inf, bare):
+        assert torch.equal(t, want.detach()) and not t.requires_grad
+    assert torch.equal(got_lse, want_lse.detach())
+    out, _ = hf_flash.flash_attention(q, k, v, **kw)
+    assert applied and out.requires_grad
 
 
 def test_lse_is_differentiable():

@@ -250,6 +250,11 @@ def test_static_cache_prefill_mask_is_top_left():
 def test_kernel_mask_args_alignment():
     am, causal, kpm, _ = _glue.kernel_mask_args(None, True, 1, 6, 2)
     assert causal is False and am.seq_len_q == 1 and am.seq_len_kv == 6  # bottom-right bias
+    assert am.variant == torch.nn.attention.bias.CausalVariant.LOWER_RIGHT
+    # Reused per shape (a decode step's layers share one), never across shapes.
+    assert _glue.kernel_mask_args(None, True, 1, 6, 2)[0] is am
+    other = _glue.kernel_mask_args(None, True, 1, 7, 2)[0]
+    assert (other.seq_len_q, other.seq_len_kv) == (1, 7)
     am, causal, kpm, _ = _glue.kernel_mask_args(None, True, 6, 6, 2)
     assert am is None and causal is True
     with pytest.raises(ValueError, match="expected \\(batch, k_len\\)"):
