@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -97,16 +99,18 @@ def test_profile_decode_dry_run_profiles_both_levels_and_backends(tmp_path):
     assert "results in" in out
 
 
-def test_profile_host_decode_with_the_launch_stubbed_runs_the_real_call_path():
+@pytest.mark.parametrize("case,line,fn", [
+    ("--decode", "hf_flash decode layer call:", "hf_flash_attention"),
+    (None, "flash_attention fwd+bwd:", "attention_backward")])
+def test_profile_host_with_the_launch_stubbed_runs_the_real_call_path(case, line, fn):
     # The stub stands in for the direct launch path with launch()'s own signature: if either
-    # drifts, this run fails. --profile shows the call went through the glue and the kernels'
-    # launch code (the figures themselves mean nothing here).
+    # drifts, this run fails. The profile shows the call went through hf_flash's own code and the
+    # stub (the figures themselves mean nothing here).
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "benchmarks/profile_host.py", "--decode", "--stub-launch",
-                        "--profile"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
+    cmd = [sys.executable, "benchmarks/profile_host.py", "--stub-launch", "--profile"]
+    r = subprocess.run(cmd + ([case] if case else []), cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "hf_flash decode layer call:" in r.stdout
-    for fn in ("hf_flash_attention", "attention_forward"):
-        assert fn in r.stdout, r.stdout[-3000:]
+    assert line in r.stdout
+    assert fn in r.stdout and "attention_forward" in r.stdout, r.stdout[-3000:]
     assert re.search(r"profile_host\.py:\d+\(launch\)", r.stdout), r.stdout[-3000:]  # the stub
