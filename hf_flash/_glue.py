@@ -17,7 +17,6 @@ and equals top-left when q_len == k_len. A 4-D mask is complete, as with SDPA.
 
 from __future__ import annotations
 
-import functools
 import sys
 import warnings
 from typing import Any, Optional
@@ -25,11 +24,6 @@ from typing import Any, Optional
 import torch
 
 from .kernels import MAX_HEAD_DIM, flash_attention, flash_attention_varlen
-
-try:
-    from torch.nn.attention.bias import causal_lower_right
-except ImportError:  # pragma: no cover - torch < 2.2
-    causal_lower_right = None
 
 # The name models use for this backend. It must not contain "flash": transformers treats every
 # attn_implementation containing that word as a flash-attn kernel (it tries to import one at load
@@ -223,25 +217,16 @@ def _module_is_causal(module, is_causal: Optional[bool]) -> bool:
     return bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", False))
 
 
-@functools.lru_cache(maxsize=1024)
-def _bottom_right_cached(q_len: int, k_len: int):
-    return causal_lower_right(q_len, k_len)
-
-
-def _bottom_right(q_len: int, k_len: int):
-    """The bottom-right causal bias for (q_len, k_len). Building one costs ~10 us of host time (it
-    is a tensor subclass), paid by every layer of every decode step, so the eager path reuses one
-    per shape; flash_attention only reads its lengths and variant. Compiling builds it afresh."""
-    if torch.compiler.is_compiling():
-        return causal_lower_right(q_len, k_len)
-    return _bottom_right_cached(q_len, k_len)
-
-
 def kernel_mask_args(attention_mask, causal: bool, q_len: int, k_len: int, batch: int):
     """Map the mask interface's output (plus module causality) to flash_attention arguments.
 
-    Returns (attn_mask, is_causal, key_padding_mask, description).
+    Returns (keyword arguments for flash_attention: attn_mask, is_causal, causal_alignment and
+    key_padding_mask; a description of the path for explain()).
     """
+    def args(attn_mask=None, is_causal=False, alignment="top_left", kpm=None):
+        return dict(attn_mask=attn_mask, is_causal=is_causal, causal_alignment=alignment,
+                    key_padding_mask=kpm)
+
     if attention_mask is None or attention_mask.dim() == 2:
         kpm = attention_mask
         if kpm is not None:
@@ -252,15 +237,17 @@ def kernel_mask_args(attention_mask, causal: bool, q_len: int, k_len: int, batch
                                  f"expected (batch, k_len) = {(batch, k_len)}")
         pad = "key padding" if kpm is not None else "no mask"
         if not causal:
-            return None, False, kpm, pad
+            return args(kpm=kpm), pad
         if q_len == k_len:
-            return None, True, kpm, f"causal, {pad}"
-        # q_len != k_len: a KV cache; the last query sees every key.
-        return _bottom_right(q_len, k_len), False, kpm, f"causal bottom-right, {pad}"
+            return args(is_causal=True, kpm=kpm), f"causal, {pad}"
+        # q_len != k_len: a KV cache; the last query sees every key. (Said with the keyword, not
+        # a CausalBias: each of those allocates a dense (2, q_len, k_len) tensor.)
+        return (args(is_causal=True, alignment="bottom_right", kpm=kpm),
+                f"causal bottom-right, {pad}")
     if attention_mask.dim() == 4:
         # Complete as given (causality included), as SDPA treats it.
         kind = "dense bool" if attention_mask.dtype == torch.bool else "dense additive"
-        return attention_mask, False, None, kind
+        return args(attn_mask=attention_mask), kind
     raise ValueError(f"hf_flash: attention mask of shape {tuple(attention_mask.shape)} is neither "
                      f"2-D key padding nor a 4-D mask")
 
@@ -355,12 +342,10 @@ def hf_flash_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
                                      dropout_p=float(dropout), is_causal=causal, scale=scaling,
                                      enable_gqa=query.shape[1] != key.shape[1])
         return out.unsqueeze(0), None
-    attn_mask, kernel_causal, kpm, detail = kernel_mask_args(attention_mask, causal, q_len, k_len,
-                                                             query.shape[0])
+    mask_args, detail = kernel_mask_args(attention_mask, causal, q_len, k_len, query.shape[0])
     _record(module, "kernel", detail)
-    out = flash_attention(query, key, value, attn_mask=attn_mask, dropout_p=float(dropout),
-                          is_causal=kernel_causal, scale=scaling,
-                          enable_gqa=query.shape[1] != key.shape[1], key_padding_mask=kpm)
+    out = flash_attention(query, key, value, dropout_p=float(dropout), scale=scaling,
+                          enable_gqa=query.shape[1] != key.shape[1], **mask_args)
     # The kernel keeps the query's layout: for HF's transposed query this is already contiguous.
     return out.transpose(1, 2).contiguous(), None
 

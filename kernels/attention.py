@@ -32,6 +32,7 @@ def flash_attention(
     enable_gqa: bool = False,
     *,
     key_padding_mask: Optional[torch.Tensor] = None,
+    causal_alignment: str = "top_left",
     return_lse: bool = False,
 ):
     """Exact attention with FlashAttention's tiling: memory linear in sequence length.
@@ -44,6 +45,9 @@ def flash_attention(
       decoding with a KV cache needs) or ``causal_upper_left(...)``; no dense mask is built.
     - ``key_padding_mask``: bool (batch, k_len), True for real tokens (HF's 2D attention_mask).
       Key tiles outside the real tokens are skipped, not computed and masked.
+    - ``causal_alignment="bottom_right"`` aligns ``is_causal`` to the end instead (the last query
+      sees every key), as ``causal_lower_right`` does, without building one: PyTorch's
+      ``CausalBias`` allocates a dense (2, q_len, k_len) float tensor each time it is made.
     - Masks combine: ``is_causal`` together with ``attn_mask`` and ``key_padding_mask`` is allowed.
     - A query row whose keys are all masked returns zeros and gets zero gradients, where PyTorch
       returns NaN. (An additive mask of large finite negatives is not "masked": it gives what
@@ -73,7 +77,15 @@ def flash_attention(
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
 
-    causal = CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE
+    if causal_alignment not in ("top_left", "bottom_right"):
+        raise ValueError(f"causal_alignment must be 'top_left' or 'bottom_right', got "
+                         f"{causal_alignment!r}")
+    if causal_alignment == "bottom_right" and not is_causal:
+        raise ValueError("causal_alignment='bottom_right' aligns is_causal, which is False: pass "
+                         "is_causal=True, or leave causal_alignment out")
+    causal = CAUSAL_NONE
+    if is_causal:
+        causal = CAUSAL_TOP_LEFT if causal_alignment == "top_left" else CAUSAL_BOTTOM_RIGHT
     mask, kpm = None, None
     if CausalBias is not None and isinstance(attn_mask, CausalBias):
         if is_causal:

@@ -76,11 +76,11 @@ if _neo is not None:
                 out = flash_attention(query, key, value, attn_mask=dense, dropout_p=dropout_p,
                                       scale=1.0)
             else:
-                attn_mask, causal, kpm, detail = _glue.kernel_mask_args(
-                    attention_mask, True, q_len, k_len, query.shape[0])
+                mask_args, detail = _glue.kernel_mask_args(attention_mask, True, q_len, k_len,
+                                                           query.shape[0])
                 _glue._record(self, "kernel", detail)
-                out = flash_attention(query, key, value, attn_mask=attn_mask, is_causal=causal,
-                                      dropout_p=dropout_p, scale=1.0, key_padding_mask=kpm)
+                out = flash_attention(query, key, value, dropout_p=dropout_p, scale=1.0,
+                                      **mask_args)
             return out, None
 
     # Lets from_pretrained(..., attn_implementation=ATTN_NAME) build GPT-Neo: its attention

@@ -520,6 +520,11 @@ def test_causal_bias_objects_match_flags():
     dense = torch.ones(20, 45, dtype=torch.bool, device=DEVICE).tril(45 - 20)
     br = hf_flash.flash_attention(q, k, v, attn_mask=causal_lower_right(20, 45))
     assert max_err(br, hf_flash.flash_attention(q, k, v, attn_mask=dense)) < 1e-6
+    # The keyword form is the same launch as the bias object, bit for bit.
+    kw = hf_flash.flash_attention(q, k, v, is_causal=True, causal_alignment="bottom_right")
+    assert torch.equal(kw, br)
+    assert torch.equal(hf_flash.flash_attention(q, k, v, is_causal=True,
+                                                causal_alignment="top_left"), top_left)
 
 
 def test_fully_masked_rows_give_zeros_and_zero_grads():

@@ -248,14 +248,15 @@ def test_static_cache_prefill_mask_is_top_left():
 
 
 def test_kernel_mask_args_alignment():
-    am, causal, kpm, _ = _glue.kernel_mask_args(None, True, 1, 6, 2)
-    assert causal is False and am.seq_len_q == 1 and am.seq_len_kv == 6  # bottom-right bias
-    assert am.variant == torch.nn.attention.bias.CausalVariant.LOWER_RIGHT
-    # Reused per shape (a decode step's layers share one), never across shapes.
-    assert _glue.kernel_mask_args(None, True, 1, 6, 2)[0] is am
-    other = _glue.kernel_mask_args(None, True, 1, 7, 2)[0]
-    assert (other.seq_len_q, other.seq_len_kv) == (1, 7)
-    am, causal, kpm, _ = _glue.kernel_mask_args(None, True, 6, 6, 2)
-    assert am is None and causal is True
+    # A KV cache (q_len != k_len) is causal from the end; no CausalBias is built for it (one is a
+    # dense (2, q_len, k_len) tensor).
+    kw, detail = _glue.kernel_mask_args(None, True, 1, 6, 2)
+    assert kw == dict(attn_mask=None, is_causal=True, causal_alignment="bottom_right",
+                      key_padding_mask=None) and detail == "causal bottom-right, no mask"
+    kw, _ = _glue.kernel_mask_args(None, True, 6, 6, 2)
+    assert kw["is_causal"] is True and kw["causal_alignment"] == "top_left"
+    kpm = torch.ones(2, 6, dtype=torch.bool)
+    kw, _ = _glue.kernel_mask_args(kpm, False, 1, 6, 2)
+    assert kw["is_causal"] is False and kw["key_padding_mask"] is kpm and kw["attn_mask"] is None
     with pytest.raises(ValueError, match="expected \\(batch, k_len\\)"):
         _glue.kernel_mask_args(torch.ones(2, 5, dtype=torch.bool), True, 6, 6, 2)
