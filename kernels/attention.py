@@ -251,6 +251,19 @@ def _dispatch(q, k, v, mask, kpm, causal, scale, dropout_p, want_lse, cu_seqlens
         bool_mask = mask if mask is not None and not mask.is_floating_point() else None
         return reference_attention(q, k, v, float_mask=float_mask, bool_mask=bool_mask, kpm=kpm,
                                    causal=causal, scale=scale, dropout_p=dropout_p)
+    group = q.shape[1] // k.shape[1]
+    if (q.shape[2] == 1 and group > 1 and mask is None and dropout_p == 0.0
+            and cu_seqlens is None and causal != CAUSAL_TOP_LEFT):
+        # A decode step with grouped K/V heads: a group's query heads become that K/V head's
+        # query rows, so each K/V head is read by one program instead of one per query head.
+        # Exact: a single query row's bottom-right causal limit admits every key, key padding is
+        # per batch entry, and each row's arithmetic is unchanged. (Dense masks and dropout, both
+        # addressed by query head, keep the plain layout; top-left causal would limit the folded
+        # rows by their new index.) The reshapes are views for the layouts HF passes.
+        B, H, _, D = q.shape
+        out, lse = _dispatch(q.reshape(B, k.shape[1], group, D), k, v, None, kpm, CAUSAL_NONE,
+                             scale, 0.0, want_lse)
+        return out.reshape(B, H, 1, D), (lse.reshape(B, H, 1) if want_lse else None)
     seed = dropout_seed(q.device) if dropout_p > 0.0 else None
     # The kernels take unit strides along head_dim for granted (16-byte vector loads).
     if q.stride(-1) != 1:

@@ -594,6 +594,48 @@ def test_inference_mode_with_key_padding():
     assert torch.equal(got, want.detach()) and torch.equal(got_again, got)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_one_query_row_with_grouped_heads_folds_the_group_into_rows(monkeypatch, grad):
+    # Decode shape (one query per sequence, 4 query heads per K/V head): the kernel runs on the
+    # group as query rows, and must give what each query head alone gives, which is what the
+    # same call with K/V repeated to every head (no grouping) computes.
+    from hf_flash.kernels import attention as attn_mod
+    launched = []
+    real = attn_mod._attention
+    monkeypatch.setattr(attn_mod, "_attention",
+                        lambda q, *a: launched.append(tuple(q.shape)) or real(q, *a))
+    q, k, v = make_qkv(3, 8, 2, 1, 37, 16, torch.float32, DEVICE, layout="bnhd")
+    kpm = torch.ones(3, 37, dtype=torch.bool, device=DEVICE)
+    kpm[0, :10] = False
+    kpm[2, 30:] = False
+    kw = dict(key_padding_mask=kpm, return_lse=True)
+    with torch.set_grad_enabled(grad):
+        out, lse = hf_flash.flash_attention(q, k, v, is_causal=True, enable_gqa=True,
+                                            causal_alignment="bottom_right", **kw)
+        assert launched == [(3, 2, 4, 16)]
+        kr, vr = (t.detach().repeat_interleave(4, dim=1).requires_grad_() for t in (k, v))
+        qr = q.detach().clone().requires_grad_()
+        want, want_lse = hf_flash.flash_attention(qr, kr, vr, **kw)
+    assert out.shape == (3, 8, 1, 16) and lse.shape == (3, 8, 1)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    if grad:
+        w = torch.randn_like(out)
+        (out * w).sum().backward()
+        (want * w).sum().backward()
+        assert torch.equal(q.grad, qr.grad)
+        for t, r in ((k, kr), (v, vr)):  # the group's sum, in another order
+            r_sum = r.grad.view(3, 2, 4, 37, 16).sum(2)
+            assert max_err(t.grad, r_sum) < 1e-5 * max(1.0, r_sum.abs().max().item())
+    # Not folded: dropout and dense masks are addressed by query head, top-left causal by row.
+    launched.clear()
+    with torch.no_grad():
+        hf_flash.flash_attention(q, k, v, enable_gqa=True, dropout_p=0.1)
+        hf_flash.flash_attention(q, k, v, enable_gqa=True,
+                                 attn_mask=torch.ones(1, 8, 1, 37, device=DEVICE))
+        hf_flash.flash_attention(q, k, v, enable_gqa=True, is_causal=True)
+    assert launched == [(3, 8, 1, 16)] * 3
+
+
 def test_calls_without_gradients_skip_autograd_and_give_the_same_result(monkeypatch):
     # Inference and decode calls launch the kernel without autograd.Function (host time); the
     # result must be what the autograd path gives, bit for bit, and a call that needs gradients
