@@ -11,6 +11,7 @@ import weakref
 from typing import Optional
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from ._backward import attention_backward
 from ._common import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE
@@ -178,7 +179,11 @@ def attention(q, k, v, mask, kpm, causal, scale, dropout_p, seed, cu_seqlens=Non
         o, stats = _attention_forward_op(q, k, v, mask, kpm, causal, scale, dropout_p, seed,
                                          cu_seqlens, max_seqlen)
         return o, stats[:, :, 0]
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+    needs_autograd = (torch.is_grad_enabled()
+                      and (q.requires_grad or k.requires_grad or v.requires_grad))
+    # Forward-mode AD's dual tensors do not set requires_grad: inside a dual level the Function
+    # runs, and refuses them (it has no jvp), rather than returning a result with no tangent.
+    if not needs_autograd and _forward_ad._current_level < 0:
         args = (q, k, v, mask, kpm, causal, scale, dropout_p, seed, cu_seqlens, max_seqlen)
         if _profiler_enabled():  # named in profiles, as the Function is (record_function costs
             with torch.profiler.record_function(NO_GRAD_EVENT):  # ~8 us, so only then)

@@ -662,6 +662,13 @@ def test_calls_without_gradients_skip_autograd_and_give_the_same_result(monkeypa
     assert torch.equal(got_lse, want_lse.detach())
     out, _ = hf_flash.flash_attention(q, k, v, **kw)
     assert applied and out.requires_grad
+    # Forward-mode AD's dual tensors have requires_grad False; they must still be refused (no
+    # jvp), never answered without a tangent.
+    import torch.autograd.forward_ad as fwAD
+    with torch.no_grad(), fwAD.dual_level():
+        dual = fwAD.make_dual(q.detach(), torch.ones_like(q))
+        with pytest.raises(RuntimeError, match="jvp"):
+            hf_flash.flash_attention(dual, k.detach(), v.detach(), **kw)
 
 
 def test_lse_is_differentiable():
