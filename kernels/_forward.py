@@ -153,6 +153,14 @@ _FWD_CONFIGS = [cfg(128, 128, 8, 3), cfg(128, 64, 8, 3), cfg(128, 64, 4, 3), cfg
 
 def _fwd_candidates(block_d, elt_size, n_q):
     first = default_config("fwd", block_d, elt_size)
+    if n_q <= 16:
+        # Decode steps (one query row, or a folded group of a few): a 16-row block instead of
+        # 64-128 mostly-empty rows. For sm_90 with key padding at head dim 64 (bf16) it compiles
+        # to 96 registers and no spills against the 128-row default's 255 registers and 104
+        # bytes of spills, in 56 % fewer instructions (scripts/compile_kernels.py --short).
+        first = {**first, "BLOCK_M": 16}
+        if "num_warps" in first:
+            first["num_warps"] = 4
     if not AUTOTUNE:
         return [first]
     kept = [c for c in _FWD_CONFIGS if smem_ok(c, block_d, elt_size, 1, 2)]

@@ -3,6 +3,7 @@
     python scripts/compile_kernels.py            # about 5 minutes on 2 cores
     python scripts/compile_kernels.py --configs  # every tuning candidate instead (~4 minutes)
     python scripts/compile_kernels.py --lengths  # lengths divisible by 16 against not (~2 minutes)
+    python scripts/compile_kernels.py --short    # the forward's config for <= 16 query rows (~1 minute)
 
 Triton's whole pipeline (front end, MLIR passes, LLVM, ptxas) runs on the host, so a machine
 without a GPU can check that a kernel change still compiles for the GPU, which the CPU test
@@ -143,7 +144,7 @@ def sass_instructions(compiled):
     sass = _cuobjdump(compiled, "-sass")
     if sass is None:
         return None
-    return sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line))
+    return sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line))
 
 
 def compile_lengths(target):
@@ -163,6 +164,28 @@ def compile_lengths(target):
             cells.append(f"{regs[0] if regs else '?'} / {regs[1] if regs else '?'} B / "
                          f"{sass_instructions(compiled)}")
         print(f"{kernel.__name__:16s} {variant:10s}  multiples of 16: {cells[0]:18s}  not: {cells[1]}")
+    print(f"(triton {triton.__version__})")
+
+
+def compile_short(target):
+    """The forward's untuned config for long query blocks against the one for at most 16 query
+    rows (decode steps), key padding on, lengths not multiples of 16 (a decode step's key length
+    is any number), at head dims 64, 128 and 256 in bf16 and fp32."""
+    print("forward, key padding, lengths not multiples of 16: registers / spill (stack bytes per "
+          "thread) / SASS instructions of the untuned config for long queries and for <= 16")
+    for (dtype, es), d in itertools.product((("bf16", 2), ("fp32", 4)), (64, 128, 256)):
+        cells = []
+        for n_q in (17, 16):
+            c = _forward._fwd_candidates(d, es, n_q)[0]  # the untuned config comes first
+            cx = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
+                      IS_CAUSAL=False, HAS_KPM=True, MASK_KIND=0, HAS_DROPOUT=False,
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", VARLEN=False)
+            _, regs, compiled = build(_forward._fwd_kernel, cx, dtype, target, c["num_warps"],
+                                      c["num_stages"], (), want_compiled=True)
+            cells.append(f"{c['BLOCK_M']:3d} x {c['BLOCK_N']:<3d} warps {c['num_warps']}: "
+                         f"{regs[0] if regs else '?'} / {regs[1] if regs else '?'} B / "
+                         f"{sass_instructions(compiled)}")
+        print(f"{dtype} D{d:<3d}  long: {cells[0]:34s}  short: {cells[1]}")
     print(f"(triton {triton.__version__})")
 
 
@@ -211,6 +234,8 @@ def main():
         return compile_configs(target)
     if "--lengths" in sys.argv[1:]:
         return compile_lengths(target)
+    if "--short" in sys.argv[1:]:
+        return compile_short(target)
     n, worst, over, t0 = 0, (0, ""), [], time.time()
 
     def one(kernel, extra, kind, dtype, d, varlen, causal, kpm, mask_kind, dropout):

@@ -73,3 +73,24 @@ def test_lengths_mode_compiles_both_specialisations_of_each_kernel():
     for row in rows:
         counts = [int(c) for c in re.findall(r"B / (\d+|None)", row) if c != "None"]
         assert all(n > 100 for n in counts), row  # a real kernel body, both ways
+
+
+def test_short_mode_compiles_the_decode_config_against_the_long_one():
+    # --short: the forward's untuned config for at most 16 query rows (decode) against the long
+    # one. The comment in _fwd_candidates cites the bf16 D64 row: no spills with 16 rows.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        pytest.skip("Triton without its NVIDIA backend cannot compile for sm_90")
+    res = subprocess.run([sys.executable, "scripts/compile_kernels.py", "--short"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if "  long: " in line]
+    assert len(rows) == 6, res.stdout
+    for row in rows:
+        short = row.split("short:")[1]
+        assert short.split()[0] == "16", row  # 16 query rows per block
+    d64 = next(r for r in rows if r.startswith("bf16 D64 "))
+    if "?" not in d64:  # cuobjdump present: registers and spills known
+        assert re.search(r"short:\s+16 x 64\s+warps 4: \d+ / 0 B /", d64), d64

@@ -263,6 +263,15 @@ def test_specialisation_key_classifies_like_triton_and_memoises_scalars(monkeypa
     assert list(_tuning._SCALAR_SPECS) == [(7,)]  # bounded: full, so cleared before adding
 
 
+def test_short_query_launches_take_a_16_row_block():
+    # Decode steps (a query row per sequence, or a folded group of a few) get a 16-row block
+    # instead of the default's mostly empty 32-128 rows; longer queries keep the default.
+    from hf_flash.kernels import _forward
+    for n_q in (1, 4, 16):
+        assert _forward._fwd_candidates(64, 2, n_q)[0]["BLOCK_M"] == 16
+    assert _forward._fwd_candidates(64, 2, 17)[0] == _common.default_config("fwd", 64, 2)
+
+
 def test_small_shape_classes_take_the_heuristic_config(monkeypatch):
     # Timing candidates compiles each of them; below TUNE_MIN_SCORES a call is too short for any
     # config to pay that back, so the first candidate (what HF_FLASH_AUTOTUNE=0 uses) is taken.
