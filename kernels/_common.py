@@ -96,6 +96,13 @@ def default_config(kind: str, head_dim_padded: int, elt_size: int) -> dict:
     """The config used when not autotuning (and under the interpreter)."""
     if INTERPRET:
         return {"BLOCK_M": 32, "BLOCK_N": 32}
+    if elt_size >= 4:
+        # fp32 multiplies in true fp32 (dot_precision), on CUDA cores rather than tensor cores,
+        # which needs far more registers per tile: for sm_90 the bf16-sized tiles spill 2-10 KB
+        # per thread at head dims 64 and 128, 32 x 32 with 4 warps little or nothing (forward
+        # and dq at head dim 64: none; compile-only survey, Triton 3.9, docs/perf-notes.md).
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4,
+                "num_stages": 2 if head_dim_padded <= 128 else 1}
     wide = head_dim_padded * elt_size  # bytes per row of a tile
     if kind == "fwd":
         if wide <= 128:
