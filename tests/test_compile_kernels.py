@@ -55,19 +55,25 @@ def test_runtime_specialisation_reproduces_the_h200s_shared_memory():
         assert 0 < regs <= 255 and stack >= 0
 
 
-def test_lengths_mode_compiles_both_specialisations_of_each_kernel():
-    # --lengths: every kernel's untuned config with the lengths as multiples of 16 and without.
-    # With cuobjdump (shipped with Triton's NVIDIA backend) the rows carry SASS counts.
+def _run_mode(flag):
+    """scripts/compile_kernels.py FLAG's stdout (compiling for the GPU, not interpreting)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     try:
         import triton.backends.nvidia  # noqa: F401
     except ImportError:
         pytest.skip("Triton without its NVIDIA backend cannot compile for sm_90")
-    res = subprocess.run([sys.executable, "scripts/compile_kernels.py", "--lengths"], cwd=ROOT,
+    res = subprocess.run([sys.executable, "scripts/compile_kernels.py", flag], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [line for line in res.stdout.splitlines() if "multiples of 16:" in line]
-    assert len(rows) == 6, res.stdout
+    return res.stdout
+
+
+def test_lengths_mode_compiles_both_specialisations_of_each_kernel():
+    # --lengths: every kernel's untuned config with the lengths as multiples of 16 and without.
+    # With cuobjdump (shipped with Triton's NVIDIA backend) the rows carry SASS counts.
+    out = _run_mode("--lengths")
+    rows = [line for line in out.splitlines() if "multiples of 16:" in line]
+    assert len(rows) == 6, out
     kernels = {row.split()[0] for row in rows}
     assert kernels == {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
     for row in rows:
@@ -78,16 +84,9 @@ def test_lengths_mode_compiles_both_specialisations_of_each_kernel():
 def test_short_mode_compiles_the_decode_config_against_the_long_one():
     # --short: the forward's untuned config for at most 16 query rows (decode) against the long
     # one. The comment in _fwd_candidates cites the bf16 D64 row: no spills with 16 rows.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    try:
-        import triton.backends.nvidia  # noqa: F401
-    except ImportError:
-        pytest.skip("Triton without its NVIDIA backend cannot compile for sm_90")
-    res = subprocess.run([sys.executable, "scripts/compile_kernels.py", "--short"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = [line for line in res.stdout.splitlines() if "  long: " in line]
-    assert len(rows) == 6, res.stdout
+    out = _run_mode("--short")
+    rows = [line for line in out.splitlines() if "  long: " in line]
+    assert len(rows) == 6, out
     for row in rows:
         short = row.split("short:")[1]
         assert short.split()[0] == "16", row  # 16 query rows per block
