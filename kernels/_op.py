@@ -7,6 +7,7 @@
   Function can keep the key range it computed in forward for backward.
 """
 
+import contextlib
 import weakref
 from typing import Optional
 
@@ -184,12 +185,12 @@ def attention(q, k, v, mask, kpm, causal, scale, dropout_p, seed, cu_seqlens=Non
     # Forward-mode AD's dual tensors do not set requires_grad: inside a dual level the Function
     # runs, and refuses them (it has no jvp), rather than returning a result with no tangent.
     if not needs_autograd and _forward_ad._current_level < 0:
-        args = (q, k, v, mask, kpm, causal, scale, dropout_p, seed, cu_seqlens, max_seqlen)
-        if _profiler_enabled():  # named in profiles, as the Function is (record_function costs
-            with torch.profiler.record_function(NO_GRAD_EVENT):  # ~8 us, so only then)
-                o, stats = _forward(*args)[:2]
-        else:
-            o, stats = _forward(*args)[:2]
+        # Named in profiles, as the Function is; record_function costs ~8 us, so only then.
+        named = (torch.profiler.record_function(NO_GRAD_EVENT) if _profiler_enabled()
+                 else contextlib.nullcontext())
+        with named:
+            o, stats = _forward(q, k, v, mask, kpm, causal, scale, dropout_p, seed, cu_seqlens,
+                                max_seqlen)[:2]
         return o, stats[:, :, 0]
     return _FlashAttention.apply(q, k, v, mask, kpm, causal, scale, dropout_p, seed, cu_seqlens,
                                  max_seqlen)

@@ -147,6 +147,12 @@ def sass_instructions(compiled):
     return sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line))
 
 
+def usage(regs, compiled):
+    """'registers / spill B / SASS instructions' of a compiled kernel ('?' where unknown)."""
+    return (f"{regs[0] if regs else '?'} / {regs[1] if regs else '?'} B / "
+            f"{sass_instructions(compiled)}")
+
+
 def compile_lengths(target):
     """Each kernel's untuned config with the lengths compiled as multiples of 16, and without."""
     print("untuned configs, bf16, head dim 64: registers / spill (stack bytes per thread) / SASS "
@@ -161,8 +167,7 @@ def compile_lengths(target):
         for lengths in (_LENGTHS, ()):
             _, regs, compiled = build(kernel, cx, "bf16", target, c["num_warps"], c["num_stages"],
                                       lengths, want_compiled=True)
-            cells.append(f"{regs[0] if regs else '?'} / {regs[1] if regs else '?'} B / "
-                         f"{sass_instructions(compiled)}")
+            cells.append(usage(regs, compiled))
         print(f"{kernel.__name__:16s} {variant:10s}  multiples of 16: {cells[0]:18s}  not: {cells[1]}")
     print(f"(triton {triton.__version__})")
 
@@ -183,8 +188,7 @@ def compile_short(target):
             _, regs, compiled = build(_forward._fwd_kernel, cx, dtype, target, c["num_warps"],
                                       c["num_stages"], (), want_compiled=True)
             cells.append(f"{c['BLOCK_M']:3d} x {c['BLOCK_N']:<3d} warps {c['num_warps']}: "
-                         f"{regs[0] if regs else '?'} / {regs[1] if regs else '?'} B / "
-                         f"{sass_instructions(compiled)}")
+                         f"{usage(regs, compiled)}")
         print(f"{dtype} D{d:<3d}  long: {cells[0]:34s}  short: {cells[1]}")
     print(f"(triton {triton.__version__})")
 
