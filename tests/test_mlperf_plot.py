@@ -66,3 +66,16 @@ def test_runs_warmed_before_the_clock_are_kept_apart(tmp_path):
     png = tmp_path / "p.png"
     plot.plot(runs, png)
     assert png.stat().st_size > 1000
+
+
+def test_all_warmed_h200_seeds_give_the_readme_means():
+    runs = [plot.load_run(p) for p in sorted(WARMED.parent.glob("h200-2026-12-01-warmed*/*-t0.140-*.jsonl"))]
+    text = plot.table(runs)
+    assert "| eager | 1 | yes | 0.14 | 310.1 +- 31.3 [278.3, 341.0] (n=3) |" in text
+    assert "| hf_flash | 1 | yes | 0.14 | 192.5 +- 2.4 [190.4, 195.1] (n=3) |" in text
+    assert "| sdpa | 1 | yes | 0.14 | 197.0 +- 8.0 [190.5, 205.9] (n=3) |" in text
+    assert "eager-t0.140-s3-n1.jsonl (paused at step 1340, not resumed)" in text
+    ratios = {ln.split(" mean")[0]: ln.rsplit(": ", 1)[1] for ln in text.splitlines()
+              if ln.startswith("- ")}
+    assert ratios == {"- eager / sdpa": "1.574", "- hf_flash / sdpa": "0.977",
+                      "- hf_flash / eager": "0.621", "- sdpa / eager": "0.635"}

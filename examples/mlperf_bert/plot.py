@@ -108,7 +108,8 @@ def plot(runs, png):
                 lw=1.5 if warmed else 1.0, marker="." if warmed else "x",
                 ls=("-", "--", ":", "-.")[h["seed"] % 4],
                 label=f"{h['attn']} seed {h['seed']}" + (f" x{h['world_size']}" if h["world_size"] > 1 else "")
-                + (", kernels warmed" if warmed else ", kernels compiled in the clock"))
+                + (", kernels warmed" if warmed else ", kernels compiled in the clock")
+                + (f", paused at step {r['paused']['step']}" if r["result"] is None and r["paused"] else ""))
         if h["target"] <= 1:
             targets.add(h["target"])
     for t in sorted(targets):
