@@ -19,7 +19,7 @@ examples/generation_speed.py's model, for sdpa and hf_flash.
    new shape; hf_flash's kernels specialise only on lengths' divisibility by 16).
    Per step: host time to queue it (which includes any wait for the GPU inside it), time with a
    synchronise, GPU kernel time and kernels launched. The top host operators of each backend go
-   to the JSON.
+   to the JSON, and every GPU kernel of each profiled stretch by name (its calls and GPU time).
 
 --dry-run: a tiny model on the CPU under Triton's interpreter (plumbing only; nothing is timed
 that means anything, and there is no GPU time).
@@ -74,7 +74,7 @@ def op_level(s, device, dtype, n_k):
             q, k, v, attn_mask=causal_lower_right(1, n_k), key_padding_mask=keep,
             enable_gqa=True),
     }
-    rows = []
+    rows, kernel_tops = [], {}
     with torch.no_grad():
         for name, fn in calls.items():
             for _ in range(3):
@@ -85,12 +85,13 @@ def op_level(s, device, dtype, n_k):
                 fn()
             host_us = (time.perf_counter() - t0) / s["calls"] * 1e6
             _sync(device)
-            gpu_us, kernels, _ = _profile(lambda: [fn() for _ in range(s["calls"])], device)
+            gpu_us, kernels, _, kernel_tops[f"{name}, op"] = _profile(
+                lambda: [fn() for _ in range(s["calls"])], device)
             rows.append({"level": "op", "backend": name, "B": B, "H": H, "KV": KV, "n_k": n_k,
                          "D": D, "host_us_per_call": round(host_us, 1),
                          "gpu_kernel_us_per_call": None if gpu_us is None else round(gpu_us / s["calls"], 1),
                          "kernels_per_call": kernels / s["calls"]})
-    return rows
+    return rows, kernel_tops
 
 
 def _profile(step, device):
@@ -106,9 +107,13 @@ def _profile(step, device):
                and not e.key.startswith(("Memcpy", "Memset"))]
     gpu_us = sum(e.self_device_time_total for e in kernels) if device.type == "cuda" else None
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    # Every kernel by name, so a change in the count or the GPU time can be traced to one.
+    by_gpu = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:20]
     return gpu_us, sum(e.count for e in kernels), [
         {"op": e.key[:80], "calls": e.count, "self_cpu_us": round(e.self_cpu_time_total, 1)}
-        for e in top]
+        for e in top], [
+        {"kernel": e.key[:120], "calls": e.count, "gpu_us": round(e.self_device_time_total, 1)}
+        for e in by_gpu]
 
 
 def prompts(s, device):
@@ -121,7 +126,7 @@ def model_level(s, device, dtype, ids, mask):
                             max_len=ids.shape[1] + s["steps"] + 8, seed=0).to(device, dtype).eval()
     # The cache's keyword: `cache` in newer transformers, `past_key_values` (deprecated there) before.
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    rows, tops = [], {}
+    rows, tops, kernel_tops = [], {}, {}
     # Two passes over the same prompts and steps: the first meets every cache length for the first
     # time in the process, the second again. If cuDNN builds an execution plan per new shape and
     # keeps it (as sdpa's host time suggests), sdpa's step depends on which pass it is;
@@ -155,7 +160,8 @@ def model_level(s, device, dtype, ids, mask):
                     synced.append((time.perf_counter() - t0) * 1e3)
             # One more step, profiled: a new length in the first pass, in the second the length
             # the first pass profiled.
-            gpu_us, kernels, tops[f"{name}, {visit} visit"] = _profile(step, device)
+            label = f"{name}, {visit} visit"
+            gpu_us, kernels, tops[label], kernel_tops[label] = _profile(step, device)
         rows.append({"level": "model", "backend": name, "lengths": f"{visit} visit",
                      "batch": s["batch"], "layers": s["layers"],
                      "prompt_tokens_max": ids.shape[1], "host_ms_per_step": round(statistics.median(host), 3),
@@ -163,7 +169,7 @@ def model_level(s, device, dtype, ids, mask):
                      "gpu_kernel_ms_per_step": None if gpu_us is None else round(gpu_us / 1e3, 3),
                      "kernels_per_step": kernels})
     gen.switch(model, "sdpa")  # leaves the model unpatched
-    return rows, tops
+    return rows, tops, kernel_tops
 
 
 def main(argv=None):
@@ -177,12 +183,14 @@ def main(argv=None):
     dtype = torch.float32 if args.dry_run else torch.bfloat16
     s = TINY if args.dry_run else FULL
     ids, mask = prompts(s, device)
-    rows = op_level(s, device, dtype, n_k=ids.shape[1] + s["new_tokens"])
-    model_rows, tops = model_level(s, device, dtype, ids, mask)
+    rows, kernel_tops = op_level(s, device, dtype, n_k=ids.shape[1] + s["new_tokens"])
+    model_rows, tops, model_kernels = model_level(s, device, dtype, ids, mask)
     rows += model_rows
+    kernel_tops.update(model_kernels)
     out = benchlib.output_dir(args.out, args.dry_run)
     stem = "decode_dry-run" if args.dry_run else "decode_profile"
-    benchlib.write_results(out, stem, benchlib.run_metadata(args), rows, {"top_host_ops": tops})
+    benchlib.write_results(out, stem, benchlib.run_metadata(args), rows,
+                         {"top_host_ops": tops, "gpu_kernels": kernel_tops})
     print(benchlib.table(["backend", "host us/call", "GPU kernel us/call", "kernels/call"],
                          [[r["backend"], r["host_us_per_call"], r["gpu_kernel_us_per_call"],
                            r["kernels_per_call"]] for r in rows if r["level"] == "op"]))

@@ -7,7 +7,7 @@
 #
 # The classifier needs the MiniLM-L6 weights and en-corpus' labeled.tsv.xz: MODEL (a folder,
 # default .carry/minilm) and DATA (the folder holding labeled.tsv.xz, default .carry), both carried
-# along. OUT gets three files (few, to keep what is copied back small): summary.txt, results.json (each part's
+# along, and evaluate: where the image lacks it, carry its wheels in .whl/ too. OUT gets three files (few, to keep what is copied back small): summary.txt, results.json (each part's
 # result.json by part name) and logs.txt (the end of each part's log); the logs stay in
 # runs/examples/logs.
 # Limits through the environment: CLS_S (100 per backend), GEN_S (100), DISTILL_S (250 for the
@@ -51,6 +51,14 @@ else
     gen_size=(--repeats 2)
 fi
 python3 -c "import hf_flash" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e .
+# The classifier scores with an evaluate module; a GPU image without evaluate gets it from the
+# wheels carried in .whl/ (as examples/mlperf_bert/run_gpu.sh does), installed aside in /tmp/site.
+if want classifier && ! python3 -c "import evaluate" 2>/dev/null; then
+    [ -d .whl ] || { echo "gpu_examples: evaluate does not import and there is no .whl/ to install it from"; exit 3; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    python3 -c "import evaluate" || { echo "gpu_examples: evaluate does not import from .whl/"; exit 3; }
+fi
 export HF_HUB_OFFLINE=1
 . scripts/parts.sh  # part NAME SECONDS command...
 

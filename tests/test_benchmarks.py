@@ -96,6 +96,10 @@ def test_profile_decode_dry_run_profiles_both_levels_and_backends(tmp_path):
     for v in ("first", "again"):
         assert NO_GRAD_EVENT in ops[f"hf_flash, {v} visit"]
         assert NO_GRAD_EVENT not in ops[f"sdpa, {v} visit"]
+    # The GPU kernels by name for every profiled stretch (none on the CPU).
+    assert set(doc["gpu_kernels"]) == {f"{b}, {w}" for b in ("sdpa", "hf_flash")
+                                       for w in ("op", "first visit", "again visit")}
+    assert all(v == [] for v in doc["gpu_kernels"].values())
     assert "results in" in out
 
 
