@@ -1,5 +1,6 @@
 """Where a decode step's time goes: one attention call of decode shape, then whole decode steps of
-examples/generation_speed.py's model, for sdpa and hf_flash.
+examples/generation_speed.py's model, for sdpa and hf_flash (and hf_flash_unfolded: hf_flash
+without folding a decode step's grouped query heads into one program's rows, to measure the fold).
 
     python benchmarks/profile_decode.py --out benchmarks/results/h200
 
@@ -26,6 +27,7 @@ that means anything, and there is no GPU time).
 """
 
 import argparse
+import contextlib
 import inspect
 import statistics
 import sys
@@ -41,12 +43,25 @@ import benchlib  # noqa: E402
 import generation_speed as gen  # noqa: E402
 
 import hf_flash  # noqa: E402
+from hf_flash.kernels import attention as hf_attention  # noqa: E402
 
 FULL = dict(batch=gen.BATCH, prompt_len=gen.PROMPT_LEN, new_tokens=gen.NEW_TOKENS, steps=32,
             calls=200, **gen.MODEL)
 TINY = dict(batch=2, prompt_len=12, new_tokens=4, steps=3, calls=3, hidden=32, layers=2, heads=4,
             kv_heads=2)
-BACKENDS = ("sdpa", "hf_flash")
+# hf_flash_unfolded: hf_flash with the grouped-head decode fold switched off, to measure the fold.
+BACKENDS = ("sdpa", "hf_flash", "hf_flash_unfolded")
+
+
+@contextlib.contextmanager
+def _fold(backend):
+    """The fold switch as `backend` wants it, restored afterwards."""
+    before = hf_attention.FOLD_GROUPED_DECODE
+    hf_attention.FOLD_GROUPED_DECODE = backend != "hf_flash_unfolded"
+    try:
+        yield
+    finally:
+        hf_attention.FOLD_GROUPED_DECODE = before
 
 
 def _sync(device):
@@ -74,9 +89,10 @@ def op_level(s, device, dtype, n_k):
             q, k, v, attn_mask=causal_lower_right(1, n_k), key_padding_mask=keep,
             enable_gqa=True),
     }
+    calls["hf_flash_unfolded"] = calls["hf_flash"]
     rows, kernel_tops = [], {}
-    with torch.no_grad():
-        for name, fn in calls.items():
+    for name, fn in calls.items():
+        with torch.no_grad(), _fold(name):
             for _ in range(3):
                 fn()
             _sync(device)
@@ -132,8 +148,8 @@ def model_level(s, device, dtype, ids, mask):
     # keeps it (as sdpa's host time suggests), sdpa's step depends on which pass it is;
     # generation_speed's repeats time the second kind.
     for name, visit in [(b, v) for b in BACKENDS for v in ("first", "again")]:
-        gen.switch(model, name)
-        with torch.no_grad():
+        gen.switch(model, "hf_flash" if name == "hf_flash_unfolded" else name)
+        with torch.no_grad(), _fold(name):
             # Position ids from the mask, as generate() derives them (padding positions get 1).
             pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)

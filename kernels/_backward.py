@@ -14,8 +14,9 @@ import triton.language as tl
 
 from . import _common
 from . import _tuning
-from ._common import (AUTOTUNE, bucket, cdiv, cfg, default_config, dot_precision, length_args,
-                      mask_scores, next_pow2, row_stats_base, row_strides, seq_bounds, smem_ok)
+from ._common import (AUTOTUNE, bucket, cdiv, cfg, default_config, dot_precision, fp_fusion,
+                      length_args, mask_scores, next_pow2, row_stats_base, row_strides, seq_bounds,
+                      smem_ok)
 from ._dropout import dropout_keep, dropout_scale, dropout_threshold
 
 
@@ -351,7 +352,8 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
     group = H // H_KV
     constexprs = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
                       MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
-                      DOT_PRECISION=dot_precision(q.dtype), VARLEN=varlen)
+                      DOT_PRECISION=dot_precision(q.dtype), VARLEN=varlen,
+                      enable_fp_fusion=fp_fusion(q.dtype))  # a compile option, passed alike
     scalars = (H, *length_args(rows_q, rows_k, varlen), N_Q, group,
                scale * 1.4426950408889634, scale,
                float(dropout_threshold(dropout_p)), dropout_scale(dropout_p),

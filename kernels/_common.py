@@ -60,7 +60,10 @@ def mask_scores(s, rows, cols, mask_ptr, kpm_ptr, stride_mm, stride_mn, stride_k
         if MASK_KIND == 1:
             s = tl.where(m != 0, s, float("-inf"))
         else:
-            s = s + m.to(tl.float32) * 1.4426950408889634
+            # One explicit FMA, never left to the compiler: fused in one kernel and not in another,
+            # the forward and the backward's recomputation would round S apart, by up to 128 at
+            # |S| ~ 1.4e9 (a -1e9 mask), and P = exp2(S - lse) would be off by as much as 2^128.
+            s = tl.fma(m.to(tl.float32), 1.4426950408889634, s)
     return s
 
 
@@ -161,6 +164,21 @@ def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs get true fp32 products: TF32 would lose ~3 decimal digits against what a user of
     # fp32 expects (and against PyTorch's math path).
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def fp_fusion(dtype: torch.dtype) -> bool:
+    """Whether the compiler may fuse a multiply and an add into one FMA (Triton's
+    `enable_fp_fusion`): not for fp32. The backward recomputes P = exp2(S - lse) from scores it
+    computes again, so it is exact only if each kernel rounds S the same way as the forward. With
+    fusion on, where the compiler fuses depends on each kernel's code around it: on an H200 with
+    Triton 3.6 the forward added an fp32 additive mask to the scaled scores in one FMA and the
+    dK/dV kernel in a separate multiply and add, so a row whose only key carried -1e4 got
+    P = 1.000677 in the backward instead of 1 (one rounding step at |S| ~ 1.4e4). The mask's add is
+    now one explicit FMA in every kernel and dtype (mask_scores); unfused, fp32 also rounds every
+    other multiply and add on its own, identically in every kernel. The 16-bit paths keep fusion
+    for speed: what it can still round apart is the scaled score of an unmasked (or bool-masked)
+    tile, by half a step of |S|, far below their own rounding for scores of any usual size."""
+    return dtype != torch.float32
 
 
 def smem_ok(cfg: dict, head_dim_padded: int, elt_size: int, tiles_m: int, tiles_n: int,

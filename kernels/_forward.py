@@ -6,8 +6,9 @@ import triton.language as tl
 
 from . import _common
 from . import _tuning
-from ._common import (AUTOTUNE, bucket, cdiv, cfg, default_config, dot_precision, length_args,
-                      mask_scores, next_pow2, row_stats_base, row_strides, seq_bounds, smem_ok)
+from ._common import (AUTOTUNE, bucket, cdiv, cfg, default_config, dot_precision, fp_fusion,
+                      length_args, mask_scores, next_pow2, row_stats_base, row_strides, seq_bounds,
+                      smem_ok)
 from ._dropout import dropout_keep, dropout_scale, dropout_threshold
 
 
@@ -205,7 +206,8 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
                float(dropout_threshold(dropout_p)), dropout_scale(dropout_p), causal_offset)
     constexprs = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
                       MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
-                      DOT_PRECISION=dot_precision(q.dtype), VARLEN=varlen)
+                      DOT_PRECISION=dot_precision(q.dtype), VARLEN=varlen,
+                      enable_fp_fusion=fp_fusion(q.dtype))  # a compile option, passed alike
     key = (bucket(rows_q), bucket(rows_k), n_batch * H > 64, group, q.dtype, q.device.index,
            *constexprs.values())
     _tuning.launch(_fwd_kernel, "fwd", key,

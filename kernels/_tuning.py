@@ -110,7 +110,8 @@ def _hooks_active() -> bool:
 def launch(kernel, name, key, candidates, grid, tensors, scalars, constexprs):
     """Launch `kernel` with the best config for `key` (`candidates()` lists dicts of
     BLOCK_M/BLOCK_N/num_warps/num_stages, best guess first); `grid(cfg)` gives the launch grid.
-    The kernel's arguments are `tensors` then `scalars` (ints and floats), in signature order.
+    The kernel's arguments are `tensors` then `scalars` (ints and floats), in signature order;
+    `constexprs` holds its constexpr arguments and any compile option (`enable_fp_fusion`).
     `key` starts with the bucketed query and key lengths. Every output must be fully rewritten
     by each launch (true of all hf_flash kernels), so the timing runs of a first call are
     harmless."""

@@ -232,6 +232,11 @@ def _varlen_fallback(q4, k4, v4, cu, causal, scale, dropout_p):
     return out, lse
 
 
+# Whether decode steps with grouped K/V heads fold each group into one program's rows (below).
+# A switch for measuring it: benchmarks/profile_decode.py times hf_flash with and without.
+FOLD_GROUPED_DECODE = True
+
+
 def _dispatch(q, k, v, mask, kpm, causal, scale, dropout_p, want_lse, cu_seqlens=None,
               max_seqlen=0):
     """Returns (out, natural-log lse or None when not wanted)."""
@@ -252,8 +257,8 @@ def _dispatch(q, k, v, mask, kpm, causal, scale, dropout_p, want_lse, cu_seqlens
         return reference_attention(q, k, v, float_mask=float_mask, bool_mask=bool_mask, kpm=kpm,
                                    causal=causal, scale=scale, dropout_p=dropout_p)
     group = q.shape[1] // k.shape[1]
-    if (q.shape[2] == 1 and group > 1 and mask is None and dropout_p == 0.0
-            and cu_seqlens is None and causal != CAUSAL_TOP_LEFT):
+    if (FOLD_GROUPED_DECODE and q.shape[2] == 1 and group > 1 and mask is None
+            and dropout_p == 0.0 and cu_seqlens is None and causal != CAUSAL_TOP_LEFT):
         # A decode step with grouped K/V heads: a group's query heads become that K/V head's
         # query rows, so each K/V head is read by one program instead of one per query head.
         # Exact: a single query row's bottom-right causal limit admits every key, key padding is

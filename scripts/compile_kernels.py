@@ -109,7 +109,9 @@ def build(kernel, cx, dtype, target, warps, stages, lengths=_LENGTHS, want_compi
     cx = {**cx, **{n: v for n, v in unit_constants(cx).items() if n in kernel.arg_names}}
     sig = signature(kernel, cx, dtype)
     src = ASTSource(fn=kernel, signature=sig, constexprs=cx, attrs=runtime_attrs(kernel, sig, lengths))
-    compiled = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+    # fp32 compiles without multiply-add fusion, as it launches (kernels/_common.py, fp_fusion).
+    compiled = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages,
+                                                           "enable_fp_fusion": dtype != "fp32"})
     out = (compiled.metadata.shared, registers(compiled))
     return (*out, compiled) if want_compiled else out
 

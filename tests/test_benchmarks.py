@@ -83,21 +83,23 @@ def test_profile_decode_dry_run_profiles_both_levels_and_backends(tmp_path):
     out = _run(["benchmarks/profile_decode.py", "--dry-run"], tmp_path)
     doc = json.loads(next(tmp_path.rglob("decode_dry-run.json")).read_text())
     got = {(r["level"], r["backend"]) for r in doc["rows"]}
-    assert got == {(lvl, b) for lvl in ("op", "model") for b in ("sdpa", "hf_flash")}
+    backends = ("sdpa", "hf_flash", "hf_flash_unfolded")
+    assert got == {(lvl, b) for lvl in ("op", "model") for b in backends}
     assert all(r["host_us_per_call"] > 0 for r in doc["rows"] if r["level"] == "op")
     assert all(r["ms_per_step"] >= r["host_ms_per_step"] > 0 for r in doc["rows"] if r["level"] == "model")
     # Each backend's steps at first-met cache lengths and again at the same ones.
     visits = [(r["backend"], r["lengths"]) for r in doc["rows"] if r["level"] == "model"]
-    assert visits == [(b, f"{v} visit") for b in ("sdpa", "hf_flash") for v in ("first", "again")]
+    assert visits == [(b, f"{v} visit") for b in backends for v in ("first", "again")]
     # The hf_flash decode steps ran the kernel (its no-grad path, named in profiles), the sdpa
     # ones did not.
     from hf_flash.kernels._op import NO_GRAD_EVENT
     ops = {b: {t["op"] for t in tops} for b, tops in doc["top_host_ops"].items()}
     for v in ("first", "again"):
         assert NO_GRAD_EVENT in ops[f"hf_flash, {v} visit"]
+        assert NO_GRAD_EVENT in ops[f"hf_flash_unfolded, {v} visit"]
         assert NO_GRAD_EVENT not in ops[f"sdpa, {v} visit"]
     # The GPU kernels by name for every profiled stretch (none on the CPU).
-    assert set(doc["gpu_kernels"]) == {f"{b}, {w}" for b in ("sdpa", "hf_flash")
+    assert set(doc["gpu_kernels"]) == {f"{b}, {w}" for b in backends
                                        for w in ("op", "first visit", "again visit")}
     assert all(v == [] for v in doc["gpu_kernels"].values())
     assert "results in" in out

@@ -536,6 +536,36 @@ def test_causal_bias_objects_match_flags():
                                                 causal_alignment="top_left"), top_left)
 
 
+@pytest.mark.parametrize("dtype", _dtypes())
+@pytest.mark.parametrize("fill", [-1e4, -1e9])
+@pytest.mark.parametrize("D", [1, 64])
+def test_backward_recomputes_the_forwards_scores_bit_for_bit(dtype, fill, D):
+    # With one key per row, P = 1 exactly whatever the score; the backward rebuilds P from the
+    # scores it computes again and the forward's row statistics, so P = 1 there only if both
+    # round every score alike. An additive mask of -1e4 or -1e9 makes |S| ~ 1.4e4 or 1.4e9 in
+    # base 2, where one rounding step apart is 1e-3 or 128: P = 1.0007 or 2^128. One-hot output
+    # gradients read each row's P out of dV (17 query rows, not a multiple of 16; two query heads
+    # on one K/V head).
+    gen = torch.Generator().manual_seed(0)
+    n_q, group = 17, 2
+    q = torch.randn(1, group, n_q, D, generator=gen)
+    k, v = (torch.randn(1, 1, 1, D, generator=gen) for _ in range(2))
+    mask = torch.randn(1, 1, n_q, 1, generator=gen)
+    mask[torch.rand(1, 1, n_q, 1, generator=gen) > 0.5] = fill
+    mask[:, :, 0] = fill
+    q, k, v = (t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v))
+    mask = mask.to(DEVICE)
+    bad = []
+    for h, i in itertools.product(range(group), range(n_q)):
+        out = hf_flash.flash_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        do = torch.zeros_like(out)
+        do[0, h, i, 0] = 1.0
+        dv, = torch.autograd.grad(out, v, do)
+        if dv[0, 0, 0, 0].item() != 1.0:
+            bad.append((h, i, mask[0, 0, i, 0].item(), dv[0, 0, 0, 0].item()))
+    assert not bad, f"(head, row, mask, P) where the backward's P is not 1: {bad}"
+
+
 def test_fully_masked_rows_give_zeros_and_zero_grads():
     # Bottom-right causal with q_len > k_len leaves the first rows with no key at all, and a batch
     # row whose key padding mask is all False has no key anywhere.
@@ -643,6 +673,14 @@ def test_one_query_row_with_grouped_heads_folds_the_group_into_rows(monkeypatch,
                                  attn_mask=torch.ones(1, 8, 1, 37, device=DEVICE))
         hf_flash.flash_attention(q, k, v, enable_gqa=True, is_causal=True)
     assert launched == [(3, 8, 1, 16)] * 3
+    # Nor with the switch off (for measuring the fold), which gives the same output.
+    launched.clear()
+    monkeypatch.setattr(attn_mod, "FOLD_GROUPED_DECODE", False)
+    with torch.no_grad():
+        unfolded = hf_flash.flash_attention(q, k, v, is_causal=True, enable_gqa=True,
+                                            causal_alignment="bottom_right", key_padding_mask=kpm)
+    assert launched == [(3, 8, 1, 16)]
+    assert torch.equal(unfolded, out.detach())
 
 
 def test_calls_without_gradients_skip_autograd_and_give_the_same_result(monkeypatch):
