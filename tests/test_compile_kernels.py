@@ -55,6 +55,54 @@ def test_runtime_specialisation_reproduces_the_h200s_shared_memory():
         assert 0 < regs <= 255 and stack >= 0
 
 
+_ROUNDING_CODE = r"""
+import json, re, sys
+sys.path.insert(0, "scripts")
+import compile_kernels as ck
+from triton.backends.compiler import GPUTarget
+out = {}
+for dtype in ("fp32", "bf16"):
+    for kernel, extra, kind in ck.KERNELS:
+        # The specialisation of the call that failed on an H200: head dim 1, a key length of 1
+        # and unit strides as constants (Triton makes ints equal to 1 constexprs).
+        cx = dict(HEAD_DIM=1, BLOCK_D=16, BLOCK_M=32, BLOCK_N=32, IS_CAUSAL=False, HAS_KPM=False,
+                  MASK_KIND=2, HAS_DROPOUT=False, VARLEN=False, N_K=1,
+                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **extra)
+        cx.update({n: 1 for n in kernel.arg_names if n.startswith("stride_") and n[-1] in "mn"})
+        _, _, comp = ck.build(kernel, cx, dtype, GPUTarget("cuda", 90, 32), 4, 2, (),
+                              want_compiled=True)
+        ptx = comp.asm["ptx"]
+        # How the mask is scaled to base 2 (by log2(e), 0f3FB8AA3B), and how many multiplies
+        # and adds the compiler may still fuse (PTX without a rounding mode).
+        uses = {ln.split()[0] for ln in ptx.splitlines()
+                if "0f3FB8AA3B" in ln and not ln.split()[0].startswith("mov")}
+        fusable = len(re.findall(r"^\s*(?:mul|add|sub)\.f32\b", ptx, re.M))
+        out[f"{dtype} {kernel.__name__}"] = [sorted(uses), fusable]
+print(json.dumps(out))
+"""
+
+
+def test_every_kernel_adds_the_mask_in_one_fma_and_fp32_fuses_nothing_else():
+    # The backward recomputes P from scores it computes again, exact only if every kernel rounds
+    # them as the forward did. For this specialisation the dK/dV kernel once multiplied the mask
+    # by log2(e) and added it apart (mul.f32, fusable by ptxas or not) where the forward and dQ
+    # used one FMA: on an H200 a single-key row under a -1e4 mask got P = 1.000677 instead of 1.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        pytest.skip("Triton without its NVIDIA backend cannot compile for sm_90")
+    res = subprocess.run([sys.executable, "-c", _ROUNDING_CODE], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(got) == 6
+    for name, (uses, fusable) in got.items():
+        assert uses == ["fma.rn.f32"], (name, uses)
+        if name.startswith("fp32"):
+            assert fusable == 0, (name, fusable)  # fp32 compiles with fusion off
+
+
 def _run_mode(flag):
     """scripts/compile_kernels.py FLAG's stdout (compiling for the GPU, not interpreting)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
