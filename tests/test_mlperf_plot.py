@@ -32,15 +32,20 @@ def test_committed_h200_runs_give_the_readme_figures():
     assert "hf_flash / sdpa mean time to target" in text and ": 1.224" in text
 
 
+def _table(paths):
+    """plot.py's table of the curve logs at `paths`, and its ratio lines by their pair."""
+    text = plot.table([plot.load_run(p) for p in sorted(paths)])
+    ratios = {ln.split(" mean")[0]: ln.rsplit(": ", 1)[1] for ln in text.splitlines()
+              if ln.startswith("- ")}
+    return text, ratios
+
+
 def test_committed_warmed_h200_runs_give_the_readme_figures():
-    runs = [plot.load_run(p) for p in sorted(WARMED.glob("*-t0.140-*.jsonl"))]
-    text = plot.table(runs)
+    text, ratios = _table(WARMED.glob("*-t0.140-*.jsonl"))
     assert "| hf_flash | 1 | yes | 0.14 | 191.9 (n=1) | 1280.0 (n=1) |" in text
     assert "| sdpa | 1 | yes | 0.14 | 190.5 (n=1) | 1280.0 (n=1) |" in text
     assert "| eager | 1 | yes | 0.14 | 278.3 (n=1) | 1152.0 (n=1) |" in text
     assert "hf_flash_packed-t0.140-s2-n1.jsonl (paused at step 860, not resumed)" in text
-    ratios = {ln.split(" mean")[0]: ln.rsplit(": ", 1)[1] for ln in text.splitlines()
-              if ln.startswith("- ")}
     assert ratios == {"- eager / sdpa": "1.461", "- hf_flash / sdpa": "1.007",
                       "- hf_flash / eager": "0.689", "- sdpa / eager": "0.684"}
 
@@ -69,13 +74,10 @@ def test_runs_warmed_before_the_clock_are_kept_apart(tmp_path):
 
 
 def test_all_warmed_h200_seeds_give_the_readme_means():
-    runs = [plot.load_run(p) for p in sorted(WARMED.parent.glob("h200-2026-12-01-warmed*/*-t0.140-*.jsonl"))]
-    text = plot.table(runs)
+    text, ratios = _table(WARMED.parent.glob("h200-2026-12-01-warmed*/*-t0.140-*.jsonl"))
     assert "| eager | 1 | yes | 0.14 | 310.1 +- 31.3 [278.3, 341.0] (n=3) |" in text
     assert "| hf_flash | 1 | yes | 0.14 | 192.5 +- 2.4 [190.4, 195.1] (n=3) |" in text
     assert "| sdpa | 1 | yes | 0.14 | 197.0 +- 8.0 [190.5, 205.9] (n=3) |" in text
     assert "eager-t0.140-s3-n1.jsonl (paused at step 1340, not resumed)" in text
-    ratios = {ln.split(" mean")[0]: ln.rsplit(": ", 1)[1] for ln in text.splitlines()
-              if ln.startswith("- ")}
     assert ratios == {"- eager / sdpa": "1.574", "- hf_flash / sdpa": "0.977",
                       "- hf_flash / eager": "0.621", "- sdpa / eager": "0.635"}
