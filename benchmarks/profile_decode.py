@@ -124,7 +124,7 @@ def _profile(step, device):
     gpu_us = sum(e.self_device_time_total for e in kernels) if device.type == "cuda" else None
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
     # Every kernel by name, so a change in the count or the GPU time can be traced to one.
-    by_gpu = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:20]
+    by_gpu = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)
     return gpu_us, sum(e.count for e in kernels), [
         {"op": e.key[:80], "calls": e.count, "self_cpu_us": round(e.self_cpu_time_total, 1)}
         for e in top], [

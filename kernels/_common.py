@@ -170,10 +170,11 @@ def fp_fusion(dtype: torch.dtype) -> bool:
     """Whether the compiler may fuse a multiply and an add into one FMA (Triton's
     `enable_fp_fusion`): not for fp32. The backward recomputes P = exp2(S - lse) from scores it
     computes again, so it is exact only if each kernel rounds S the same way as the forward. With
-    fusion on, where the compiler fuses depends on each kernel's code around it: on an H200 with
-    Triton 3.6 the forward added an fp32 additive mask to the scaled scores in one FMA and the
-    dK/dV kernel in a separate multiply and add, so a row whose only key carried -1e4 got
-    P = 1.000677 in the backward instead of 1 (one rounding step at |S| ~ 1.4e4). The mask's add is
+    fusion on, where the compiler fuses depends on each kernel's code around it. On an H200 a
+    row whose only key carried an fp32 mask of -1e4 got P = 1.000677 in the backward instead of
+    1, one rounding step at |S| ~ 1.4e4; for that call's specialisation Triton 3.6's sm_90 code
+    adds the mask in one FMA in the forward and in a separate multiply and add in dK/dV
+    (docs/reliability.md). The mask's add is
     now one explicit FMA in every kernel and dtype (mask_scores); unfused, fp32 also rounds every
     other multiply and add on its own, identically in every kernel. The 16-bit paths keep fusion
     for speed: what it can still round apart is the scaled score of an unmasked (or bool-masked)

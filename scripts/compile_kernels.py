@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -54,6 +55,7 @@ from hf_flash.kernels import _backward, _common, _forward
 _POINTER_TYPES = {"STATS": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "MASK": "*u8", "KPM": "*u8",
                   "KV_LO": "*i32", "KV_HI": "*i32", "CU_SEQLENS": "*i32", "SEED": "*i64"}
 _FLOATS = ("qk_scale", "sm_scale", "drop_threshold", "dropout_scale")
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def signature(kernel, constexprs, dtype):
@@ -109,9 +111,10 @@ def build(kernel, cx, dtype, target, warps, stages, lengths=_LENGTHS, want_compi
     cx = {**cx, **{n: v for n, v in unit_constants(cx).items() if n in kernel.arg_names}}
     sig = signature(kernel, cx, dtype)
     src = ASTSource(fn=kernel, signature=sig, constexprs=cx, attrs=runtime_attrs(kernel, sig, lengths))
-    # fp32 compiles without multiply-add fusion, as it launches (kernels/_common.py, fp_fusion).
+    # Multiply-add fusion as the launch sets it (off for fp32).
+    fusion = _common.fp_fusion(_TORCH_DTYPES[dtype])
     compiled = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages,
-                                                           "enable_fp_fusion": dtype != "fp32"})
+                                                           "enable_fp_fusion": fusion})
     out = (compiled.metadata.shared, registers(compiled))
     return (*out, compiled) if want_compiled else out
 

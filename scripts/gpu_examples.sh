@@ -7,7 +7,7 @@
 #
 # The classifier needs the MiniLM-L6 weights and en-corpus' labeled.tsv.xz: MODEL (a folder,
 # default .carry/minilm) and DATA (the folder holding labeled.tsv.xz, default .carry), both carried
-# along, and evaluate: where the image lacks it, carry its wheels in .whl/ too. OUT gets three files (few, to keep what is copied back small): summary.txt, results.json (each part's
+# along, and evaluate: where the image lacks it, its wheels in .whl/. OUT gets three files (few, to keep what is copied back small): summary.txt, results.json (each part's
 # result.json by part name) and logs.txt (the end of each part's log); the logs stay in
 # runs/examples/logs.
 # Limits through the environment: CLS_S (100 per backend), GEN_S (100), DISTILL_S (250 for the
@@ -51,20 +51,22 @@ else
     gen_size=(--repeats 2)
 fi
 python3 -c "import hf_flash" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e .
-# The classifier scores with an evaluate module; a GPU image without evaluate gets it from the
-# wheels carried in .whl/ (as examples/mlperf_bert/run_gpu.sh does), installed aside in /tmp/site.
+# The classifier scores with an evaluate module. Where it does not import, it is installed from
+# the wheels in .whl/ (as examples/mlperf_bert/run_gpu.sh does) into a folder of its own, put on
+# the path of the classifier's runs only, so the other parts keep the image's packages.
+cls_env=()
 if want classifier && ! python3 -c "import evaluate" 2>/dev/null; then
     [ -d .whl ] || { echo "gpu_examples: evaluate does not import and there is no .whl/ to install it from"; exit 3; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    python3 -c "import evaluate" || { echo "gpu_examples: evaluate does not import from .whl/"; exit 3; }
+    cls_env=(env "PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}")
+    "${cls_env[@]}" python3 -c "import evaluate" || { echo "gpu_examples: evaluate does not import from .whl/"; exit 3; }
 fi
 export HF_HUB_OFFLINE=1
 . scripts/parts.sh  # part NAME SECONDS command...
 
 # hf_flash first: it pays Triton's compilations, the others CUDA's own first-use costs.
 want classifier && for attn in hf_flash sdpa eager; do
-    part "classifier_$attn" "${CLS_S:-100}" python3 examples/finetune_classifier.py --attn "$attn" \
+    part "classifier_$attn" "${CLS_S:-100}" "${cls_env[@]}" python3 examples/finetune_classifier.py --attn "$attn" \
         "${cls_data[@]}" "${tiny[@]}" --out "runs/examples/classifier_$attn"
 done
 want generation && part generation "${GEN_S:-100}" python3 examples/generation_speed.py "${tiny[@]}" \

@@ -545,7 +545,9 @@ def test_backward_recomputes_the_forwards_scores_bit_for_bit(dtype, fill, D):
     # round every score alike. An additive mask of -1e4 or -1e9 makes |S| ~ 1.4e4 or 1.4e9 in
     # base 2, where one rounding step apart is 1e-3 or 128: P = 1.0007 or 2^128. One-hot output
     # gradients read each row's P out of dV (17 query rows, not a multiple of 16; two query heads
-    # on one K/V head).
+    # on one K/V head). Only dK/dV's P is read so (dQ's dS is ~0 with a single key), and dV is
+    # stored in the input dtype: in 16 bits a P off by 1e-3 rounds back to 1, one off by 2^128
+    # does not.
     gen = torch.Generator().manual_seed(0)
     n_q, group = 17, 2
     q = torch.randn(1, group, n_q, D, generator=gen)
@@ -564,6 +566,25 @@ def test_backward_recomputes_the_forwards_scores_bit_for_bit(dtype, fill, D):
         if dv[0, 0, 0, 0].item() != 1.0:
             bad.append((h, i, mask[0, 0, i, 0].item(), dv[0, 0, 0, 0].item()))
     assert not bad, f"(head, row, mask, P) where the backward's P is not 1: {bad}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp32_launches_compile_without_multiply_add_fusion(monkeypatch, dtype):
+    # What keeps fp32's recomputed scores equal to the forward's on a GPU (the interpreter rounds
+    # every operation on its own either way): each of the three launches asks for fusion off in
+    # fp32, on in 16 bits (tests/test_compile_kernels.py checks what the compiler makes of it).
+    from hf_flash.kernels import _tuning
+    asked = {}
+    real = _tuning.launch
+
+    def recording(kernel, name, key, candidates, grid, tensors, scalars, constexprs):
+        asked[name] = constexprs["enable_fp_fusion"]
+        return real(kernel, name, key, candidates, grid, tensors, scalars, constexprs)
+
+    monkeypatch.setattr(_tuning, "launch", recording)
+    q, k, v = make_qkv(1, 2, 2, 20, 20, 16, dtype, DEVICE)
+    hf_flash.flash_attention(q, k, v, is_causal=True).sum().backward()
+    assert asked == {n: dtype != torch.float32 for n in ("fwd", "dq", "dkdv")}
 
 
 def test_fully_masked_rows_give_zeros_and_zero_grads():
