@@ -10,6 +10,8 @@
 # along, and evaluate: where the image lacks it, its wheels in .whl/. OUT gets three files (few, to keep what is copied back small): summary.txt, results.json (each part's
 # result.json by part name) and logs.txt (the end of each part's log); the logs stay in
 # runs/examples/logs.
+# DISTILL_TEXT: a folder holding train.txt.xz and eval.txt.xz (en-corpus's layout) for the
+# distillation's teacher, student and prompts; unset, the repository's small sample text.
 # Limits through the environment: CLS_S (100 per backend), GEN_S (100), DISTILL_S (250 for the
 # run that trains its teacher; 230 s on an H200), DISTILL_REUSE_S (220 for one that reuses it).
 # PARTS picks the parts, in this order (default "classifier generation", ~400 s): classifier (one
@@ -49,6 +51,12 @@ else
     # timed repeats to 2 (it took 108 s with 5 on an H200, ~8 s a repeat of the three backends).
     distill_size=(--teacher_steps 800 --warmup_steps 100 --distill_steps 100)
     gen_size=(--repeats 2)
+fi
+if [ -n "${DISTILL_TEXT:-}" ]; then
+    for f in train eval; do
+        [ -f "$DISTILL_TEXT/$f.txt.xz" ] || { echo "gpu_examples: no $DISTILL_TEXT/$f.txt.xz (DISTILL_TEXT)"; exit 3; }
+    done
+    distill_size+=(--train_text "$DISTILL_TEXT/train.txt.xz" --eval_text "$DISTILL_TEXT/eval.txt.xz")
 fi
 python3 -c "import hf_flash" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e .
 # The classifier scores with an evaluate module. Where it does not import, it is installed from

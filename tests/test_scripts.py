@@ -65,3 +65,15 @@ def test_gpu_examples_distillation_on_a_missing_teacher_says_so(tmp_path):
                        env=env, capture_output=True, text=True, timeout=120)
     assert "distill_sdpa: no runs/examples/distill/teacher" in (tmp_path / "out" / "summary.txt").read_text()
     assert not (work / "runs" / "examples" / "distill_sdpa").exists(), r.stdout
+
+
+def test_gpu_examples_refuses_a_distillation_text_folder_without_its_files(tmp_path):
+    work = tmp_path / "repo"
+    shutil.copytree(ROOT / "scripts", work / "scripts")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "train.txt.xz").write_bytes(b"")  # eval.txt.xz missing
+    env = {**os.environ, "PARTS": "distill", "TINY": "1", "DISTILL_TEXT": str(tmp_path / "text")}
+    r = subprocess.run(["bash", str(work / "scripts" / "gpu_examples.sh"), str(tmp_path / "out")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3 and "eval.txt.xz (DISTILL_TEXT)" in r.stdout, r.stdout + r.stderr
+    assert not (work / "runs" / "examples" / "distill").exists()
