@@ -9,7 +9,7 @@ without folding a decode step's grouped query heads into one program's rows, to 
    against a left-padded KV cache as long as the example's longest (its prompts plus 128 new
    tokens), 16 query heads on 4 KV heads, D64, bf16. sdpa gets what transformers' SDPA path
    passes with a padding mask (K/V repeated to every query head, a (batch, 1, 1, k_len) bool
-   mask); hf_flash what its patch passes (a bottom-right causal bias, the key padding mask,
+   mask); hf_flash what its patch passes (causal, bottom-right aligned, the key padding mask,
    grouped heads). Host time is the mean time to queue a call; GPU kernel time and kernels per
    call come from torch.profiler's device events (copies and fills excluded).
 2. Model level: the example's Llama-style model (bf16) prefills its left-padded prompts, then
@@ -71,8 +71,6 @@ def _sync(device):
 
 def op_level(s, device, dtype, n_k):
     """Host and GPU microseconds per decode-shaped attention call, per backend."""
-    from torch.nn.attention.bias import causal_lower_right
-
     B, H, KV, D = s["batch"], s["heads"], s["kv_heads"], s["hidden"] // s["heads"]
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, 1, H, D, generator=g).to(device, dtype).transpose(1, 2)
@@ -86,7 +84,7 @@ def op_level(s, device, dtype, n_k):
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
             q, k_rep, v_rep, attn_mask=keep[:, None, None, :]),
         "hf_flash": lambda: hf_flash.flash_attention(
-            q, k, v, attn_mask=causal_lower_right(1, n_k), key_padding_mask=keep,
+            q, k, v, is_causal=True, causal_alignment="bottom_right", key_padding_mask=keep,
             enable_gqa=True),
     }
     calls["hf_flash_unfolded"] = calls["hf_flash"]
