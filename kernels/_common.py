@@ -169,16 +169,14 @@ def dot_precision(dtype: torch.dtype) -> str:
 def fp_fusion(dtype: torch.dtype) -> bool:
     """Whether the compiler may fuse a multiply and an add into one FMA (Triton's
     `enable_fp_fusion`): not for fp32. The backward recomputes P = exp2(S - lse) from scores it
-    computes again, so it is exact only if each kernel rounds S the same way as the forward. With
-    fusion on, where the compiler fuses depends on each kernel's code around it. On an H200 a
-    row whose only key carried an fp32 mask of -1e4 got P = 1.000677 in the backward instead of
-    1, one rounding step at |S| ~ 1.4e4; for that call's specialisation Triton 3.6's sm_90 code
-    adds the mask in one FMA in the forward and in a separate multiply and add in dK/dV
-    (docs/reliability.md). The mask's add is
-    now one explicit FMA in every kernel and dtype (mask_scores); unfused, fp32 also rounds every
-    other multiply and add on its own, identically in every kernel. The 16-bit paths keep fusion
-    for speed: what it can still round apart is the scaled score of an unmasked (or bool-masked)
-    tile, by half a step of |S|, far below their own rounding for scores of any usual size."""
+    computes again, which is exact only if every kernel rounds S as the forward did, and where
+    the compiler fuses depends on each kernel's code around it. (On an H200 a row whose only key
+    carried an fp32 mask of -1e4 got P = 1.000677 in the backward: for that call, Triton 3.6's
+    sm_90 code added the mask in one FMA in the forward and apart in dK/dV; docs/reliability.md.)
+    The mask's add is an explicit FMA in every kernel (mask_scores); unfused, fp32 rounds every
+    other product and sum on its own, alike everywhere. The 16-bit paths keep fusion for speed:
+    what it can still round apart is an unmasked tile's scaled score, by half a step of |S|,
+    far below their own rounding for scores of any usual size."""
     return dtype != torch.float32
 
 
