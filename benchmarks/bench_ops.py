@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,10 +37,6 @@ from benchlib import output_dir, run_metadata, short_reason, table, write_result
 # ---------------------------------------------------------------------------------------------
 # Settings
 BACKENDS = ("hf_flash", "flash", "efficient", "cudnn", "math", "flex")
-# hf_flash with its forward kept to one load pipeline (plain "hf_flash" lets the tuner choose
-# among all that apply): pointer loads, TMA descriptors, TMA with warp specialisation. Asked for
-# by name only; each gets the same correctness check as hf_flash.
-HF_PIPELINES = {"hf_flash_ptr": "pointer", "hf_flash_tma": "tma", "hf_flash_ws": "ws"}
 MODES = ("fwd", "bwd", "fwd+bwd")
 # FLOPs relative to the forward pass: backward does 2.5x the forward's matrix work (dV, dP, dS->dQ,
 # dS->dK plus the recomputed QK^T, against QK^T and PV), the convention of the FlashAttention papers.
@@ -76,7 +72,7 @@ class Case:
     causal: bool = False
     padded: bool = False  # key padding, lengths uniform in [N/2, N], right-padded as HF pads
     dropout: float = 0.0
-    backends: tuple = BACKENDS + tuple(HF_PIPELINES)
+    backends: tuple = BACKENDS
     modes: tuple = MODES
 
     def floor_ms(self, mode: str, mm_tflops: float, bw_tbs: float, key_frac: float = 1.0):
@@ -134,10 +130,10 @@ def memory_cases(seqs):
 
 def dry_run_cases():
     s = "dry-run"
-    ours = ("hf_flash", "math", *HF_PIPELINES)
-    return [Case(s, "tiny", 2, 2, 64, 32, backends=ours),
-            Case(s, "tiny_causal", 2, 2, 64, 32, causal=True, backends=ours),
-            Case(s, "tiny_pad_drop", 2, 2, 64, 32, padded=True, dropout=DROPOUT, backends=ours)]
+    return [Case(s, "tiny", 2, 2, 64, 32, backends=("hf_flash", "math")),
+            Case(s, "tiny_causal", 2, 2, 64, 32, causal=True, backends=("hf_flash", "math")),
+            Case(s, "tiny_pad_drop", 2, 2, 64, 32, padded=True, dropout=DROPOUT,
+                 backends=("hf_flash", "math"))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +149,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="benchmarks/results", help="folder for CSV and JSON")
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     p.add_argument("--backends", default=",".join(BACKENDS),
-                   help="comma-separated subset of " + ",".join(BACKENDS + tuple(HF_PIPELINES)))
+                   help="comma-separated subset of " + ",".join(BACKENDS))
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of fwd,bwd,fwd+bwd")
     p.add_argument("--cases", default="", help="only cases whose name contains one of these "
                                                "comma-separated substrings")
@@ -286,10 +282,10 @@ class Runner:
         torch = self.torch
         q, k, v, kpm = inp["q"], inp["k"], inp["v"], inp["kpm"]
         p, causal = case.dropout, case.causal
-        if backend == "hf_flash" or backend in HF_PIPELINES:
+        if backend == "hf_flash":
             from hf_flash import flash_attention
             return (lambda: flash_attention(q, k, v, dropout_p=p, is_causal=causal,
-                                            key_padding_mask=kpm)), pipeline(backend)
+                                            key_padding_mask=kpm)), nullcontext()
         if backend == "flex":
             if self.device != "cuda":
                 raise Unsupported("flex is benchmarked on CUDA only")
@@ -455,7 +451,7 @@ class Runner:
             del out
 
     # -- correctness ---------------------------------------------------------------------------
-    def check(self, case, inp, backend="hf_flash"):
+    def check(self, case, inp):
         """hf_flash on a slice of the case (at most 2 batches, 2 heads, and as many leading
         queries as fit CHECK_MAX_SCORES with every key) against SDPA math in fp64, output and
         gradients; PyTorch's own SDPA in the same dtype sets the error scale. Dropout is off
@@ -493,15 +489,14 @@ class Runner:
         with sdpa_kernel([SDPBackend.MATH]):
             ref = grads_of(sdpa, torch.float64)
         base = grads_of(sdpa, q.dtype)  # PyTorch's default choice of backend, same dtype
-        with pipeline(backend):
-            mine = grads_of(lambda q_, k_, v_: flash_attention(q_, k_, v_, is_causal=case.causal,
-                                                                key_padding_mask=kpm), q.dtype)
+        mine = grads_of(lambda q_, k_, v_: flash_attention(q_, k_, v_, is_causal=case.causal,
+                                                            key_padding_mask=kpm), q.dtype)
 
         def rel(x, r):
             return (x.double() - r).norm().item() / max(r.norm().item(), 1e-30)
 
         names = ("out", "dq", "dk", "dv")
-        res = {"case": case.name, "backend": backend, "slice": f"b{b} h{h} nq{nq} nk{case.N}"}
+        res = {"case": case.name, "slice": f"b{b} h{h} nq{nq} nk{case.N}"}
         ok = True
         for name, x, y, r in zip(names, mine, base, ref):
             e_mine, e_base = rel(x, r), rel(y, r)
@@ -515,9 +510,8 @@ class Runner:
             full_mask = inp["kpm"][:, None, None, :] if inp["kpm"] is not None else None
             o_ref = F.scaled_dot_product_attention(inp["q"], inp["k"], inp["v"],
                                                    attn_mask=full_mask, is_causal=case.causal)
-            with pipeline(backend):
-                o_mine = flash_attention(inp["q"], inp["k"], inp["v"], is_causal=case.causal,
-                                         key_padding_mask=inp["kpm"])
+            o_mine = flash_attention(inp["q"], inp["k"], inp["v"], is_causal=case.causal,
+                                     key_padding_mask=inp["kpm"])
             d = (o_mine.float() - o_ref.float()).norm().item() / max(o_ref.float().norm().item(), 1e-30)
         res["full_out_vs_sdpa"] = d
         if not math.isfinite(d) or d > FULL_CHECK_LIMIT:
@@ -525,20 +519,6 @@ class Runner:
         res["max_ratio"] = max(res[f"ratio_{n}"] for n in names)
         res["status"] = "ok" if ok else "FAIL"
         return res
-
-
-@contextmanager
-def pipeline(backend):
-    """Keep hf_flash's forward to the load pipeline a backend name asks for (HF_PIPELINES)."""
-    if backend not in HF_PIPELINES:
-        yield
-        return
-    from hf_flash.kernels import _forward
-    before, _forward.PIPELINE = _forward.PIPELINE, HF_PIPELINES[backend]
-    try:
-        yield
-    finally:
-        _forward.PIPELINE = before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,7 +563,7 @@ def summary(rows, checks, backends) -> str:
                     cells.append("")
                 elif r["status"] == "ok":
                     cells.append(f"{r['ms']:.3f}/{r['tflops']:.0f}")
-                    if b != "hf_flash" and b not in HF_PIPELINES:
+                    if b != "hf_flash":
                         others.append(r["ms"])
                 else:
                     cells.append("skip" if "time budget" in r["reason"] else "n/a")
@@ -622,7 +602,7 @@ def summary(rows, checks, backends) -> str:
         out.append(f"checks: {len(checks) - len(bad)} ok, {len(bad)} not ok; worst error ratio "
                    f"vs PyTorch {worst:.2f} (limit {CHECK_RATIO})")
         for c in bad:
-            out.append(f"  CHECK {c['status']}: {c['case']} {c.get('backend', '')}: "
+            out.append(f"  CHECK {c['status']}: {c['case']}: "
                        + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in c.items() if k not in ("case", "status")))
     return "\n".join(out)
@@ -650,12 +630,10 @@ def main(argv=None):
         sys.exit(f"bench_ops: cannot import hf_flash ({e}); from the repository root run "
                  f"`python -m pip install --no-deps --no-build-isolation -e .` first")
 
-    args.backends_list = [b for b in _csv_list(args.backends)
-                          if b in BACKENDS or b in HF_PIPELINES]
+    args.backends_list = [b for b in _csv_list(args.backends) if b in BACKENDS]
     args.modes_list = [m for m in _csv_list(args.modes) if m in MODES]
     if args.dry_run:
-        args.backends_list = [b for b in args.backends_list
-                              if b in ("hf_flash", "math") or b in HF_PIPELINES]
+        args.backends_list = [b for b in args.backends_list if b in ("hf_flash", "math")]
     cases = select_cases(args)
     if not cases:
         sys.exit("bench_ops: no case selected")
@@ -697,23 +675,16 @@ def main(argv=None):
                         rows.append(r)
             runner.free()
             continue
+        if "hf_flash" in backends and not args.no_check and time.perf_counter() < runner.deadline:
+            try:
+                checks.append(runner.check(case, inp))
+            except Exception as e:
+                checks.append({"case": case.name, "status": f"error: {short_reason(e)}"})
+            runner.free()
+        chk = next((c for c in checks if c["case"] == case.name), None)
         for b in backends:
-            if (b == "hf_flash" or b in HF_PIPELINES) and not args.no_check \
-                    and time.perf_counter() < runner.deadline:
-                try:
-                    checks.append(runner.check(case, inp, b))
-                except ValueError as e:
-                    if "does not apply" not in str(e):  # a pipeline that cannot take the case
-                        raise                           # is measured as n/a, saying why
-                except Exception as e:
-                    checks.append({"case": case.name, "backend": b,
-                                   "status": f"error: {short_reason(e)}"})
-                runner.free()
-        for b in backends:
-            chk = next((c for c in checks if c["case"] == case.name and c.get("backend") == b),
-                       None)
             for r in runner.measure(case, b, inp):
-                if chk is not None:
+                if b == "hf_flash" and chk is not None:
                     r["check"] = chk["status"]
                     r["check_max_ratio"] = chk.get("max_ratio")
                 rows.append(r)

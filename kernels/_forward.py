@@ -13,25 +13,20 @@ from ._dropout import dropout_keep, dropout_scale, dropout_threshold
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, k_src, v_src, mask_ptr, kpm_ptr, start_m, start_n, offs_m,
+def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n, offs_m,
                offs_n,
                d_ok, seed, bh, qk_scale, drop_threshold,
                stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn,
                N_Q, N_K, causal_offset,
                CHECK_BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               CAN_BE_EMPTY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               USE_TMA: tl.constexpr):
+               CAN_BE_EMPTY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = start_n + offs_n
     if CHECK_BOUNDS:
         kv_mask = (cols[:, None] < N_K) & d_ok[None, :]
     else:
         kv_mask = d_ok[None, :]
-    if USE_TMA:
-        # Rows past the sequence and columns past the head dim come back as zeros.
-        k = k_src.load([start_n, 0])
-    else:
-        k = tl.load(k_src + start_n * stride_kn, mask=kv_mask, other=0.0)
+    k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     s = mask_scores(s, offs_m[:, None], cols[None, :], mask_ptr, kpm_ptr, stride_mm, stride_mn,
                     stride_kpmn, N_Q, N_K, causal_offset,
@@ -51,10 +46,7 @@ def _fwd_block(acc, l_i, m_i, q, k_src, v_src, mask_ptr, kpm_ptr, start_m, start
         # The normaliser l_i sums the undropped probabilities; only the values see the mask.
         keep = dropout_keep(seed, bh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N)
         p = tl.where(keep, p, 0.0)
-    if USE_TMA:
-        v = v_src.load([start_n, 0])
-    else:
-        v = tl.load(v_src + start_n * stride_vn, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
     acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -72,7 +64,6 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -93,29 +84,13 @@ def _fwd_kernel(
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < N_Q
 
-    if USE_TMA:
-        q_desc = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh
-                                           + seq0 * stride_qm, shape=[N_Q, HEAD_DIM],
-                                           strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
-        q = q_desc.load([start_m, 0])
-    else:
-        q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
-                  + (seq0 + offs_m)[:, None] * stride_qm + offs_d[None, :])
-        q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    if USE_TMA:
-        # K/V tiles through the tensor-memory copy engine (Hopper's TMA): one descriptor per
-        # (sequence, K/V head), bounded by this sequence's keys and the true head dim.
-        k_src = tl.make_tensor_descriptor(K + off_b * stride_kb + off_hk * stride_kh
-                                          + seq0 * stride_kn, shape=[N_K, HEAD_DIM],
-                                          strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
-        v_src = tl.make_tensor_descriptor(V + off_b * stride_vb + off_hk * stride_vh
-                                          + seq0 * stride_vn, shape=[N_K, HEAD_DIM],
-                                          strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_D])
-    else:
-        k_src = (K + off_b * stride_kb + off_hk * stride_kh
-                 + (seq0 + offs_n)[:, None] * stride_kn + offs_d[None, :])
-        v_src = (V + off_b * stride_vb + off_hk * stride_vh
-                 + (seq0 + offs_n)[:, None] * stride_vn + offs_d[None, :])
+    q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
+              + (seq0 + offs_m)[:, None] * stride_qm + offs_d[None, :])
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_ptrs = (K + off_b * stride_kb + off_hk * stride_kh
+              + (seq0 + offs_n)[:, None] * stride_kn + offs_d[None, :])
+    v_ptrs = (V + off_b * stride_vb + off_hk * stride_vh
+              + (seq0 + offs_n)[:, None] * stride_vn + offs_d[None, :])
     mask_ptr = MASK + off_b * stride_mb + off_h * stride_mh
     kpm_ptr = KPM + off_b * stride_kpmb
     seed = 0
@@ -139,34 +114,20 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if WARP_SPECIALIZE:
-        # Hopper's warp-specialised pipeline: Triton splits the program into a producer warp
-        # that issues the TMA loads of K and V and two consumer warp groups of BLOCK_M / 2 rows
-        # each, so one group's softmax overlaps the other's matrix products. Triton 3.6 builds
-        # it for one loop only (a second loop after it fails to compile), so every tile takes
-        # the bounds and causal tests here instead of only the last ones.
-        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
-            acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_src, v_src, mask_ptr, kpm_ptr, start_m, start_n, offs_m,
-                offs_n, d_ok, seed, bh, qk_scale, drop_threshold, stride_kn, stride_vn, stride_mm,
-                stride_mn, stride_kpmn, N_Q, N_K, causal_offset,
-                True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
-                True, BLOCK_M, BLOCK_N, USE_TMA)
-    else:
-        for start_n in range(lo, full_hi, BLOCK_N):
-            acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_src, v_src, mask_ptr, kpm_ptr, start_m, start_n, offs_m,
-                offs_n, d_ok, seed, bh, qk_scale, drop_threshold, stride_kn, stride_vn, stride_mm,
-                stride_mn, stride_kpmn, N_Q, N_K, causal_offset,
-                False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
-                HAS_KPM or MASK_KIND != 0, BLOCK_M, BLOCK_N, USE_TMA)
-        for start_n in range(full_hi, hi, BLOCK_N):
-            acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_src, v_src, mask_ptr, kpm_ptr, start_m, start_n, offs_m,
-                offs_n, d_ok, seed, bh, qk_scale, drop_threshold, stride_kn, stride_vn, stride_mm,
-                stride_mn, stride_kpmn, N_Q, N_K, causal_offset,
-                True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
-                True, BLOCK_M, BLOCK_N, USE_TMA)
+    for start_n in range(lo, full_hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n, offs_m, offs_n,
+            d_ok, seed, bh, qk_scale, drop_threshold, stride_kn, stride_vn, stride_mm, stride_mn,
+            stride_kpmn, N_Q, N_K, causal_offset,
+            False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
+            HAS_KPM or MASK_KIND != 0, BLOCK_M, BLOCK_N)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n, offs_m, offs_n,
+            d_ok, seed, bh, qk_scale, drop_threshold, stride_kn, stride_vn, stride_mm, stride_mn,
+            stride_kpmn, N_Q, N_K, causal_offset,
+            True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
+            True, BLOCK_M, BLOCK_N)
 
     # Rows with no visible key (l_i == 0) return zeros and lse = -inf instead of 0/0 = NaN.
     empty = l_i == 0.0
@@ -189,45 +150,10 @@ def _fwd_kernel(
 
 _FWD_CONFIGS = [cfg(128, 128, 8, 3), cfg(128, 64, 8, 3), cfg(128, 64, 4, 3), cfg(128, 32, 4, 4),
                 cfg(64, 64, 4, 3), cfg(64, 32, 4, 4), cfg(32, 32, 4, 2)]
-# Hopper's tensor-memory copy engine (TMA) loads Q, K and V through descriptors; with
-# WARP_SPECIALIZE, Triton also splits each program into a producer warp and two consumer warp
-# groups (num_warps counts one group). Candidates only where _tma_ok holds.
-_TMA = {"USE_TMA": True, "WARP_SPECIALIZE": False}
-_WS = {"USE_TMA": True, "WARP_SPECIALIZE": True}
-_POINTER = {"USE_TMA": False, "WARP_SPECIALIZE": False}
-_FWD_TMA_CONFIGS = [{**cfg(128, 128, 8, 2), **_TMA}, {**cfg(128, 64, 8, 3), **_TMA}]
-_FWD_WS_CONFIGS = [{**cfg(128, 128, 4, 2), **_WS}, {**cfg(128, 64, 4, 3), **_WS},
-                   {**cfg(128, 128, 4, 3), **_WS}]
-
-# Which forward pipelines may run: None lets the tuner choose among all that apply to a call;
-# "pointer", "tma" or "ws" keeps to one (benchmarks time them apart, tests force the TMA paths
-# through Triton's interpreter, which has no copy engine but runs the descriptor code).
-PIPELINE = None
-_PIPELINES = (None, "pointer", "tma", "ws")
 
 
-def _tma_ok(q, k, v, o):
-    """Whether TMA descriptors can address these tensors: 16-bit elements (fp32 runs on CUDA
-    cores, where the copy engine buys nothing measured), 16-byte aligned bases and strides, a
-    head dim of at least 16 bytes, and a GPU that has the engine (compute capability 9+; under
-    the interpreter only when PIPELINE asks for it)."""
-    if q.element_size() != 2 or q.shape[-1] < 8:
-        return False
-    if _common.INTERPRET:
-        if PIPELINE not in ("tma", "ws"):
-            return False
-    elif torch.cuda.get_device_capability(q.device)[0] < 9:
-        return False
-    return all(t.data_ptr() % 16 == 0 and all(st * 2 % 16 == 0 for st in t.stride()[:-1])
-               for t in (q, k, v, o))
-
-
-def _fwd_candidates(block_d, elt_size, n_q, tma, ws):
-    """Configs for a shape class, the untuned one first; `tma` / `ws`: whether the TMA and the
-    warp-specialised pipelines apply to it."""
-    if PIPELINE not in _PIPELINES:
-        raise ValueError(f"hf_flash: _forward.PIPELINE must be one of {_PIPELINES}, got {PIPELINE!r}")
-    first = {**default_config("fwd", block_d, elt_size), **_POINTER}
+def _fwd_candidates(block_d, elt_size, n_q):
+    first = default_config("fwd", block_d, elt_size)
     if n_q <= 16:
         # Decode steps (one query row, or a folded group of a few): a 16-row block instead of
         # 64-128 mostly-empty rows. For sm_90 with key padding at head dim 64 (bf16) it compiles
@@ -236,23 +162,9 @@ def _fwd_candidates(block_d, elt_size, n_q, tma, ws):
         first = {**first, "BLOCK_M": 16}
         if "num_warps" in first:
             first["num_warps"] = 4
-    pointer = [{**c, **_POINTER} for c in _FWD_CONFIGS if smem_ok(c, block_d, elt_size, 1, 2)]
-    tma_cfgs = [c for c in _FWD_TMA_CONFIGS if smem_ok(c, block_d, elt_size, 1, 2)] if tma else []
-    ws_cfgs = [c for c in _FWD_WS_CONFIGS if smem_ok(c, block_d, elt_size, 1, 2)] if ws else []
-    if PIPELINE in ("tma", "ws"):
-        chosen = tma_cfgs if PIPELINE == "tma" else ws_cfgs
-        if not chosen:
-            raise ValueError(f"hf_flash: forward pipeline {PIPELINE!r} does not apply to this call")
-        if _common.INTERPRET:  # small tiles: the interpreter runs every element in Python
-            return [{**chosen[0], "BLOCK_M": 32, "BLOCK_N": 32}]
-        first = chosen[0]
-        kept = chosen
-    elif PIPELINE == "pointer":
-        kept = pointer
-    else:
-        kept = pointer + tma_cfgs + ws_cfgs
     if not AUTOTUNE:
         return [first]
+    kept = [c for c in _FWD_CONFIGS if smem_ok(c, block_d, elt_size, 1, 2)]
     # Short query sequences waste most of a 128-row block: drop those configs there.
     kept = [c for c in kept if c["BLOCK_M"] <= max(32, next_pow2(n_q))] or [first]
     return [first] + [c for c in kept if c != first]
@@ -296,16 +208,10 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
                       MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
                       DOT_PRECISION=dot_precision(q.dtype), VARLEN=varlen,
                       enable_fp_fusion=fp_fusion(q.dtype))  # a compile option, passed alike
-    tma = _tma_ok(q, k, v, o)
-    if tma:
-        _tuning.ensure_scratch_allocator()
-    # Warp specialisation compiles (Triton 3.6 and 3.9) for causal, packed and plain calls;
-    # with key padding, a dense mask or dropout its pass fails.
-    ws = tma and kpm is None and mask_kind == 0 and dropout_p == 0
     key = (bucket(rows_q), bucket(rows_k), n_batch * H > 64, group, q.dtype, q.device.index,
-           tma, ws, PIPELINE, *constexprs.values())
+           *constexprs.values())
     _tuning.launch(_fwd_kernel, "fwd", key,
-                   lambda: _fwd_candidates(block_d, q.element_size(), rows_q, tma, ws),
+                   lambda: _fwd_candidates(block_d, q.element_size(), rows_q),
                    lambda c: (cdiv(rows_q, c["BLOCK_M"]), n_batch * H), tensors, scalars,
                    constexprs)
     return o, stats

@@ -28,11 +28,6 @@ try:  # Triton 3.6 to 3.9 have it (private, hence the guard): compiles handed to
 except ImportError:  # pragma: no cover - another Triton: candidates compile one by one
     _async_compile = None
 
-try:  # Triton 3.6 to 3.9: the context variable behind triton.set_allocator (private)
-    from triton.runtime import _allocation
-except ImportError:  # pragma: no cover - another Triton: TMA launches need the user's allocator
-    _allocation = None
-
 # Threads that compile a shape class's tuning candidates at once, before they are timed. Most of
 # Triton's compile (MLIR passes, LLVM, ptxas) runs without the GIL: on 2 CPU cores, 4 forward
 # candidates for sm_90 took 7.8 s one by one and 5.1 s on 2 threads (Triton 3.6; 10.4 and 5.7 s
@@ -150,24 +145,6 @@ def launch(kernel, name, key, candidates, grid, tensors, scalars, constexprs):
     g0, g1, g2 = (*g, 1, 1)[:3]  # grids are written with two dims; the launcher takes three
     compiled.run(g0, g1, g2, _current_stream(device), compiled.function,
                  compiled.packed_metadata, None, None, None, *args, *tail)
-
-
-def _scratch(size: int, alignment: int, stream):
-    # torch's caching allocator returns blocks aligned to at least 512 bytes, more than the
-    # 128 that TMA descriptors ask for; allocated on the current device, where Triton launches.
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def ensure_scratch_allocator():
-    """Kernels that build TMA descriptors on the device write them to a scratch buffer, one slot
-    per program, which Triton's launcher takes from the allocator of `triton.set_allocator`. That
-    is a context variable, unset by default and unset in every new thread (autograd runs
-    backward on threads of its own), so it is checked before each such launch; an allocator the
-    user set is kept."""
-    if _allocation is None or _common.INTERPRET:
-        return
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_scratch)
 
 
 def worth_tuning(key) -> bool:

@@ -4,7 +4,6 @@
     python scripts/compile_kernels.py --configs  # every tuning candidate instead (~4 minutes)
     python scripts/compile_kernels.py --lengths  # lengths divisible by 16 against not (~2 minutes)
     python scripts/compile_kernels.py --short    # the forward's config for <= 16 query rows (~1 minute)
-    python scripts/compile_kernels.py --hopper   # the forward's TMA / warp-specialised configs (~1 minute)
 
 Triton's whole pipeline (front end, MLIR passes, LLVM, ptxas) runs on the host, so a machine
 without a GPU can check that a kernel change still compiles for the GPU, which the CPU test
@@ -109,8 +108,6 @@ def runtime_attrs(kernel, sig, lengths=_LENGTHS):
 def build(kernel, cx, dtype, target, warps, stages, lengths=_LENGTHS, want_compiled=False):
     """Compile one variant; returns (shared memory bytes per block, registers() or None), and the
     compiled kernel too with `want_compiled`. `lengths`: those compiled as multiples of 16."""
-    # The forward's TMA and warp-specialised pipelines are off unless asked for.
-    cx = {**{n: False for n in ("USE_TMA", "WARP_SPECIALIZE") if n in kernel.arg_names}, **cx}
     cx = {**cx, **{n: v for n, v in unit_constants(cx).items() if n in kernel.arg_names}}
     sig = signature(kernel, cx, dtype)
     src = ASTSource(fn=kernel, signature=sig, constexprs=cx, attrs=runtime_attrs(kernel, sig, lengths))
@@ -189,7 +186,7 @@ def compile_short(target):
     for (dtype, es), d in itertools.product((("bf16", 2), ("fp32", 4)), (64, 128, 256)):
         cells = []
         for n_q in (17, 16):
-            c = _forward._fwd_candidates(d, es, n_q, False, False)[0]  # untuned config first
+            c = _forward._fwd_candidates(d, es, n_q)[0]  # the untuned config comes first
             cx = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
                       IS_CAUSAL=False, HAS_KPM=True, MASK_KIND=0, HAS_DROPOUT=False,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", VARLEN=False)
@@ -198,29 +195,6 @@ def compile_short(target):
             cells.append(f"{c['BLOCK_M']:3d} x {c['BLOCK_N']:<3d} warps {c['num_warps']}: "
                          f"{usage(regs, compiled)}")
         print(f"{dtype} D{d:<3d}  long: {cells[0]:34s}  short: {cells[1]}")
-    print(f"(triton {triton.__version__})")
-
-
-def compile_hopper(target):
-    """The forward's TMA and warp-specialised candidates (bf16, head dims 64 and 128) on the
-    calls they serve: plain, causal and packed; warp specialisation shows as setmaxnreg in the
-    PTX (its producer and consumer warp groups resize their registers) and as 4 more warps."""
-    print("forward TMA / warp-specialised candidates, bf16: registers / spill / SASS, shared "
-          "memory, warps per program, setmaxnreg in the PTX")
-    for c, d, (variant, causal, varlen) in itertools.product(
-            _forward._FWD_TMA_CONFIGS + _forward._FWD_WS_CONFIGS, (64, 128),
-            (("plain", False, False), ("causal", True, False), ("packed", True, True))):
-        cx = dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
-                  IS_CAUSAL=causal, HAS_KPM=False, MASK_KIND=0, HAS_DROPOUT=False,
-                  DOT_PRECISION="tf32", VARLEN=varlen, USE_TMA=c["USE_TMA"],
-                  WARP_SPECIALIZE=c["WARP_SPECIALIZE"])
-        shared, regs, compiled = build(_forward._fwd_kernel, cx, "bf16", target, c["num_warps"],
-                                       c["num_stages"], want_compiled=True)
-        kind = "ws " if c["WARP_SPECIALIZE"] else "tma"
-        print(f"{kind} D{d:<3d} {variant:7s} {c['BLOCK_M']:3d} x {c['BLOCK_N']:<3d} warps "
-              f"{c['num_warps']} stages {c['num_stages']}: {usage(regs, compiled):18s} shared "
-              f"{shared:6d} B  warps {compiled.metadata.num_warps:2d}  setmaxnreg "
-              f"{compiled.asm['ptx'].count('setmaxnreg')}")
     print(f"(triton {triton.__version__})")
 
 
@@ -271,8 +245,6 @@ def main():
         return compile_lengths(target)
     if "--short" in sys.argv[1:]:
         return compile_short(target)
-    if "--hopper" in sys.argv[1:]:
-        return compile_hopper(target)
     n, worst, over, t0 = 0, (0, ""), [], time.time()
 
     def one(kernel, extra, kind, dtype, d, varlen, causal, kpm, mask_kind, dropout):

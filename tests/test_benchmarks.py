@@ -70,23 +70,6 @@ def test_bench_ops_dry_run_checks_against_pytorch(tmp_path):
     assert "0 not ok" in out
 
 
-def test_bench_ops_dry_run_times_and_checks_each_forward_pipeline(tmp_path):
-    # The forward kept to TMA or warp-specialised loads: timed and checked like hf_flash where
-    # the pipeline applies; n/a, saying why, where it does not (key padding with dropout).
-    out = _run(["benchmarks/bench_ops.py", "--dry-run", "--backends", "hf_flash_ws,hf_flash_tma",
-                "--modes", "fwd"], tmp_path)
-    doc = json.loads(next(tmp_path.rglob("ops_dry-run.json")).read_text())
-    rows = {(r["case"], r["backend"]): r for r in doc["rows"]}
-    for case in ("tiny", "tiny_causal"):
-        for b in ("hf_flash_ws", "hf_flash_tma"):
-            assert rows[case, b]["status"] == "ok" and rows[case, b]["check"] == "ok", rows[case, b]
-    assert rows["tiny_pad_drop", "hf_flash_tma"]["status"] == "ok"  # TMA takes masks and dropout
-    ws = rows["tiny_pad_drop", "hf_flash_ws"]
-    assert ws["status"] == "n/a" and "does not apply" in ws["reason"], ws
-    assert {c["backend"] for c in doc["checks"]} == {"hf_flash_ws", "hf_flash_tma"}
-    assert "0 not ok" in out
-
-
 def test_bench_first_call_dry_run_runs_each_mode_in_its_own_process(tmp_path):
     out = _run(["benchmarks/bench_first_call.py", "--dry-run"], tmp_path)
     rows = json.loads(next(tmp_path.rglob("first_call_dry-run.json")).read_text())["rows"]

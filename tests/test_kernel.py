@@ -190,8 +190,7 @@ def test_long_sequences(n, D, causal, dtype):
 
 def _n_candidates():
     from hf_flash.kernels import _backward, _forward
-    n_fwd = len(_forward._FWD_CONFIGS) + len(_forward._FWD_TMA_CONFIGS) + len(_forward._FWD_WS_CONFIGS)
-    return 1 + max(n_fwd, len(_backward._BWD_CONFIGS))  # + the heuristic
+    return 1 + max(len(_forward._FWD_CONFIGS), len(_backward._BWD_CONFIGS))  # + the heuristic
 
 
 def _tuning_on(monkeypatch):
@@ -241,53 +240,6 @@ def test_every_tuning_candidate_is_exact(monkeypatch, index):
         _run_case(B, H, H_KV, n_q, n_k, D, torch.float16, case)
     assert len(forced) == 9  # fwd, dq and dkdv of each case went through the forced pick
     assert len(skipped) < len(forced), f"every forced candidate was out of resources: {skipped}"
-
-
-@pytest.mark.parametrize("pipeline", ["tma", "ws"])
-def test_tma_pipelines_are_exact(monkeypatch, pipeline):
-    # The forward's Hopper pipelines (descriptor loads; descriptor loads with warp specialisation)
-    # forced for every call they apply to: ragged lengths in both directions (the descriptors'
-    # zero fill and the bounds test on every tile), both causal alignments, grouped K/V heads,
-    # the (B, N, H, D) layout HF passes and packed sequences. On the CPU the interpreter runs
-    # the descriptor code; on a GPU the copy engine and Triton's warp-specialised schedule do.
-    from hf_flash.kernels import _forward, _tuning
-    monkeypatch.setattr(_forward, "PIPELINE", pipeline)
-    monkeypatch.setattr(_tuning, "_CHOSEN", {})
-    dtype = torch.float16
-    for B, H, H_KV, n_q, n_k, D, case in (
-            (2, 2, 2, 70, 97, 64, {}), (1, 4, 2, 97, 40, 80, {"causal": C_TL}),
-            (2, 2, 1, 33, 130, 16, {"causal": C_BR})):
-        _run_case(B, H, H_KV, n_q, n_k, D, dtype, case)
-    _run_case(2, 2, 2, 50, 50, 64, dtype, {"causal": C_TL}, layout="bnhd")
-    gen = torch.Generator().manual_seed(5)
-    lens = [9, 1, 40, 17]
-    q, k, v, cu = _packed(lens, 2, 2, 32, dtype, DEVICE, gen)
-    out = hf_flash.flash_attention_varlen(q, k, v, cu, max(lens), is_causal=True)
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        one = [t.detach()[a:b].transpose(0, 1)[None] for t in (q, k, v)]
-        o64 = reference_with_grads(*one, torch.zeros_like(one[0]), causal=C_TL)[0]
-        o_lo = reference_with_grads(*one, torch.zeros_like(one[0]), causal=C_TL, dtype=dtype)[0]
-        check_ratio("out", out[a:b].transpose(0, 1)[None], o64, o_lo, OUT_RATIO, dtype)
-    chosen = [c for (name, _), c in _tuning.chosen_configs().items() if name == "fwd"]
-    assert chosen and all(c["USE_TMA"] and c["WARP_SPECIALIZE"] == (pipeline == "ws")
-                          for c in chosen), chosen
-
-
-def test_tma_pipelines_refuse_calls_they_do_not_serve(monkeypatch):
-    # Warp specialisation does not compile with key padding, dense masks or dropout, and no TMA
-    # path takes fp32: forcing one there is an error naming the pipeline, not a silent fallback.
-    from hf_flash.kernels import _forward, _tuning
-    monkeypatch.setattr(_tuning, "_CHOSEN", {})
-    q, k, v = make_qkv(1, 2, 2, 20, 20, 16, torch.float16, DEVICE, "bhnd")
-    monkeypatch.setattr(_forward, "PIPELINE", "ws")
-    with pytest.raises(ValueError, match="'ws' does not apply"):
-        hf_flash.flash_attention(q, k, v, dropout_p=0.1)
-    monkeypatch.setattr(_forward, "PIPELINE", "tma")
-    with pytest.raises(ValueError, match="'tma' does not apply"):
-        hf_flash.flash_attention(*(t.float() for t in (q, k, v)))
-    monkeypatch.setattr(_forward, "PIPELINE", "fast")
-    with pytest.raises(ValueError, match="PIPELINE must be one of"):
-        hf_flash.flash_attention(q, k, v)
 
 
 def test_specialisation_key_classifies_like_triton_and_memoises_scalars(monkeypatch):
