@@ -13,7 +13,9 @@
 # DISTILL_TEXT: a folder holding train.txt.xz and eval.txt.xz (en-corpus's layout) for the
 # distillation's teacher, student and prompts; unset, the repository's small sample text.
 # Limits through the environment: CLS_S (100 per backend), GEN_S (100), DISTILL_S (250 for the
-# run that trains its teacher; 230 s on an H200), DISTILL_REUSE_S (220 for one that reuses it).
+# run that trains its teacher; 230 s on an H200), DISTILL_REUSE_S (220 for one that reuses it);
+# DISTILL_STEPS (100) sets the distillation steps of each method (60 fits all three backends'
+# parts in one call).
 # PARTS picks the parts, in this order (default "classifier generation", ~400 s): classifier (one
 # run per backend), generation, distill (hf_flash, training the teacher and saving it),
 # distill_sdpa and distill_eager (the same distillation in that attention, on distill's teacher:
@@ -49,7 +51,7 @@ else
     tiny=(); cls_data=(--model "$MODEL" --data "$DATA")
     # Reduced to fit their parts: the distillation from 2000/200/300 steps, generation from 5
     # timed repeats to 2 (it took 108 s with 5 on an H200, ~8 s a repeat of the three backends).
-    distill_size=(--teacher_steps 800 --warmup_steps 100 --distill_steps 100)
+    distill_size=(--teacher_steps 800 --warmup_steps 100 --distill_steps "${DISTILL_STEPS:-100}")
     gen_size=(--repeats 2)
 fi
 if [ -n "${DISTILL_TEXT:-}" ]; then
