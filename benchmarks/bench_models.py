@@ -37,7 +37,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import output_dir, run_metadata, short_reason, table, write_results  # noqa: E402
+from benchlib import (device_kernels, output_dir, run_metadata, short_reason, table,  # noqa: E402
+                      write_results)
 
 # ---------------------------------------------------------------------------------------------
 # Settings
@@ -250,7 +251,6 @@ class Bench:
 
         If the kernel time is well under the step time the step is bound by the host (Python and
         launches), and making kernels faster or the batch smaller will not show."""
-        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
         self.sync()
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device == "cuda" else [])
@@ -258,12 +258,11 @@ class Bench:
             step()
             self.sync()
         kernels = []
-        for evt in prof.key_averages():
-            if evt.device_type == DeviceType.CUDA:
-                us = getattr(evt, "self_device_time_total", None)
-                if us is None:  # older torch
-                    us = evt.self_cuda_time_total
-                kernels.append((us / 1e3, evt.count, evt.key[:120]))
+        for evt in device_kernels(prof.key_averages()):
+            us = getattr(evt, "self_device_time_total", None)
+            if us is None:  # older torch
+                us = evt.self_cuda_time_total
+            kernels.append((us / 1e3, evt.count, evt.key[:120]))
         kernels.sort(reverse=True)
         total = sum(k[0] for k in kernels)
         top = [dict(ms=round(ms, 3), calls=n, kernel=name) for ms, n, name in kernels[:top_n]]

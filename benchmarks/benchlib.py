@@ -137,3 +137,13 @@ def short_reason(exc: BaseException, warns=(), limit: int = 240) -> str:
             msg += f" | {text}"
             break
     return msg[:limit]
+
+
+def device_kernels(events) -> list:
+    """The GPU kernels among a profile's events (`prof.key_averages()`), each with its
+    `self_device_time_total`. A `record_function` range also shows on the GPU timeline, as a user
+    annotation spanning the kernels it launched: counted as a kernel it doubles their time (as
+    hf_flash's no-grad range did in profile_decode's runs before 2026-12-03)."""
+    return [e for e in events if e.device_type.name == "CUDA"
+            and not getattr(e, "is_user_annotation", False)]
+

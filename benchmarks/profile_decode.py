@@ -117,8 +117,8 @@ def _profile(step, device):
         _sync(device)
     events = prof.key_averages()
     # Device-side kernels only: copies and fills are not launches of either backend's attention.
-    kernels = [e for e in events if e.device_type.name == "CUDA"
-               and not e.key.startswith(("Memcpy", "Memset"))]
+    kernels = [e for e in benchlib.device_kernels(events)
+               if not e.key.startswith(("Memcpy", "Memset"))]
     gpu_us = sum(e.self_device_time_total for e in kernels) if device.type == "cuda" else None
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
     # Every kernel by name, so a change in the count or the GPU time can be traced to one.

@@ -53,6 +53,8 @@ def main():
         torch.cuda.synchronize()
     rows = {}
     for e in prof.key_averages():
+        if getattr(e, "is_user_annotation", False):
+            continue  # a record_function range on the GPU timeline, not a kernel (benchlib)
         if e.device_type == torch.autograd.DeviceType.CUDA or getattr(e, "device_time_total", 0):
             t_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
             if t_us:
