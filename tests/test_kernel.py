@@ -69,11 +69,13 @@ def _build_masks(case, B, H, n_q, n_k, device, gen):
     return fa, ref
 
 
-def _run_case(B, H, H_KV, n_q, n_k, D, dtype, case, layout="bhnd"):
+def _run_case(B, H, H_KV, n_q, n_k, D, dtype, case, layout="bhnd", scale=None):
     gen = torch.Generator().manual_seed(hash((B, H, n_q, n_k, D, str(case))) % 2**31)
     torch.manual_seed(gen.initial_seed())
     q, k, v = make_qkv(B, H, H_KV, n_q, n_k, D, dtype, DEVICE, layout)
     fa, ref = _build_masks(case, B, H, n_q, n_k, DEVICE, gen)
+    if scale is not None:
+        fa["scale"] = ref["scale"] = scale
     p = case.get("dropout", 0.0)
     if p:
         ref["dropout_p"] = p
@@ -178,6 +180,16 @@ def test_hf_layout_strided_inputs(causal):
     q, k, v = make_qkv(2, 3, 3, 40, 40, 32, torch.float32, DEVICE, layout="bnhd")
     out = hf_flash.flash_attention(q, k, v)
     assert out.transpose(1, 2).is_contiguous(), "output should keep query's (B, N, H, D) layout"
+
+
+@pytest.mark.parametrize("dtype", _dtypes())
+@pytest.mark.parametrize("scale", [0.02, 1.0, -0.3])
+def test_softmax_scales_other_than_the_default(dtype, scale):
+    # A 16-bit forward with a positive scale and no additive mask keeps raw scores and applies
+    # the scale in the exponent; negative scales, additive masks and fp32 scale the tile first.
+    # Both paths, with causal and key padding (masks set on raw scores) and with a float mask.
+    for case in ({"causal": C_TL, "kpm": True}, {"mask": "float"}, {"causal": C_BR}):
+        _run_case(2, 2, 2, 45, 70, 64, dtype, case, scale=scale)
 
 
 @pytest.mark.gpu
