@@ -7,9 +7,8 @@ import triton.language as tl
 from . import _common
 from . import _tuning
 from ._common import (AUTOTUNE, bucket, cdiv, cfg, default_config, dot_precision, fold_scale,
-                      fp_fusion,
-                      length_args, mask_scores, next_pow2, row_stats_base, row_strides, seq_bounds,
-                      smem_ok)
+                      fp_fusion, length_args, mask_scores, next_pow2, row_stats_base, row_strides,
+                      seq_bounds, smem_ok)
 from ._dropout import dropout_keep, dropout_scale, dropout_threshold
 
 
