@@ -180,17 +180,6 @@ def fp_fusion(dtype: torch.dtype) -> bool:
     return dtype != torch.float32
 
 
-def fold_scale(dtype: torch.dtype, mask_kind: int, scale: float) -> bool:
-    """Whether the forward leaves its scores unscaled and applies the softmax scale inside the
-    exponent's FMA (one multiply per score fewer). It needs a positive scale (the max of the
-    scaled scores is then the scaled max) and no additive mask (added to scaled scores). Not for
-    fp32: the backward rebuilds P = exp2(S * scale - lse) from the scaled score rounded on its
-    own, and fp32 keeps that bit-for-bit equal to the forward's rounding (fp_fusion); the
-    16-bit paths differ by half a step of |S| in the exponent, ~1e-7 relative, far below
-    their own rounding."""
-    return dtype != torch.float32 and mask_kind != MASK_FLOAT and scale > 0
-
-
 def smem_ok(cfg: dict, head_dim_padded: int, elt_size: int, tiles_m: int, tiles_n: int,
             limit: int = 227 * 1024) -> bool:
     """Rough shared-memory estimate: pipelined K/V (or Q/dO) tiles times stages."""

@@ -108,8 +108,6 @@ def runtime_attrs(kernel, sig, lengths=_LENGTHS):
 def build(kernel, cx, dtype, target, warps, stages, lengths=_LENGTHS, want_compiled=False):
     """Compile one variant; returns (shared memory bytes per block, registers() or None), and the
     compiled kernel too with `want_compiled`. `lengths`: those compiled as multiples of 16."""
-    if "FOLD_SCALE" in kernel.arg_names and "FOLD_SCALE" not in cx:  # as the launch decides it
-        cx = {**cx, "FOLD_SCALE": _common.fold_scale(_TORCH_DTYPES[dtype], cx["MASK_KIND"], 1.0)}
     cx = {**cx, **{n: v for n, v in unit_constants(cx).items() if n in kernel.arg_names}}
     sig = signature(kernel, cx, dtype)
     src = ASTSource(fn=kernel, signature=sig, constexprs=cx, attrs=runtime_attrs(kernel, sig, lengths))

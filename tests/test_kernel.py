@@ -185,9 +185,10 @@ def test_hf_layout_strided_inputs(causal):
 @pytest.mark.parametrize("dtype", _dtypes())
 @pytest.mark.parametrize("scale", [0.02, 1.0, -0.3])
 def test_softmax_scales_other_than_the_default(dtype, scale):
-    # A 16-bit forward with a positive scale and no additive mask keeps raw scores and applies
-    # the scale in the exponent; negative scales, additive masks and fp32 scale the tile first.
-    # Both paths, with causal and key padding (masks set on raw scores) and with a float mask.
+    # A scale is not only D^-0.5: small, 1 (GPT-2 without scale_attn_weights) and negative,
+    # where a row's max is its smallest score times the scale (a kernel that scaled the row max
+    # of raw scores instead of the max of scaled ones failed here), with causal and key padding,
+    # a float mask, and bottom-right causal.
     for case in ({"causal": C_TL, "kpm": True}, {"mask": "float"}, {"causal": C_BR}):
         _run_case(2, 2, 2, 45, 70, 64, dtype, case, scale=scale)
 
