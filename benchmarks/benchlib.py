@@ -146,4 +146,3 @@ def device_kernels(events) -> list:
     hf_flash's no-grad range did in profile_decode's runs before 2026-12-03)."""
     return [e for e in events if e.device_type.name == "CUDA"
             and not getattr(e, "is_user_annotation", False)]
-
