@@ -6,10 +6,6 @@ Two kernels, no atomics, so gradients are bit-for-bit deterministic:
 - `_bwd_dkdv_kernel`: one program per (key block, batch x K/V head); it walks every query block
   of every query head in its group, so grouped-query gradients are summed in a fixed order.
 Both rebuild P = exp2(S - lse) tile by tile; nothing of size (q_len x k_len) is ever stored.
-
-With `_common.ATOMIC_DQ` the dK/dV kernel also adds each tile's dQ share into an fp32 buffer with
-atomics (5 matrix products per tile pair instead of 7; not deterministic), and the dQ kernel only
-writes delta.
 """
 
 import torch
@@ -42,12 +38,12 @@ def _row_stats(stats_h, rows, row_ok, STATS_N, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, dq_ptrs, mask_ptr, kpm_ptr, STATS_H,
-                DELTA_H, start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale,
-                drop_threshold, dropout_scale, stride_qm, stride_dom, stride_dqm, stride_mm,
-                stride_mn, stride_kpmn, N_Q, N_K, STATS_N, causal_offset,
+def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS_H, DELTA_H,
+                start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, drop_threshold,
+                dropout_scale, stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn,
+                N_Q, N_K, STATS_N, causal_offset,
                 CHECK_BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Works on transposed tiles (keys x queries) so that P^T and dS^T feed the dots directly.
     rows = start_m + offs_m
@@ -76,21 +72,16 @@ def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, dq_ptrs, mask_ptr, kpm_p
     dv += tl.dot(pT_used.to(do.dtype), do, input_precision=DOT_PRECISION)
     dsT = pT * (dpT - delta[None, :])
     dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
-    if ATOMIC_DQ:
-        dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION)
-        tl.atomic_add(dq_ptrs + start_m * stride_dqm, dq, mask=row_ok[:, None] & d_ok[None, :],
-                      sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, DQ, STATS, DELTA, MASK, KPM, KV_LO, KV_HI, SEED, CU_SEQLENS,
+    Q, K, V, DO, DK, DV, STATS, DELTA, MASK, KPM, KV_LO, KV_HI, SEED, CU_SEQLENS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
-    stride_dqb, stride_dqh, stride_dqm,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_mb, stride_mh, stride_mm, stride_mn,
@@ -99,7 +90,6 @@ def _bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -153,25 +143,23 @@ def _bwd_dkdv_kernel(
                   + (seq0 + offs_m)[:, None] * stride_qm + offs_d[None, :])
         do_ptrs = (DO + off_b * stride_dob + off_h * stride_doh
                    + (seq0 + offs_m)[:, None] * stride_dom + offs_d[None, :])
-        dq_ptrs = (DQ + off_b * stride_dqb + off_h * stride_dqh
-                   + (seq0 + offs_m)[:, None] * stride_dqm + offs_d[None, :])
         mask_ptr = MASK + off_b * stride_mb + off_h * stride_mh
         STATS_H = STATS + row_stats_base(bh, off_h, seq0, STATS_N, 3, VARLEN)
         DELTA_H = DELTA + row_stats_base(bh, off_h, seq0, STATS_N, 1, VARLEN)
         for start_m in range(q_lo, q_full, BLOCK_M):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, dq_ptrs, mask_ptr, kpm_ptr, STATS_H,
-                DELTA_H, start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale,
-                drop_threshold, dropout_scale, stride_qm, stride_dom, stride_dqm, stride_mm,
-                stride_mn, stride_kpmn, N_Q, N_K, STATS_N, causal_offset, True, IS_CAUSAL,
-                HAS_KPM, MASK_KIND, HAS_DROPOUT, ATOMIC_DQ, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS_H, DELTA_H,
+                start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, drop_threshold,
+                dropout_scale, stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
+                STATS_N, causal_offset, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
+                DOT_PRECISION, BLOCK_M, BLOCK_N)
         for start_m in range(q_full, q_end, BLOCK_M):
             dk, dv = _dkdv_block(
-                dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, dq_ptrs, mask_ptr, kpm_ptr, STATS_H,
-                DELTA_H, start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale,
-                drop_threshold, dropout_scale, stride_qm, stride_dom, stride_dqm, stride_mm,
-                stride_mn, stride_kpmn, N_Q, N_K, STATS_N, causal_offset, False, IS_CAUSAL,
-                HAS_KPM, MASK_KIND, HAS_DROPOUT, ATOMIC_DQ, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS_H, DELTA_H,
+                start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, drop_threshold,
+                dropout_scale, stride_qm, stride_dom, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
+                STATS_N, causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
+                DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     dk = dk * sm_scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + (seq0 + offs_n)[:, None] * stride_dkn
@@ -227,10 +215,9 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr,
-    VARLEN: tl.constexpr, DQ_LOOP: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
-    # Runs before the dK/dV kernel: it also writes delta, which that kernel reads. Without
-    # DQ_LOOP it writes only delta (dQ then comes from the dK/dV kernel's atomics).
+    # Runs before the dK/dV kernel: it also writes delta, which that kernel reads.
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
         # Later query blocks see more keys: start them first, so the last wave of the
@@ -269,61 +256,59 @@ def _bwd_dq_kernel(
         delta -= dlse * 1.4426950408889634
     tl.store(DELTA + row_stats_base(bh, off_h, seq0, STATS_N, 1, VARLEN) + offs_m, delta,
              mask=m_ok)
-    if DQ_LOOP:
-        k_ptrs = (K + off_b * stride_kb + off_hk * stride_kh
-                  + (seq0 + offs_n)[:, None] * stride_kn + offs_d[None, :])
-        v_ptrs = (V + off_b * stride_vb + off_hk * stride_vh
-                  + (seq0 + offs_n)[:, None] * stride_vn + offs_d[None, :])
-        mask_ptr = MASK + off_b * stride_mb + off_h * stride_mh
-        kpm_ptr = KPM + off_b * stride_kpmb
-        seed = 0
-        if HAS_DROPOUT:
-            seed = tl.load(SEED)
+    k_ptrs = (K + off_b * stride_kb + off_hk * stride_kh
+              + (seq0 + offs_n)[:, None] * stride_kn + offs_d[None, :])
+    v_ptrs = (V + off_b * stride_vb + off_hk * stride_vh
+              + (seq0 + offs_n)[:, None] * stride_vn + offs_d[None, :])
+    mask_ptr = MASK + off_b * stride_mb + off_h * stride_mh
+    kpm_ptr = KPM + off_b * stride_kpmb
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
 
-        # Same key range as forward (see _fwd_kernel); the two must stay in step.
-        lo = 0
-        hi = N_K
-        if HAS_KPM:
-            lo = tl.load(KV_LO + off_b)
-            hi = tl.load(KV_HI + off_b)
-        lo = (lo // BLOCK_N) * BLOCK_N
-        full_hi = hi
-        if IS_CAUSAL:
-            hi = tl.minimum(hi, start_m + BLOCK_M + causal_offset)
-            full_hi = tl.minimum(full_hi, start_m + 1 + causal_offset)
-        full_hi = tl.maximum(lo, (full_hi // BLOCK_N) * BLOCK_N)
+    # Same key range as forward (see _fwd_kernel); the two must stay in step.
+    lo = 0
+    hi = N_K
+    if HAS_KPM:
+        lo = tl.load(KV_LO + off_b)
+        hi = tl.load(KV_HI + off_b)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    full_hi = hi
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M + causal_offset)
+        full_hi = tl.minimum(full_hi, start_m + 1 + causal_offset)
+    full_hi = tl.maximum(lo, (full_hi // BLOCK_N) * BLOCK_N)
 
-        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start_n in range(lo, full_hi, BLOCK_N):
-            dq = _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr,
-                           start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale,
-                           drop_threshold, dropout_scale,
-                           stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
-                           causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
-                           DOT_PRECISION, BLOCK_M, BLOCK_N)
-        for start_n in range(full_hi, hi, BLOCK_N):
-            dq = _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr,
-                           start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale,
-                           drop_threshold, dropout_scale,
-                           stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
-                           causal_offset, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
-                           DOT_PRECISION, BLOCK_M, BLOCK_N)
-        dq = dq * sm_scale
-        tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm
-                 + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, full_hi, BLOCK_N):
+        dq = _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr,
+                       start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, drop_threshold,
+                       dropout_scale,
+                       stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
+                       causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
+                       DOT_PRECISION, BLOCK_M, BLOCK_N)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        dq = _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr,
+                       start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, drop_threshold,
+                       dropout_scale,
+                       stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
+                       causal_offset, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
+                       DOT_PRECISION, BLOCK_M, BLOCK_N)
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm
+             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # dq and dkdv are tuned apart over the same list. Each keeps one block resident (dq: BLOCK_M query
 # rows; dkdv: BLOCK_N key rows) and streams the other, so the lopsided tiles serve one kernel each:
 # (128, 32) a resident query block for dq, (32, 128) a resident key block for dkdv (at head dim 128
-# the H200 picked (64, 32) and (32, 64) from the square-ish rest).
+# the H200 picked (64, 32) and (32, 64) from the square-ish rest). (32, 128) with 8 warps compiles
+# for sm_90 without spills at head dim 128, where 4 warps spill ~1 KB a thread. Not listed:
+# (64, 64) with 8 warps and 3 stages, which gave wrong dQ on an H200 (Triton 3.6) at lengths
+# divisible by 16 (docs/perf-notes.md, "Atomic dQ").
 _BWD_CONFIGS = [cfg(64, 128, 8, 2), cfg(64, 64, 4, 3), cfg(128, 64, 8, 2), cfg(32, 64, 4, 3),
                 cfg(64, 32, 4, 3), cfg(32, 32, 4, 2), cfg(128, 32, 8, 3), cfg(32, 128, 4, 3),
-                cfg(64, 64, 8, 3), cfg(32, 128, 8, 2)]
-
-
-# The delta-only pass (atomic dQ) reads O and dO once: a memory pass that any tile size serves.
-_DELTA_CONFIG = cfg(64, 16, 4, 1)
+                cfg(32, 128, 8, 2)]
 
 
 def _bwd_candidates(block_d, elt_size):
@@ -380,29 +365,18 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
            *constexprs.values())
     candidates = lambda: _bwd_candidates(block_d, q.element_size())  # noqa: E731
     strides = (*row_strides(q, varlen), *row_strides(k, varlen), *row_strides(v, varlen))
-    atomic = _common.ATOMIC_DQ
-    # With atomics the dK/dV kernel sums dQ into this fp32 buffer (scaled and cast at the end).
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dq
     _tuning.launch(
-        _bwd_dq_kernel, "delta" if atomic else "dq", key,
-        (lambda: [_DELTA_CONFIG]) if atomic else candidates,
+        _bwd_dq_kernel, "dq", key, candidates,
         lambda c: (cdiv(rows_q, c["BLOCK_M"]), n_batch * H),
         (q, k, v, o, do, dq, stats, delta, dlse if dlse is not None else stats, mask_t, kpm_t,
          lo_t, hi_t, seed_t, cu_t),
         (*strides, *row_strides(o, varlen), *row_strides(do, varlen), *row_strides(dq, varlen),
          *mask_strides, *kpm_strides, *scalars),
-        {**constexprs, "HAS_DLSE": dlse is not None, "DQ_LOOP": not atomic})
-    dkdv_args = (
-        (q, k, v, do, dk, dv, dq_acc, stats, delta, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t),
+        {**constexprs, "HAS_DLSE": dlse is not None})
+    _tuning.launch(
+        _bwd_dkdv_kernel, "dkdv", key, candidates,
+        lambda c: (cdiv(rows_k, c["BLOCK_N"]), n_batch * H_KV),
+        (q, k, v, do, dk, dv, stats, delta, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t),
         (*strides, *row_strides(do, varlen), *row_strides(dk, varlen), *row_strides(dv, varlen),
-         *row_strides(dq_acc, varlen), *mask_strides, *kpm_strides, *scalars),
-        {**constexprs, "ATOMIC_DQ": atomic})
-    dkdv_grid = lambda c: (cdiv(rows_k, c["BLOCK_N"]), n_batch * H_KV)  # noqa: E731
-    dkdv_name = "dkdv+dq" if atomic else "dkdv"  # tuned apart: the atomics change the balance
-    tuned = _tuning.launch(_bwd_dkdv_kernel, dkdv_name, key, candidates, dkdv_grid, *dkdv_args)
-    if atomic:
-        if tuned:  # the timing launches added into dq_acc too: once more, from zero
-            dq_acc.zero_()
-            _tuning.launch(_bwd_dkdv_kernel, dkdv_name, key, candidates, dkdv_grid, *dkdv_args)
-        dq.copy_(dq_acc.mul_(scale))
+         *mask_strides, *kpm_strides, *scalars), constexprs)
     return dq, dk, dv

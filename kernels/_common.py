@@ -22,11 +22,6 @@ AUTOTUNE = os.environ.get("HF_FLASH_AUTOTUNE", "1") != "0" and not INTERPRET
 # meet a new length bucket every few steps; they take the heuristic config, as AUTOTUNE=0 does.
 TUNE_MIN_SCORES = 512 * 512
 
-# HF_FLASH_ATOMIC_DQ=1 computes dQ inside the dK/dV kernel, adding each tile's share into an fp32
-# buffer with atomics: 5 matrix products per tile pair instead of 7, but the order of the adds, and
-# so dQ's last bits, vary run to run. Off by default (see attention_backward).
-ATOMIC_DQ = os.environ.get("HF_FLASH_ATOMIC_DQ", "0") == "1"
-
 # Tests set this to fill every output with NaN before launch, so an element a kernel forgets to
 # write shows up instead of hiding behind whatever the allocator returned.
 POISON_OUTPUTS = False
@@ -183,22 +178,6 @@ def fp_fusion(dtype: torch.dtype) -> bool:
     what it can still round apart is an unmasked tile's scaled score, by half a step of |S|,
     far below their own rounding for scores of any usual size."""
     return dtype != torch.float32
-
-
-def fold_scale(dtype: torch.dtype, mask_kind: int, scale: float) -> bool:
-    """Whether the forward leaves its scores unscaled and applies the softmax scale inside the
-    exponent's FMA (one multiply per score fewer). It needs a positive scale (the max of the
-    scaled scores is then the scaled max) and no additive mask (added to scaled scores). Not for
-    fp32: the backward rebuilds P = exp2(S * scale - lse) from the scaled score rounded on its
-    own, and fp32 keeps that bit-for-bit equal to the forward's rounding (fp_fusion); the
-    16-bit paths differ by half a step of |S| in the exponent, ~1e-7 relative, far below
-    their own rounding."""
-    return FOLD_SCALE and dtype != torch.float32 and mask_kind != MASK_FLOAT and scale > 0
-
-
-# Experiment switch for fold_scale (HF_FLASH_FOLD_SCALE=1), off by default until an A/B on one
-# machine shows it pays.
-FOLD_SCALE = os.environ.get("HF_FLASH_FOLD_SCALE", "0") == "1"
 
 
 def smem_ok(cfg: dict, head_dim_padded: int, elt_size: int, tiles_m: int, tiles_n: int,

@@ -6,9 +6,9 @@ import triton.language as tl
 
 from . import _common
 from . import _tuning
-from ._common import (AUTOTUNE, bucket, cdiv, cfg, default_config, dot_precision, fold_scale,
-                      fp_fusion, length_args, mask_scores, next_pow2, row_stats_base, row_strides,
-                      seq_bounds, smem_ok)
+from ._common import (AUTOTUNE, bucket, cdiv, cfg, default_config, dot_precision, fp_fusion,
+                      length_args, mask_scores, next_pow2, row_stats_base, row_strides, seq_bounds,
+                      smem_ok)
 from ._dropout import dropout_keep, dropout_scale, dropout_threshold
 
 
@@ -20,37 +20,25 @@ def _fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, sta
                N_Q, N_K, causal_offset,
                CHECK_BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               CAN_BE_EMPTY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               FOLD_SCALE: tl.constexpr):
+               CAN_BE_EMPTY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = start_n + offs_n
     if CHECK_BOUNDS:
         kv_mask = (cols[:, None] < N_K) & d_ok[None, :]
     else:
         kv_mask = d_ok[None, :]
     k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if not FOLD_SCALE:
-        s = s * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     s = mask_scores(s, offs_m[:, None], cols[None, :], mask_ptr, kpm_ptr, stride_mm, stride_mn,
                     stride_kpmn, N_Q, N_K, causal_offset,
                     CHECK_BOUNDS, IS_CAUSAL, HAS_KPM, MASK_KIND)
-    if FOLD_SCALE:
-        # Raw scores (masks only set -inf here): the row max of the scaled scores is the scaled
-        # row max (qk_scale > 0), and the scale rides in the exponent's FMA below, one multiply
-        # per score fewer than scaling the tile first.
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
     if CAN_BE_EMPTY:
         # A row with every score so far masked has m_new = -inf; subtracting 0 instead keeps
         # exp2(-inf - -inf) = NaN out of the sums.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_safe = m_new
-    if FOLD_SCALE:
-        p = tl.math.exp2(tl.fma(s, qk_scale, -m_safe[:, None]))
-    else:
-        p = tl.math.exp2(s - m_safe[:, None])
+    p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -76,7 +64,6 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
-    FOLD_SCALE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -133,14 +120,14 @@ def _fwd_kernel(
             d_ok, seed, bh, qk_scale, drop_threshold, stride_kn, stride_vn, stride_mm, stride_mn,
             stride_kpmn, N_Q, N_K, causal_offset,
             False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
-            HAS_KPM or MASK_KIND != 0, BLOCK_M, BLOCK_N, FOLD_SCALE)
+            HAS_KPM or MASK_KIND != 0, BLOCK_M, BLOCK_N)
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m, start_n, offs_m, offs_n,
             d_ok, seed, bh, qk_scale, drop_threshold, stride_kn, stride_vn, stride_mm, stride_mn,
             stride_kpmn, N_Q, N_K, causal_offset,
             True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT, DOT_PRECISION,
-            True, BLOCK_M, BLOCK_N, FOLD_SCALE)
+            True, BLOCK_M, BLOCK_N)
 
     # Rows with no visible key (l_i == 0) return zeros and lse = -inf instead of 0/0 = NaN.
     empty = l_i == 0.0
@@ -220,7 +207,6 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
     constexprs = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
                       MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
                       DOT_PRECISION=dot_precision(q.dtype), VARLEN=varlen,
-                      FOLD_SCALE=fold_scale(q.dtype, mask_kind, scale),
                       enable_fp_fusion=fp_fusion(q.dtype))  # a compile option, passed alike
     key = (bucket(rows_q), bucket(rows_k), n_batch * H > 64, group, q.dtype, q.device.index,
            *constexprs.values())

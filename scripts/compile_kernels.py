@@ -66,8 +66,6 @@ def signature(kernel, constexprs, dtype):
             out[name] = "constexpr"
         elif name == "MASK" and constexprs.get("MASK_KIND") == 2:
             out[name] = "*fp32"  # an additive float mask, at its widest
-        elif name == "DQ" and constexprs.get("ATOMIC_DQ"):
-            out[name] = "*fp32"  # the dK/dV kernel's dQ sums
         elif name in _POINTER_TYPES:
             out[name] = _POINTER_TYPES[name]
         elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
@@ -77,9 +75,8 @@ def signature(kernel, constexprs, dtype):
     return out
 
 
-KERNELS = ((_forward._fwd_kernel, {}, "fwd"),
-           (_backward._bwd_dq_kernel, {"HAS_DLSE": False, "DQ_LOOP": True}, "bwd"),
-           (_backward._bwd_dkdv_kernel, {"ATOMIC_DQ": False}, "bwd"))
+KERNELS = ((_forward._fwd_kernel, {}, "fwd"), (_backward._bwd_dq_kernel, {"HAS_DLSE": False}, "bwd"),
+           (_backward._bwd_dkdv_kernel, {}, "bwd"))
 SMEM_LIMIT = 232448  # bytes of shared memory one block may opt into on sm_90 (227 KiB)
 _LENGTHS = ("N_Q", "N_K", "STATS_N")
 
@@ -111,8 +108,6 @@ def runtime_attrs(kernel, sig, lengths=_LENGTHS):
 def build(kernel, cx, dtype, target, warps, stages, lengths=_LENGTHS, want_compiled=False):
     """Compile one variant; returns (shared memory bytes per block, registers() or None), and the
     compiled kernel too with `want_compiled`. `lengths`: those compiled as multiples of 16."""
-    if "FOLD_SCALE" in kernel.arg_names and "FOLD_SCALE" not in cx:  # as the launch decides it
-        cx = {**cx, "FOLD_SCALE": _common.fold_scale(_TORCH_DTYPES[dtype], cx["MASK_KIND"], 1.0)}
     cx = {**cx, **{n: v for n, v in unit_constants(cx).items() if n in kernel.arg_names}}
     sig = signature(kernel, cx, dtype)
     src = ASTSource(fn=kernel, signature=sig, constexprs=cx, attrs=runtime_attrs(kernel, sig, lengths))

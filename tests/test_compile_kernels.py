@@ -28,7 +28,7 @@ import triton
 from hf_flash.kernels import _forward
 target = GPUTarget("cuda", 90, 32)
 cx = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=128, BLOCK_N=128, IS_CAUSAL=False, HAS_KPM=True,
-          MASK_KIND=0, HAS_DROPOUT=True, DOT_PRECISION="tf32", VARLEN=False, FOLD_SCALE=True)
+          MASK_KIND=0, HAS_DROPOUT=True, DOT_PRECISION="tf32", VARLEN=False)
 shared, regs = ck.build(_forward._fwd_kernel, cx, "bf16", target, 8, 3)
 sig = ck.signature(_forward._fwd_kernel, cx, "bf16")
 plain = triton.compile(ASTSource(fn=_forward._fwd_kernel, signature=sig, constexprs=cx), target=target,
