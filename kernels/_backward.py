@@ -372,11 +372,11 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
          lo_t, hi_t, seed_t, cu_t),
         (*strides, *row_strides(o, varlen), *row_strides(do, varlen), *row_strides(dq, varlen),
          *mask_strides, *kpm_strides, *scalars),
-        {**constexprs, "HAS_DLSE": dlse is not None})
+        {**constexprs, "HAS_DLSE": dlse is not None}, outputs=(5, 7))  # dq, delta
     _tuning.launch(
         _bwd_dkdv_kernel, "dkdv", key, candidates,
         lambda c: (cdiv(rows_k, c["BLOCK_N"]), n_batch * H_KV),
         (q, k, v, do, dk, dv, stats, delta, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t),
         (*strides, *row_strides(do, varlen), *row_strides(dk, varlen), *row_strides(dv, varlen),
-         *mask_strides, *kpm_strides, *scalars), constexprs)
+         *mask_strides, *kpm_strides, *scalars), constexprs, outputs=(4, 5))  # dk, dv
     return dq, dk, dv

@@ -15,6 +15,7 @@ Floats are never specialised. Any other argument type takes Triton's own path.
 """
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -107,20 +108,22 @@ def _hooks_active() -> bool:
     return any(h is not None and getattr(h, "calls", True) for h in hooks)
 
 
-def launch(kernel, name, key, candidates, grid, tensors, scalars, constexprs):
+def launch(kernel, name, key, candidates, grid, tensors, scalars, constexprs, outputs=()):
     """Launch `kernel` with the best config for `key` (`candidates()` lists dicts of
     BLOCK_M/BLOCK_N/num_warps/num_stages, best guess first); `grid(cfg)` gives the launch grid.
     The kernel's arguments are `tensors` then `scalars` (ints and floats), in signature order;
     `constexprs` holds its constexpr arguments and any compile option (`enable_fp_fusion`).
-    `key` starts with the bucketed query and key lengths. Every output must be fully rewritten
-    by each launch (true of all hf_flash kernels), so the timing runs of a first call are
-    harmless."""
+    `key` starts with the bucketed query and key lengths. `outputs` are the positions in
+    `tensors` of what the kernel writes; tuning only takes a candidate whose outputs agree with
+    the first candidate's. Every output must be fully rewritten by each launch (true of all
+    hf_flash kernels), so the timing runs of a first call are harmless."""
     args = tensors + scalars
     full_key = (name, key)
     cfg = _CHOSEN.get(full_key)
     if cfg is None:
         cands = candidates()
-        cfg = _pick(kernel, cands, grid, args, constexprs) if worth_tuning(key) else cands[0]
+        cfg = (_pick(kernel, cands, grid, args, constexprs, outputs) if worth_tuning(key)
+               else cands[0])
         _CHOSEN[full_key] = cfg
     g = grid(cfg)
     if _common.INTERPRET or torch.compiler.is_compiling():
@@ -174,11 +177,11 @@ def out_of_resources(e: BaseException) -> bool:
     return "OutOfResources" in type(e).__name__ or "out of resource" in str(e).lower()
 
 
-def _pick(kernel, candidates, grid, args, constexprs):
+def _pick(kernel, candidates, grid, args, constexprs, outputs=()):
     if len(candidates) == 1:
         return candidates[0]
     _precompile(kernel, candidates, grid, args, constexprs)
-    best, best_ms = None, float("inf")
+    timed = []
     for cfg in candidates:
         try:
             ms = triton.testing.do_bench(lambda: kernel[grid(cfg)](*args, **constexprs, **cfg),
@@ -187,11 +190,58 @@ def _pick(kernel, candidates, grid, args, constexprs):
             if out_of_resources(e):
                 continue
             raise
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    if best is None:
+        timed.append((ms, cfg))
+    if not timed:
         raise RuntimeError(f"hf_flash: no launch config fits this GPU for {constexprs}")
-    return best
+    ranked = [cfg for _, cfg in sorted(timed, key=lambda t: t[0])]  # stable: ties keep list order
+    return _first_that_agrees(kernel, candidates[0], ranked, grid, args, constexprs, outputs)
+
+
+# Tuning checks what it takes, because timing alone would take a fast wrong kernel: on an H200
+# with Triton 3.6 one backward candidate computed dQ wrongly at lengths divisible by 16, and a
+# warp-specialised forward was wrong everywhere (docs/reliability.md). The reference is the
+# first candidate, the config the GPU test suite runs (HF_FLASH_AUTOTUNE=0). Different tile
+# sizes sum in another order, so 16-bit outputs may differ by a few units in the last place of
+# their largest value; the faults seen were off by the whole value, or NaN.
+_warned: set = set()
+
+
+def _agrees(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether `out` equals `ref` up to summation-order rounding: NaN and infinities in the same
+    places, and the finite entries within 2^-5 (16-bit) or 1e-4 (fp32) of the largest one."""
+    nan, finite = ref.isnan(), ref.isfinite()
+    inf = ~nan & ~finite
+    if not (torch.equal(out.isnan(), nan) and torch.equal(out.isfinite(), finite)
+            and torch.equal(out[inf], ref[inf])):
+        return False
+    if not finite.any():
+        return True
+    a, b = out[finite].float(), ref[finite].float()
+    rtol = 1e-4 if ref.dtype == torch.float32 else 2 ** -5
+    return bool((a - b).abs().max() <= rtol * b.abs().max() + 1e-30)
+
+
+def _first_that_agrees(kernel, reference, ranked, grid, args, constexprs, outputs):
+    """The fastest of `ranked` whose outputs on this call agree with `reference`'s."""
+    if not outputs or not any(c is reference for c in ranked):
+        return ranked[0]  # nothing to compare, or the reference does not fit: as timed
+    ref = None
+    for cfg in ranked:
+        if cfg is reference:
+            return cfg
+        if ref is None:
+            kernel[grid(reference)](*args, **constexprs, **reference)
+            ref = [args[i].clone() for i in outputs]
+        kernel[grid(cfg)](*args, **constexprs, **cfg)
+        if all(_agrees(args[i], r) for i, r in zip(outputs, ref)):
+            return cfg
+        tag = (getattr(kernel, "__name__", str(kernel)), tuple(cfg.items()))
+        if tag not in _warned:
+            _warned.add(tag)
+            warnings.warn(f"hf_flash: launch config {cfg} of {tag[0]} gave other results than the "
+                          f"default config {reference} for {constexprs}; not used (its compiled "
+                          f"code is suspect)", RuntimeWarning, stacklevel=2)
+    return reference
 
 
 def chosen_configs() -> dict:

@@ -231,7 +231,7 @@ def test_every_tuning_candidate_is_exact(monkeypatch, index):
     _tuning = _tuning_on(monkeypatch)
     forced, skipped = [], []
 
-    def pick(kernel, cands, grid, args, constexprs):
+    def pick(kernel, cands, grid, args, constexprs, outputs=()):
         cfg = cands[index % len(cands)]
         if not _common.INTERPRET and cfg is not cands[0]:
             # The tuner skips a listed config that does not fit this GPU for the case (on an H200
@@ -260,6 +260,54 @@ def test_every_tuning_candidate_is_exact(monkeypatch, index):
         _run_case(B, H, H_KV, n_q, n_k, D, torch.float16, case)
     assert len(forced) == 18  # fwd, dq and dkdv of each case went through the forced pick
     assert len(skipped) < len(forced), f"every forced candidate was out of resources: {skipped}"
+
+
+def test_tuning_takes_the_fastest_candidate_that_agrees_with_the_default(monkeypatch):
+    # Timing alone would take a fast wrong kernel (on an H200 one backward candidate computed dQ
+    # wrongly): the tuner compares each candidate's outputs, fastest first, with the first
+    # candidate's on the call that tunes, and skips one that disagrees, with a warning.
+    import triton.testing
+    from hf_flash.kernels import _tuning
+    good = torch.arange(16.0).reshape(4, 4) - 5
+    writes = {64: good, 32: good * 7, 16: good * (1 + 1e-6), 128: torch.full((4, 4), float("nan"))}
+    ms = {64: 3.0, 32: 1.0, 16: 2.0, 128: 0.5}
+    ran = []
+
+    class FakeKernel:
+        __name__ = "fake_kernel"
+
+        def __getitem__(self, grid):
+            def run(out, scale, BLOCK_M):
+                out.copy_(writes[BLOCK_M])
+                ran.append(BLOCK_M)
+            return run
+
+    monkeypatch.setattr(_tuning, "_precompile", lambda *a: None)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), ms[ran[-1]])[1])
+    monkeypatch.setattr(_tuning, "_warned", set())
+    cands = [{"BLOCK_M": 64}, {"BLOCK_M": 32}, {"BLOCK_M": 16}, {"BLOCK_M": 128}]
+    out = torch.zeros(4, 4)
+    with pytest.warns(RuntimeWarning, match="gave other results") as caught:
+        chosen = _tuning._pick(FakeKernel(), cands, lambda c: (1,), (out, 1.0), {}, (0,))
+    assert chosen == {"BLOCK_M": 16}  # 128 (NaN) and 32 (wrong) were faster
+    assert len(caught) == 2
+    # Without outputs to compare, as before: the fastest.
+    assert _tuning._pick(FakeKernel(), cands, lambda c: (1,), (out, 1.0), {}, ()) == {"BLOCK_M": 128}
+    # The tolerance: summation-order rounding passes, a wrong value or a moved NaN/inf does not.
+    ref = torch.randn(64, 64).to(torch.bfloat16)
+    top = ref.float().abs().max()
+    assert _tuning._agrees(ref + (ref.float().abs() == top) * top * 2 ** -7, ref)
+    assert not _tuning._agrees(ref * 1.5, ref)
+    nan_ref = ref.clone()
+    nan_ref[0, 0] = float("nan")
+    assert _tuning._agrees(nan_ref.clone(), nan_ref) and not _tuning._agrees(ref, nan_ref)
+    inf_ref = ref.float()
+    inf_ref[1, 1] = float("-inf")
+    assert _tuning._agrees(inf_ref.clone(), inf_ref)
+    flipped = inf_ref.clone()
+    flipped[1, 1] = float("inf")
+    assert not _tuning._agrees(flipped, inf_ref)
+    assert not _tuning._agrees(inf_ref * (1 + 1e-3), inf_ref)  # fp32: 1e-4 of the largest value
 
 
 def test_specialisation_key_classifies_like_triton_and_memoises_scalars(monkeypatch):
