@@ -536,9 +536,10 @@ def test_packed_launches_compile_one_variant_whatever_the_longest_length(monkeyp
     keys = []
     real_launch = _tuning.launch
 
-    def spy(kernel, name, key, candidates, grid, tensors, scalars, constexprs):
+    def spy(kernel, name, key, candidates, grid, tensors, scalars, constexprs, outputs=()):
         keys.append((name, _tuning._spec_key(tensors, scalars)))
-        return real_launch(kernel, name, key, candidates, grid, tensors, scalars, constexprs)
+        return real_launch(kernel, name, key, candidates, grid, tensors, scalars, constexprs,
+                           outputs)
 
     monkeypatch.setattr(_tuning, "launch", spy)
     gen = torch.Generator().manual_seed(0)
@@ -645,9 +646,9 @@ def test_fp32_launches_compile_without_multiply_add_fusion(monkeypatch, dtype):
     asked = {}
     real = _tuning.launch
 
-    def recording(kernel, name, key, candidates, grid, tensors, scalars, constexprs):
+    def recording(kernel, name, key, candidates, grid, tensors, scalars, constexprs, outputs=()):
         asked[name] = constexprs["enable_fp_fusion"]
-        return real(kernel, name, key, candidates, grid, tensors, scalars, constexprs)
+        return real(kernel, name, key, candidates, grid, tensors, scalars, constexprs, outputs)
 
     monkeypatch.setattr(_tuning, "launch", recording)
     q, k, v = make_qkv(1, 2, 2, 20, 20, 16, dtype, DEVICE)
