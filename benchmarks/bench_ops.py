@@ -615,6 +615,12 @@ def _chosen_configs() -> list:
             for (name, key), cfg in _tuning.chosen_configs().items()]
 
 
+def _rejected_configs() -> list:
+    """Tuning candidates hf_flash skipped as wrong (their outputs disagreed with the default's)."""
+    from hf_flash.kernels import _tuning
+    return _tuning.rejected_configs()
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.dry_run:
@@ -693,6 +699,7 @@ def main(argv=None):
         runner.free()
         meta["elapsed_s"] = round(time.perf_counter() - t_start, 1)
         meta["hf_flash_configs"] = _chosen_configs()
+        meta["hf_flash_rejected_configs"] = _rejected_configs()
         write_results(out_dir, stem, meta, rows, {"checks": checks,
                                                   "cases": [asdict(c) for c in cases]})
         print(f"[{meta['elapsed_s']:7.1f}s] {case.name}: {time.perf_counter() - t_case:.1f}s",
@@ -700,6 +707,9 @@ def main(argv=None):
     print(f"\nresults: {out_dir / (stem + '.csv')} and .json; {meta.get('gpu')}, torch "
           f"{meta['torch']}, triton {meta['triton']}, git {meta['git_sha'][:12]}")
     print(summary(rows, checks, args.backends_list))
+    for r in meta.get("hf_flash_rejected_configs", []):
+        print(f"tuning skipped {r['kernel']} {r['config']}: its outputs disagreed with the default "
+              f"config's ({r['constexprs']})")
     if any(c["status"] != "ok" for c in checks):
         sys.exit(1)  # a wrong kernel must not look like a successful run
 

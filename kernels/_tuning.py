@@ -204,6 +204,7 @@ def _pick(kernel, candidates, grid, args, constexprs, outputs=()):
 # sizes sum in another order, so 16-bit outputs may differ by a few units in the last place of
 # their largest value; the faults seen were off by the whole value, or NaN.
 _warned: set = set()
+_REJECTED: list = []  # what was skipped, once per (kernel, config): for benchmarks' records
 
 
 def _agrees(out: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -238,10 +239,17 @@ def _first_that_agrees(kernel, reference, ranked, grid, args, constexprs, output
         tag = (getattr(kernel, "__name__", str(kernel)), tuple(cfg.items()))
         if tag not in _warned:
             _warned.add(tag)
+            _REJECTED.append({"kernel": tag[0], "config": dict(cfg),
+                              "constexprs": {k: str(v) for k, v in constexprs.items()}})
             warnings.warn(f"hf_flash: launch config {cfg} of {tag[0]} gave other results than the "
                           f"default config {reference} for {constexprs}; not used (its compiled "
                           f"code is suspect)", RuntimeWarning, stacklevel=2)
     return reference
+
+
+def rejected_configs() -> list:
+    """Candidates tuning skipped because their outputs disagreed with the default config's."""
+    return list(_REJECTED)
 
 
 def chosen_configs() -> dict:

@@ -285,12 +285,14 @@ def test_tuning_takes_the_fastest_candidate_that_agrees_with_the_default(monkeyp
     monkeypatch.setattr(_tuning, "_precompile", lambda *a: None)
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), ms[ran[-1]])[1])
     monkeypatch.setattr(_tuning, "_warned", set())
+    monkeypatch.setattr(_tuning, "_REJECTED", [])
     cands = [{"BLOCK_M": 64}, {"BLOCK_M": 32}, {"BLOCK_M": 16}, {"BLOCK_M": 128}]
     out = torch.zeros(4, 4)
     with pytest.warns(RuntimeWarning, match="gave other results") as caught:
         chosen = _tuning._pick(FakeKernel(), cands, lambda c: (1,), (out, 1.0), {}, (0,))
     assert chosen == {"BLOCK_M": 16}  # 128 (NaN) and 32 (wrong) were faster
     assert len(caught) == 2
+    assert [r["config"] for r in _tuning.rejected_configs()] == [{"BLOCK_M": 128}, {"BLOCK_M": 32}]
     # Without outputs to compare, as before: the fastest.
     assert _tuning._pick(FakeKernel(), cands, lambda c: (1,), (out, 1.0), {}, ()) == {"BLOCK_M": 128}
     # The tolerance: summation-order rounding passes, a wrong value or a moved NaN/inf does not.
