@@ -209,17 +209,20 @@ _REJECTED: list = []  # what was skipped, once per (kernel, config): for benchma
 
 def _agrees(out: torch.Tensor, ref: torch.Tensor) -> bool:
     """Whether `out` equals `ref` up to summation-order rounding: NaN and infinities in the same
-    places, and the finite entries within 2^-5 (16-bit) or 1e-4 (fp32) of the largest one."""
+    places, and the finite entries within 2^-5 (16-bit) or 1e-4 (fp32) of the largest one.
+    Works in the outputs' own dtype, so it needs about three more outputs' worth of memory."""
+    if ref.numel() == 0:
+        return True
     nan, finite = ref.isnan(), ref.isfinite()
     inf = ~nan & ~finite
     if not (torch.equal(out.isnan(), nan) and torch.equal(out.isfinite(), finite)
             and torch.equal(out[inf], ref[inf])):
         return False
-    if not finite.any():
-        return True
-    a, b = out[finite].float(), ref[finite].float()
+    # Equal infinities and NaN give NaN here, counted as 0: they were compared above.
+    diff = torch.sub(out, ref).nan_to_num_(nan=0.0).abs_().max().float()
+    top = ref.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs_().max().float()
     rtol = 1e-4 if ref.dtype == torch.float32 else 2 ** -5
-    return bool((a - b).abs().max() <= rtol * b.abs().max() + 1e-30)
+    return bool(diff <= rtol * top)
 
 
 def _first_that_agrees(kernel, reference, ranked, grid, args, constexprs, outputs):
@@ -230,12 +233,15 @@ def _first_that_agrees(kernel, reference, ranked, grid, args, constexprs, output
     for cfg in ranked:
         if cfg is reference:
             return cfg
-        if ref is None:
-            kernel[grid(reference)](*args, **constexprs, **reference)
-            ref = [args[i].clone() for i in outputs]
-        kernel[grid(cfg)](*args, **constexprs, **cfg)
-        if all(_agrees(args[i], r) for i, r in zip(outputs, ref)):
-            return cfg
+        try:
+            if ref is None:
+                kernel[grid(reference)](*args, **constexprs, **reference)
+                ref = [args[i].clone() for i in outputs]
+            kernel[grid(cfg)](*args, **constexprs, **cfg)
+            if all(_agrees(args[i], r) for i, r in zip(outputs, ref)):
+                return cfg
+        except torch.OutOfMemoryError:
+            return reference  # no room to compare on this call: the default, unchecked speed
         tag = (getattr(kernel, "__name__", str(kernel)), tuple(cfg.items()))
         if tag not in _warned:
             _warned.add(tag)

@@ -293,6 +293,14 @@ def test_tuning_takes_the_fastest_candidate_that_agrees_with_the_default(monkeyp
     assert chosen == {"BLOCK_M": 16}  # 128 (NaN) and 32 (wrong) were faster
     assert len(caught) == 2
     assert [r["config"] for r in _tuning.rejected_configs()] == [{"BLOCK_M": 128}, {"BLOCK_M": 32}]
+    # No memory to compare on this call: the default config, not an unchecked faster one.
+    def no_memory(*a):
+        raise torch.OutOfMemoryError("no room")
+
+    agrees = _tuning._agrees
+    monkeypatch.setattr(_tuning, "_agrees", no_memory)
+    assert _tuning._pick(FakeKernel(), cands, lambda c: (1,), (out, 1.0), {}, (0,)) == cands[0]
+    monkeypatch.setattr(_tuning, "_agrees", agrees)
     # Without outputs to compare, as before: the fastest.
     assert _tuning._pick(FakeKernel(), cands, lambda c: (1,), (out, 1.0), {}, ()) == {"BLOCK_M": 128}
     # The tolerance: summation-order rounding passes, a wrong value or a moved NaN/inf does not.
@@ -310,6 +318,7 @@ def test_tuning_takes_the_fastest_candidate_that_agrees_with_the_default(monkeyp
     flipped[1, 1] = float("inf")
     assert not _tuning._agrees(flipped, inf_ref)
     assert not _tuning._agrees(inf_ref * (1 + 1e-3), inf_ref)  # fp32: 1e-4 of the largest value
+    assert _tuning._agrees(torch.zeros(3), torch.zeros(3)) and _tuning._agrees(ref[:0], ref[:0])
 
 
 def test_specialisation_key_classifies_like_triton_and_memoises_scalars(monkeypatch):
