@@ -203,8 +203,7 @@ def _pick(kernel, candidates, grid, args, constexprs, outputs=()):
 # first candidate, the config the GPU test suite runs (HF_FLASH_AUTOTUNE=0). Different tile
 # sizes sum in another order, so 16-bit outputs may differ by a few units in the last place of
 # their largest value; the faults seen were off by the whole value, or NaN.
-_warned: set = set()
-_REJECTED: list = []  # what was skipped, once per (kernel, config): for benchmarks' records
+_REJECTED: list = []  # what was skipped, each once (warned then): for benchmarks' records
 
 
 def _agrees(out: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -242,14 +241,13 @@ def _first_that_agrees(kernel, reference, ranked, grid, args, constexprs, output
                 return cfg
         except torch.OutOfMemoryError:
             return reference  # no room to compare on this call: the default, unchecked speed
-        tag = (getattr(kernel, "__name__", str(kernel)), tuple(cfg.items()))
-        if tag not in _warned:
-            _warned.add(tag)
-            _REJECTED.append({"kernel": tag[0], "config": dict(cfg),
-                              "constexprs": {k: str(v) for k, v in constexprs.items()}})
-            warnings.warn(f"hf_flash: launch config {cfg} of {tag[0]} gave other results than the "
-                          f"default config {reference} for {constexprs}; not used (its compiled "
-                          f"code is suspect)", RuntimeWarning, stacklevel=2)
+        skipped = {"kernel": getattr(kernel, "__name__", str(kernel)), "config": dict(cfg),
+                   "constexprs": {k: str(v) for k, v in constexprs.items()}}
+        if skipped not in _REJECTED:
+            _REJECTED.append(skipped)
+            warnings.warn(f"hf_flash: launch config {cfg} of {skipped['kernel']} gave other "
+                          f"results than the default config {reference} for {constexprs}; not "
+                          f"used (its compiled code is suspect)", RuntimeWarning, stacklevel=2)
     return reference
 
 

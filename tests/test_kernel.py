@@ -284,7 +284,6 @@ def test_tuning_takes_the_fastest_candidate_that_agrees_with_the_default(monkeyp
 
     monkeypatch.setattr(_tuning, "_precompile", lambda *a: None)
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), ms[ran[-1]])[1])
-    monkeypatch.setattr(_tuning, "_warned", set())
     monkeypatch.setattr(_tuning, "_REJECTED", [])
     cands = [{"BLOCK_M": 64}, {"BLOCK_M": 32}, {"BLOCK_M": 16}, {"BLOCK_M": 128}]
     out = torch.zeros(4, 4)
