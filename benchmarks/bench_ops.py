@@ -162,6 +162,8 @@ def parse_args(argv=None):
                    help="seconds; cases past it are recorded as skipped, results stay written")
     p.add_argument("--no-check", action="store_true", help="skip the correctness spot checks")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--host-profile", type=int, default=0, metavar="N",
+                   help="print where hf_flash's fwd+bwd host time goes (cProfile over N calls)")
     p.add_argument("--tag", default="", help="appended to the output file names, e.g. a kernel version")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU plumbing test: smallest cases, hf_flash under TRITON_INTERPRET=1 vs "
@@ -320,7 +322,7 @@ class Runner:
                     dropout=case.dropout, dtype="bf16" if self.dtype == self.torch.bfloat16 else "fp16",
                     status="n/a", ms=None,
                     tflops=None, floor_ms=None, pct_of_floor=None, peak_mib=None,
-                    setup_s=None, reason="")
+                    host_ms=None, setup_s=None, reason="")
 
     def peak_memory_mib(self, fn, inp):
         """Extra peak of one forward+backward over what was allocated before it (the inputs,
@@ -342,6 +344,41 @@ class Runner:
         for t in (inp["q"], inp["k"], inp["v"]):
             t.grad = None
         return peak / 2**20
+
+    def host_ms(self, fn, grads, n=30):
+        """Host ms to queue one call: n calls back to back, one sync after them. Where it nears the
+        timed ms, do_bench's figure measures the host (Python, launches), not the GPU."""
+        if self.device != "cuda":
+            return None
+        self.sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            for g in grads or ():
+                g.grad = None
+            fn()
+        host = (time.perf_counter() - t) * 1e3 / n
+        self.sync()
+        return host
+
+    def host_profile(self, case, fn, grads):
+        """--host-profile: where the host time of hf_flash's fwd+bwd goes (cProfile, own time)."""
+        import cProfile
+        import io
+        import pstats
+        prof = cProfile.Profile()
+        self.sync()
+        prof.enable()
+        for _ in range(self.args.host_profile):
+            for g in grads:
+                g.grad = None
+            fn()
+        prof.disable()
+        self.sync()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(10)
+        lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()][-11:]
+        print(f"host profile, {case.name}, hf_flash fwd+bwd x{self.args.host_profile}:\n"
+              + "\n".join(lines), flush=True)
 
     def measure(self, case, backend, inp):
         modes = [m for m in case.modes if m in self.args.modes_list]
@@ -412,8 +449,12 @@ class Runner:
                     na([mode], short_reason(e))
                     self.free()
 
+            def fwd():
+                record("fwd", self.timed(fn))
+                rows["fwd"]["host_ms"] = self.host_ms(fn, None)
+
             if "fwd" in rows:
-                attempt("fwd", lambda: record("fwd", self.timed(fn)))
+                attempt("fwd", fwd)
             if bwd_err:
                 na([m for m in modes if m != "fwd"], f"backward: {bwd_err}")
                 return list(rows.values())
@@ -426,6 +467,9 @@ class Runner:
                 def fwd_bwd():
                     rows["fwd+bwd"]["peak_mib"] = self.peak_memory_mib(fn, inp)
                     record("fwd+bwd", self.timed(step, grads))
+                    rows["fwd+bwd"]["host_ms"] = self.host_ms(step, grads)
+                    if backend == "hf_flash" and self.args.host_profile:
+                        self.host_profile(case, step, grads)
                 attempt("fwd+bwd", fwd_bwd)
             if "bwd" in rows:
                 attempt("bwd", lambda: self.time_backward(fn, inp, grads, rows, record))
@@ -588,6 +632,19 @@ def summary(rows, checks, backends) -> str:
                              else ("" if r is None else "n/a"))
             body.append([c] + cells)
         out.append("fwd+bwd extra peak memory, MiB")
+        out.append(table(["case"] + list(backends), body))
+        out.append("")
+    host = [r for r in rows if r.get("host_ms") is not None]
+    if host:
+        body = []
+        for c in cases:
+            cells = []
+            for b in backends:
+                f, fb = idx.get((c, b, "fwd")), idx.get((c, b, "fwd+bwd"))
+                cells.append(" / ".join(f"{r['host_ms']:.3f}" if r and r.get("host_ms") is not None
+                                        else "-" for r in (f, fb)))
+            body.append([c] + cells)
+        out.append("host ms to queue one call, fwd / fwd+bwd (near the timed ms: host-bound)")
         out.append(table(["case"] + list(backends), body))
         out.append("")
     reasons = {}
