@@ -4,8 +4,9 @@
     python benchmarks/profile_host.py --decode           # on a GPU: a decode step's layer call
     python benchmarks/profile_host.py [--decode] --stub-launch   # any machine, no GPU needed
 
-The small case prints microseconds per call for the public function and for SDPA, then the top
-host functions of fwd+bwd by own time (cProfile, after warm-up so compilation is excluded).
+The small case prints microseconds per call for the public function, for a bare
+autograd.Function that launches nothing (the floor of any Python autograd op) and for SDPA, then
+the top host functions of fwd+bwd by own time (cProfile, after warm-up so compilation is excluded).
 
 --decode times the call a decode step makes in every layer, entered where transformers enters it
 (the attention-interface function, hf_flash_attention): one query row per sequence as a
@@ -50,6 +51,26 @@ def stub_launch(tuning):
         spec = tuning._spec_key(tensors, scalars)
         tuning._COMPILED.get((name, key, 0, spec, *constexprs.values()))
     return launch
+
+
+def bare_function(torch):
+    """The floor of a Python autograd op: an autograd.Function shaped like hf_flash's (saves
+    q, k, v, out and stats; returns out and an lse view) that allocates its outputs and
+    launches nothing. What a fwd+bwd costs above it is hf_flash's own host path."""
+    class Bare(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            o = torch.empty_like(q)
+            stats = q.new_empty((*q.shape[:2], 3, q.shape[2]), dtype=torch.float32)
+            ctx.save_for_backward(q, k, v, o, stats)
+            return o, stats[:, :, 0]
+
+        @staticmethod
+        def backward(ctx, do, dlse):
+            q, k, v, _, _ = ctx.saved_tensors
+            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    return Bare
 
 
 def decode_case(torch, device):
@@ -120,7 +141,13 @@ def main():
         def sdpa_fwd_bwd():
             torch.nn.functional.scaled_dot_product_attention(q, k, v).backward(do)
 
-        cases = [("flash_attention fwd", fwd), ("flash_attention fwd+bwd", fwd_bwd)]
+        bare = bare_function(torch)
+
+        def bare_fwd_bwd():
+            bare.apply(q, k, v)[0].backward(do)
+
+        cases = [("flash_attention fwd", fwd), ("flash_attention fwd+bwd", fwd_bwd),
+                 ("bare Function fwd+bwd", bare_fwd_bwd)]
         if not args.stub_launch:  # on the CPU SDPA would compute for real
             cases.append(("SDPA fwd+bwd", sdpa_fwd_bwd))
         for name, fn in cases:

@@ -2,7 +2,7 @@
 
     python3 scripts/host_vs_gpu.py
 
-Part 1, the bar's two short cases (BERT-large B32 H16 N512 D64; GPT-2 B16 H16 N1024 D64 causal),
+The bar's two short cases (BERT-large B32 H16 N512 D64; GPT-2 B16 H16 N1024 D64 causal),
 bf16, hf_flash and SDPA's cudnn backend, forward and forward+backward, each timed three ways:
 - do_bench: triton.testing.do_bench median, as benchmarks/bench_ops.py times (gradients reset
   each call); "again x3": the median of three more do_bench runs without the reset, so the
@@ -12,10 +12,8 @@ bf16, hf_flash and SDPA's cudnn backend, forward and forward+backward, each time
 - graph replay: do_bench of the call captured in a CUDA graph, i.e. GPU time with no host work
   (gradients accumulate).
 When host exceeds graph replay plus do_bench's ~60 us L2 flush, do_bench times the host.
-
-Part 2, where a fwd+bwd's host time goes, on a tiny shape (1, 1, 128, 64) whose GPU work is
-negligible: a bare autograd.Function that launches nothing, the same with four small torch
-launches, SDPA (cudnn and default) and hf_flash, microseconds per call.
+(Where the host time goes: benchmarks/profile_host.py, which also times a bare
+autograd.Function for comparison.)
 """
 import statistics
 import time
@@ -28,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import hf_flash
 
 
-def host_us(fn, n=300, grads=()):
+def host_us(fn, n=300):
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
@@ -36,8 +34,6 @@ def host_us(fn, n=300, grads=()):
     for _ in range(5):
         t = time.perf_counter()
         for _ in range(n // 5):
-            for g in grads:
-                g.grad = None
             fn()
         out.append((time.perf_counter() - t) / (n // 5) * 1e6)
         torch.cuda.synchronize()
@@ -57,11 +53,12 @@ def graph_ms(fn):
     return triton.testing.do_bench(g.replay, warmup=10, rep=40, return_mode="median")
 
 
-def part1():
+def main():
     for name, (B, H, N, D, causal) in {"bert": (32, 16, 512, 64, False),
                                        "gpt2": (16, 16, 1024, 64, True)}.items():
         torch.manual_seed(0)
-        q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
+                       for _ in range(4))
         for t in (q, k, v):
             t.requires_grad_(True)
 
@@ -88,51 +85,5 @@ def part1():
                       f"graph replay {gm:.3f} ms", flush=True)
 
 
-class _Bare(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v):
-        o, s = torch.empty_like(q), torch.empty((1, 1, 3, q.shape[2]), device=q.device)
-        ctx.save_for_backward(q, k, v, o, s)
-        return o, s[:, :, 0]
-
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, o, s = ctx.saved_tensors
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-class _FourLaunches(_Bare):
-    @staticmethod
-    def forward(ctx, q, k, v):
-        o, s = q.mul(1.0), torch.zeros((1, 1, 3, q.shape[2]), device=q.device)
-        ctx.save_for_backward(q, k, v, o, s)
-        return o, s[:, :, 0]
-
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, o, s = ctx.saved_tensors
-        return do.mul(1.0), k.mul(1.0), v.mul(1.0)
-
-
-def part2():
-    q, k, v = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
-    do = torch.randn_like(q)
-
-    def cudnn():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            F.scaled_dot_product_attention(q, k, v).backward(do)
-
-    cases = {"bare autograd.Function, no launch": lambda: _Bare.apply(q, k, v)[0].backward(do),
-             "autograd.Function, 4 torch launches": lambda: _FourLaunches.apply(q, k, v)[0].backward(do),
-             "SDPA cudnn": cudnn,
-             "SDPA default backend": lambda: F.scaled_dot_product_attention(q, k, v).backward(do),
-             "hf_flash": lambda: hf_flash.flash_attention(q, k, v).backward(do)}
-    for name, fn in cases.items():
-        lo, med = host_us(fn, n=1500, grads=(q, k, v))
-        print(f"tiny fwd+bwd, {name:36s} host {lo:6.1f} us min, {med:6.1f} median", flush=True)
-
-
 if __name__ == "__main__":
-    part1()
-    part2()
+    main()
