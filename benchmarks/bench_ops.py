@@ -345,11 +345,11 @@ class Runner:
             t.grad = None
         return peak / 2**20
 
-    def host_ms(self, fn, grads, n=30):
-        """Host ms to queue one call: n calls back to back, one sync after them. Where it nears the
-        timed ms, do_bench's figure measures the host (Python, launches), not the GPU."""
-        if self.device != "cuda":
-            return None
+    def host_ms(self, fn, grads):
+        """Host ms to queue one call: 30 calls back to back, one sync after them. Where it nears
+        the timed ms, do_bench's figure measures the host (Python, launches), not the GPU. (The
+        CPU dry run makes one call: plumbing only.)"""
+        n = 30 if self.device == "cuda" else 1
         self.sync()
         t = time.perf_counter()
         for _ in range(n):

@@ -57,7 +57,7 @@ def test_bench_models_dry_run_compiled(tmp_path):
 
 
 def test_bench_ops_dry_run_checks_against_pytorch(tmp_path):
-    out = _run(["benchmarks/bench_ops.py", "--dry-run"], tmp_path)
+    out = _run(["benchmarks/bench_ops.py", "--dry-run", "--host-profile", "1"], tmp_path)
     doc = json.loads(next(tmp_path.rglob("ops_dry-run.json")).read_text())
     rows = doc["rows"]
     cases = {r["case"] for r in rows}
@@ -68,6 +68,10 @@ def test_bench_ops_dry_run_checks_against_pytorch(tmp_path):
     # The spot check against PyTorch ran for every case and passed.
     assert {r["case"] for r in ours if r.get("check") == "ok"} == cases
     assert "0 not ok" in out
+    # The host time to queue a call is recorded and tabled; --host-profile printed a profile.
+    assert all(r["host_ms"] > 0 for r in rows if r["mode"] != "bwd" and r["status"] == "ok")
+    assert "host ms to queue one call" in out
+    assert re.search(r"host profile, tiny, hf_flash fwd\+bwd x1:\n +ncalls +tottime", out)
 
 
 def test_bench_first_call_dry_run_runs_each_mode_in_its_own_process(tmp_path):
