@@ -50,6 +50,7 @@ def stub_launch(tuning):
         grid(cfg)
         spec = tuning._spec_key(tensors, scalars)
         tuning._COMPILED.get((name, key, 0, spec, *constexprs.values()))
+        return lambda tensors: None  # what a plan repeats: a launcher (here launching nothing)
     return launch
 
 
@@ -146,13 +147,23 @@ def main():
         def bare_fwd_bwd():
             bare.apply(q, k, v)[0].backward(do)
 
+        def without_plans(fn):
+            def call():
+                _tuning.USE_PLANS = False
+                try:
+                    fn()
+                finally:
+                    _tuning.USE_PLANS = True
+            return call
+
         cases = [("flash_attention fwd", fwd), ("flash_attention fwd+bwd", fwd_bwd),
+                 ("  the same without plans", without_plans(fwd_bwd)),
                  ("bare Function fwd+bwd", bare_fwd_bwd)]
         if not args.stub_launch:  # on the CPU SDPA would compute for real
             cases.append(("SDPA fwd+bwd", sdpa_fwd_bwd))
         for name, fn in cases:
             lo, med = rounds_us(fn, sync, n=300)
-            print(f"{name + ':':26s}{lo:8.1f} us min, {med:8.1f} median (host)")
+            print(f"{name + ':':28s}{lo:8.1f} us min, {med:8.1f} median (host)")
         hot = fwd_bwd
     if args.profile or not args.decode:
         prof = cProfile.Profile()

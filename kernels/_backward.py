@@ -335,23 +335,41 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
     if N_Q == 0 or N_K == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     varlen = cu_seqlens is not None
-    n_batch = cu_seqlens.numel() - 1 if varlen else B
-    rows_q, rows_k = (max_seqlen, max_seqlen) if varlen else (N_Q, N_K)
-    block_d = max(16, next_pow2(D))
     delta = stats.new_empty((B, H, N_Q))
     if _common.POISON_OUTPUTS:
         delta.fill_(float("nan"))
     if dlse is not None:
         dlse = dlse.float().contiguous()
-
     mask_t = mask if mask is not None else q
-    mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
     kpm_t = kpm if kpm is not None else q
-    kpm_strides = kpm.stride() if kpm is not None else (0, 0)
     lo_t = kv_lo if kv_lo is not None else stats
     hi_t = kv_hi if kv_hi is not None else stats
     seed_t = seed if seed is not None else stats
     cu_t = cu_seqlens if varlen else stats
+    dq_tensors = (q, k, v, o, do, dq, stats, delta, dlse if dlse is not None else stats, mask_t,
+                  kpm_t, lo_t, hi_t, seed_t, cu_t)
+    dkdv_tensors = (q, k, v, do, dk, dv, stats, delta, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t)
+    # As in attention_forward: what every launch below derives from (dq, dk, dv, delta are
+    # fresh, laid out like q, k, v and stats), apart from the tensors' addresses.
+    sig = ("bwd", q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
+           o.stride(), do.dtype, do.stride(), stats.shape, stats.stride(),
+           None if dlse is None else dlse.shape,
+           None if mask is None else (mask.dtype, mask_kind, mask.stride()),
+           None if kpm is None else (kpm.dtype, kpm.stride(), kv_lo.dtype, kv_hi.dtype),
+           None if seed is None else seed.dtype,
+           None if cu_seqlens is None else (cu_seqlens.dtype, cu_seqlens.shape, max_seqlen),
+           causal, causal_offset, scale, dropout_p)
+    everything = (*dq_tensors, dk, dv)
+    plan = _tuning.planned(sig, everything)
+    if plan is not None:
+        plan[0](dq_tensors)
+        plan[1](dkdv_tensors)
+        return dq, dk, dv
+    n_batch = cu_seqlens.numel() - 1 if varlen else B
+    rows_q, rows_k = (max_seqlen, max_seqlen) if varlen else (N_Q, N_K)
+    block_d = max(16, next_pow2(D))
+    mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
+    kpm_strides = kpm.stride() if kpm is not None else (0, 0)
     group = H // H_KV
     constexprs = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm is not None,
                       MASK_KIND=mask_kind, HAS_DROPOUT=dropout_p > 0,
@@ -365,18 +383,16 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
            *constexprs.values())
     candidates = lambda: _bwd_candidates(block_d, q.element_size())  # noqa: E731
     strides = (*row_strides(q, varlen), *row_strides(k, varlen), *row_strides(v, varlen))
-    _tuning.launch(
+    go_dq = _tuning.launch(
         _bwd_dq_kernel, "dq", key, candidates,
-        lambda c: (cdiv(rows_q, c["BLOCK_M"]), n_batch * H),
-        (q, k, v, o, do, dq, stats, delta, dlse if dlse is not None else stats, mask_t, kpm_t,
-         lo_t, hi_t, seed_t, cu_t),
+        lambda c: (cdiv(rows_q, c["BLOCK_M"]), n_batch * H), dq_tensors,
         (*strides, *row_strides(o, varlen), *row_strides(do, varlen), *row_strides(dq, varlen),
          *mask_strides, *kpm_strides, *scalars),
         {**constexprs, "HAS_DLSE": dlse is not None}, outputs=(5, 7))  # dq, delta
-    _tuning.launch(
+    go_dkdv = _tuning.launch(
         _bwd_dkdv_kernel, "dkdv", key, candidates,
-        lambda c: (cdiv(rows_k, c["BLOCK_N"]), n_batch * H_KV),
-        (q, k, v, do, dk, dv, stats, delta, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t),
+        lambda c: (cdiv(rows_k, c["BLOCK_N"]), n_batch * H_KV), dkdv_tensors,
         (*strides, *row_strides(do, varlen), *row_strides(dk, varlen), *row_strides(dv, varlen),
          *mask_strides, *kpm_strides, *scalars), constexprs, outputs=(4, 5))  # dk, dv
+    _tuning.remember(sig, everything, (go_dq, go_dkdv))
     return dq, dk, dv

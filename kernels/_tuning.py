@@ -1,5 +1,5 @@
 """Launching the kernels: pick a config once per shape class, then launch the compiled kernel
-directly.
+directly, and repeat a whole call's launches from a plan.
 
 Why not `kernel[grid](...)` on every call: Triton's launch path binds and specialises every
 argument on each call (its binder, the cache-key build, the options), and its autotuner adds a
@@ -12,6 +12,14 @@ The specialisation key repeats what Triton itself specialises on, so a compiled 
 reused where Triton would reuse it: for an int, whether it is 1 (then a constant), divisible by 16
 and whether it fits 32 bits; for a tensor, its dtype and whether its address is 16-byte aligned.
 Floats are never specialised. Any other argument type takes Triton's own path.
+
+Plans go one step further. A model calls attention with the same shapes, strides and flags in
+every layer and step, so everything but the tensors' addresses repeats: the scalars, the grid,
+the config, the compiled kernel. `launch` returns a `Launcher` holding them; the caller stores
+its call's launchers under a signature of everything they were derived from (`remember`), and a
+later call with that signature and 16-byte-aligned tensors only gathers its tensors and launches
+(`planned`). The signature is the caller's to get right: a field left out of it would hand one
+call another call's strides, so the CPU suite runs plans too (through Triton's interpreter).
 """
 
 import os
@@ -116,7 +124,10 @@ def launch(kernel, name, key, candidates, grid, tensors, scalars, constexprs, ou
     `key` starts with the bucketed query and key lengths. `outputs` are the positions in
     `tensors` of what the kernel writes; tuning only takes a candidate whose outputs agree with
     the first candidate's. Every output must be fully rewritten by each launch (true of all
-    hf_flash kernels), so the timing runs of a first call are harmless."""
+    hf_flash kernels), so the timing runs of a first call are harmless.
+
+    Returns a Launcher that repeats this launch for other tensors of the same dtypes and
+    alignment (for a plan), or None where there is nothing safe to repeat."""
     args = tensors + scalars
     full_key = (name, key)
     cfg = _CHOSEN.get(full_key)
@@ -126,9 +137,13 @@ def launch(kernel, name, key, candidates, grid, tensors, scalars, constexprs, ou
                else cands[0])
         _CHOSEN[full_key] = cfg
     g = grid(cfg)
-    if _common.INTERPRET or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         kernel[g](*args, **constexprs, **cfg)
-        return
+        return None
+    if _common.INTERPRET:
+        kwargs = {**constexprs, **cfg}
+        kernel[g](*args, **kwargs)
+        return _Interpreted(kernel, g, scalars, kwargs)
     spec = _spec_key(tensors, scalars)
     device = torch.cuda.current_device()  # Triton launches on the current device, as here
     # The shape key already holds the constexprs the config depends on; they are repeated here
@@ -137,17 +152,89 @@ def launch(kernel, name, key, candidates, grid, tensors, scalars, constexprs, ou
     hit = _COMPILED.get(cache_key) if spec is not None else None
     if hit is None or _hooks_active():
         compiled = kernel[g](*args, **constexprs, **cfg)
-        if spec is not None:
-            # The launcher takes every parameter in signature order, constexprs included (it
-            # skips them), so their values are appended in the kernel's own parameter order.
-            names = kernel.arg_names[len(args):]
-            merged = {**constexprs, **cfg}
-            _COMPILED[cache_key] = (compiled, tuple(merged[n] for n in names))
+        if spec is None:
+            return None
+        # The launcher takes every parameter in signature order, constexprs included (it
+        # skips them), so their values are appended in the kernel's own parameter order.
+        names = kernel.arg_names[len(args):]
+        merged = {**constexprs, **cfg}
+        hit = _COMPILED[cache_key] = (compiled, tuple(merged[n] for n in names))
+        return None if _hooks_active() else _Direct(hit, g, device, scalars)
+    direct = _Direct(hit, g, device, scalars)
+    direct(tensors)
+    return direct
+
+
+class _Direct:
+    """A launcher for one compiled kernel, grid and scalars: hands tensors straight to Triton's
+    compiled launcher, on the current stream of the device it was compiled for."""
+    __slots__ = ("run", "g0", "g1", "g2", "device", "function", "metadata", "tail")
+
+    def __init__(self, hit, grid, device, scalars):
+        compiled, tail = hit
+        self.run = compiled.run  # first: loads the kernel, which sets `function`
+        self.function, self.metadata = compiled.function, compiled.packed_metadata
+        self.g0, self.g1, self.g2 = (*grid, 1, 1)[:3]  # two dims written; the launcher takes 3
+        self.device = device
+        self.tail = (*scalars, *tail)
+
+    def __call__(self, tensors):
+        self.run(self.g0, self.g1, self.g2, _current_stream(self.device), self.function,
+                 self.metadata, None, None, None, *tensors, *self.tail)
+
+
+class _Interpreted:
+    """The launcher of a plan under Triton's interpreter: Triton's own launch, with the config
+    and scalars of the plan, so the CPU suite runs the plan path too."""
+    __slots__ = ("kernel", "grid", "scalars", "kwargs")
+
+    def __init__(self, kernel, grid, scalars, kwargs):
+        self.kernel, self.grid, self.scalars, self.kwargs = kernel, grid, scalars, kwargs
+
+    def __call__(self, tensors):
+        self.kernel[self.grid](*tensors, *self.scalars, **self.kwargs)
+
+
+# Plans: a call's signature -> its launchers, in order (see the module's docstring). Bounded: a
+# decode loop meets a new key length, hence a new signature, every step.
+_PLANS: dict = {}
+# A switch for measuring them: benchmarks/profile_host.py times calls with and without.
+USE_PLANS = True
+
+
+def _device_now() -> int:
+    # The launchers run on the device that was current when they were made (as Triton's launch
+    # does), so that is part of every plan's key.
+    return -1 if _common.INTERPRET else torch.cuda.current_device()
+
+
+def _aligned(tensors) -> bool:
+    """Whether every tensor's address is 16-byte aligned, the specialisation plans are made for
+    (fresh allocations always are; a view into a buffer may not be: that call goes the full
+    way)."""
+    bits = 0
+    for t in tensors:
+        bits |= t.data_ptr()
+    return bits % 16 == 0
+
+
+def planned(sig, tensors):
+    """The launchers remembered for `sig`, if they may launch `tensors`; else None."""
+    plan = _PLANS.get((sig, _device_now())) if USE_PLANS else None
+    if plan is None or not _aligned(tensors) or _hooks_active():
+        return None
+    return plan
+
+
+def remember(sig, tensors, launchers):
+    """Keep a call's launchers for later calls with signature `sig`: `sig` must hold everything
+    the launches' scalars, grids, configs and specialisation were derived from, apart from
+    `tensors`' addresses. Nothing is kept if any launch had nothing to repeat."""
+    if any(go is None for go in launchers) or not _aligned(tensors):
         return
-    compiled, tail = hit
-    g0, g1, g2 = (*g, 1, 1)[:3]  # grids are written with two dims; the launcher takes three
-    compiled.run(g0, g1, g2, _current_stream(device), compiled.function,
-                 compiled.packed_metadata, None, None, None, *args, *tail)
+    if len(_PLANS) >= 4096:
+        _PLANS.clear()
+    _PLANS[(sig, _device_now())] = tuple(launchers)
 
 
 def worth_tuning(key) -> bool:

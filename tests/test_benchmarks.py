@@ -114,8 +114,8 @@ def test_profile_decode_dry_run_profiles_both_levels_and_backends(tmp_path):
     (None, "flash_attention fwd+bwd:", "attention_backward")])
 def test_profile_host_with_the_launch_stubbed_runs_the_real_call_path(case, line, fn):
     # The stub stands in for the direct launch path with launch()'s own signature: if either
-    # drifts, this run fails. The profile shows the call went through hf_flash's own code and the
-    # stub (the figures themselves mean nothing here).
+    # drifts, this run fails (every first call goes through it). The profile shows the repeated
+    # calls went through hf_flash's own code (the figures mean nothing here).
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "benchmarks/profile_host.py", "--stub-launch", "--profile"]
     r = subprocess.run(cmd + ([case] if case else []), cwd=ROOT, env=env, capture_output=True,
@@ -123,4 +123,3 @@ def test_profile_host_with_the_launch_stubbed_runs_the_real_call_path(case, line
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert line in r.stdout
     assert fn in r.stdout and "attention_forward" in r.stdout, r.stdout[-3000:]
-    assert re.search(r"profile_host\.py:\d+\(launch\)", r.stdout), r.stdout[-3000:]  # the stub

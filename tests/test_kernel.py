@@ -214,6 +214,7 @@ def _tuning_on(monkeypatch):
         monkeypatch.setattr(mod, "AUTOTUNE", True)
     monkeypatch.setattr(_tuning, "_CHOSEN", {})
     monkeypatch.setattr(_tuning, "_COMPILED", {})
+    monkeypatch.setattr(_tuning, "_PLANS", {})
     monkeypatch.setattr(_tuning, "worth_tuning", lambda key: True)
     return _tuning
 
@@ -257,6 +258,7 @@ def test_every_tuning_candidate_is_exact(monkeypatch, index):
             (1, 2, 2, 256, 1024, 64, {}),
             (1, 2, 2, 256, 256, 128, {"causal": C_TL})):
         _tuning._CHOSEN.clear()
+        _tuning._PLANS.clear()  # plans hold the config they were made with
         _run_case(B, H, H_KV, n_q, n_k, D, torch.float16, case)
     assert len(forced) == 18  # fwd, dq and dkdv of each case went through the forced pick
     assert len(skipped) < len(forced), f"every forced candidate was out of resources: {skipped}"
@@ -434,6 +436,91 @@ def test_tuned_launch_after_parallel_compile_is_exact(monkeypatch):
     assert len(calls) >= 3 and min(calls) > 1  # fwd, dq, dkdv at least, each over several candidates
 
 
+# Each differs from the call before it in one thing the launches derive from (shapes, strides,
+# flags, scalars); see test_a_plan_is_only_reused_for_its_own_signature.
+_PLAN_VARIANTS = [
+    {}, {"B": 3}, {"H": 4, "H_KV": 4}, {"H": 4, "H_KV": 2}, {"n_q": 40}, {"n_k": 40}, {"D": 32},
+    {"dtype": torch.float16}, {"layout": "bnhd"}, {"q_layout": "bnhd"}, {"grad_layout": "bnhd"},
+    {"scale": 0.3},
+    {"case": {"causal": C_TL}}, {"n_k": 40, "case": {"causal": C_BR}},
+    {"n_q": 40, "case": {"causal": C_BR}}, {"case": {"kpm": True}}, {"kpm_stride": 2},
+    {"case": {"mask": "bool"}}, {"case": {"mask": "float"}}, {"float_mask_by_batch": True},
+    {"case": {"dropout": 0.2}}, {"case": {"dropout": 0.1}}, {"lse_grad": True},
+]
+
+
+def _planned_call(B=2, H=2, H_KV=2, n_q=24, n_k=24, D=16, dtype=torch.float32, layout="bhnd",
+                  q_layout=None, grad_layout="bhnd", scale=None, case=None, kpm_stride=1,
+                  float_mask_by_batch=False, lse_grad=False):
+    """One fwd+bwd call; asserts its output, lse and gradients against a float64 reference."""
+    case = dict(case or {})
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    q, k, v = make_qkv(B, H, H_KV, n_q, n_k, D, dtype, DEVICE, layout)
+    if q_layout == "bnhd":  # the query alone transposed: the same values, other strides
+        q = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    fa, ref = _build_masks(case, B, H, n_q, n_k, DEVICE, gen)
+    if kpm_stride != 1:  # the same mask as a strided view
+        kpm = torch.arange(n_k)[None, :] < torch.tensor([[n_k // 2], [n_k]])[:B]
+        fa["key_padding_mask"] = kpm.repeat_interleave(kpm_stride, 1)[:, ::kpm_stride].to(DEVICE)
+        ref["kpm"] = kpm.to(DEVICE)
+    if float_mask_by_batch:  # broadcast over heads instead of batch: other strides
+        fa["attn_mask"] = torch.randn(B, 1, n_q, n_k, generator=gen).to(DEVICE)
+        ref["float_mask"] = fa["attn_mask"].double()
+    if scale is not None:
+        fa["scale"] = ref["scale"] = scale
+    p = case.get("dropout", 0.0)
+    if p:
+        ref.update(dropout_p=p, keep_mask=replayed_keep_mask(1, p, B, H, n_q, n_k, DEVICE))
+        torch.manual_seed(1)
+    out, lse = hf_flash.flash_attention(q, k, v, dropout_p=p, enable_gqa=H != H_KV,
+                                        return_lse=True, **fa)
+    do = torch.randn(B, n_q, H, D, generator=gen).to(DEVICE, dtype)
+    do = do.transpose(1, 2) if grad_layout == "bnhd" else do.transpose(1, 2).contiguous()
+    w = torch.randn(B, H, n_q, generator=gen).to(DEVICE) if lse_grad else None
+    ((out * do).sum() + ((lse * w).sum() if lse_grad else 0)).backward()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    o64, lse64 = hf_flash.kernels.reference_attention(*leaves, **ref)
+    ((o64 * do.double()).sum() + ((lse64 * w.double()).sum() if lse_grad else 0)).backward()
+    tol = 1e-4 if dtype == torch.float32 else 4e-3
+    for name, got, want in (("out", out, o64), ("lse", lse, lse64), ("dq", q.grad, leaves[0].grad),
+                            ("dk", k.grad, leaves[1].grad), ("dv", v.grad, leaves[2].grad)):
+        assert max_err(got, want) <= tol * max(1.0, want.abs().max().item()), name
+
+
+def test_a_plan_is_only_reused_for_its_own_signature(monkeypatch):
+    # A repeated call launches from a plan, the launches of an earlier call with the same
+    # signature (scalars, grid, config kept; kernels/_tuning.py). Run one after another, each
+    # variant meets the plans of the calls before it: one that took a plan not its own (a field
+    # missing from the signature) would compute with another call's strides or flags. Run again,
+    # every call must take its own plan, reaching no launch at all, and still be right.
+    from hf_flash.kernels import _tuning
+    monkeypatch.setattr(_tuning, "_PLANS", {})
+    launched = []
+    real = _tuning.launch
+    monkeypatch.setattr(_tuning, "launch", lambda *a, **kw: launched.append(a[1]) or real(*a, **kw))
+    backward_only = ({"grad_layout": "bnhd"}, {"lse_grad": True})  # the same forward as before
+    for variant in _PLAN_VARIANTS:
+        launched.clear()
+        _planned_call(**variant)
+        want = ["dq", "dkdv"] if variant in backward_only else ["fwd", "dq", "dkdv"]
+        assert launched == want, (variant, launched)
+    assert len(_tuning._PLANS) == 2 * len(_PLAN_VARIANTS) - len(backward_only)
+    for variant in _PLAN_VARIANTS:
+        launched.clear()
+        _planned_call(**variant)
+        assert launched == [], (variant, launched)
+    # Packed sequences: the same number of rows and sequences, a longer longest one.
+    for lens in ([12, 12], [6, 18], [6, 18], [12, 12]):
+        gen = torch.Generator().manual_seed(3)
+        q, k, v, cu = _packed(lens, 2, 2, 16, torch.float32, DEVICE, gen)
+        out = hf_flash.flash_attention_varlen(q, k, v, cu, max(lens), is_causal=True)
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            one = [t.detach()[a:b].transpose(0, 1)[None].double() for t in (q, k, v)]
+            want, _ = hf_flash.kernels.reference_attention(*one, causal=C_TL)
+            assert max_err(out[a:b].transpose(0, 1)[None], want) <= 1e-4, lens
+
+
 @pytest.mark.gpu
 def test_direct_launch_keeps_triton_specialisation():
     # After the first call, launches skip Triton's binder and reuse the compiled kernel for the
@@ -552,6 +639,7 @@ def test_packed_launches_compile_one_variant_whatever_the_longest_length(monkeyp
                            outputs)
 
     monkeypatch.setattr(_tuning, "launch", spy)
+    monkeypatch.setattr(_tuning, "_PLANS", {})  # a planned call would not reach launch
     gen = torch.Generator().manual_seed(0)
     seen = []
     for lens in ([16, 16], [20, 12]):
@@ -661,6 +749,7 @@ def test_fp32_launches_compile_without_multiply_add_fusion(monkeypatch, dtype):
         return real(kernel, name, key, candidates, grid, tensors, scalars, constexprs, outputs)
 
     monkeypatch.setattr(_tuning, "launch", recording)
+    monkeypatch.setattr(_tuning, "_PLANS", {})  # a planned call would not reach launch
     q, k, v = make_qkv(1, 2, 2, 20, 20, 16, dtype, DEVICE)
     hf_flash.flash_attention(q, k, v, is_causal=True).sum().backward()
     assert asked == {n: dtype != torch.float32 for n in ("fwd", "dq", "dkdv")}
