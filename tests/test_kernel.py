@@ -460,10 +460,10 @@ def _planned_call(B=2, H=2, H_KV=2, n_q=24, n_k=24, D=16, dtype=torch.float32, l
     if q_layout == "bnhd":  # the query alone transposed: the same values, other strides
         q = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
     fa, ref = _build_masks(case, B, H, n_q, n_k, DEVICE, gen)
-    if kpm_stride != 1:  # the same mask as a strided view
-        kpm = torch.arange(n_k)[None, :] < torch.tensor([[n_k // 2], [n_k]])[:B]
-        fa["key_padding_mask"] = kpm.repeat_interleave(kpm_stride, 1)[:, ::kpm_stride].to(DEVICE)
-        ref["kpm"] = kpm.to(DEVICE)
+    if kpm_stride != 1:  # the same mask as a strided view (made on the device: .to() packs it)
+        kpm = (torch.arange(n_k)[None, :] < torch.tensor([[n_k // 2], [n_k]])[:B]).to(DEVICE)
+        fa["key_padding_mask"] = kpm.repeat_interleave(kpm_stride, 1)[:, ::kpm_stride]
+        ref["kpm"] = kpm
     if float_mask_by_batch:  # broadcast over heads instead of batch: other strides
         fa["attn_mask"] = torch.randn(B, 1, n_q, n_k, generator=gen).to(DEVICE)
         ref["float_mask"] = fa["attn_mask"].double()
