@@ -15,8 +15,8 @@ import triton.language as tl
 from . import _common
 from . import _tuning
 from ._common import (AUTOTUNE, bucket, cdiv, cfg, default_config, dot_precision, fp_fusion,
-                      length_args, mask_scores, next_pow2, row_stats_base, row_strides, seq_bounds,
-                      smem_ok)
+                      length_args, mask_scores, next_pow2, on_inputs_device, row_stats_base,
+                      row_strides, seq_bounds, smem_ok)
 from ._dropout import dropout_keep, dropout_scale, dropout_threshold
 
 
@@ -320,6 +320,7 @@ def _bwd_candidates(block_d, elt_size):
     return [first] + [c for c in kept if c != first]
 
 
+@on_inputs_device
 def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo, kv_hi, causal,
                        causal_offset, scale, dropout_p, seed, cu_seqlens=None, max_seqlen=0):
     """Launch the backward kernels; returns (dq, dk, dv) with the layouts of q, k, v. Packed

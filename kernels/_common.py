@@ -1,5 +1,6 @@
 """Pieces shared by the forward and backward kernels: score masking, launch configs, helpers."""
 
+import functools
 import os
 
 import torch
@@ -93,6 +94,20 @@ def row_stats_base(bh, off_h, seq0, STATS_N, PLANES: tl.constexpr, VARLEN: tl.co
     else:
         base = bh.to(tl.int64) * PLANES * STATS_N
     return base
+
+
+def on_inputs_device(launcher):
+    """Runs `launcher(t, ...)` with `t`'s CUDA device current. Triton compiles for, and launches
+    on, the current device; a model spread over GPUs (device_map) runs its layers with another
+    device current, where a launch would read memory of another GPU on a stream that does not
+    wait for that GPU's work."""
+    @functools.wraps(launcher)
+    def run(t, *args, **kwargs):
+        if t.is_cuda and t.get_device() != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return launcher(t, *args, **kwargs)
+        return launcher(t, *args, **kwargs)
+    return run
 
 
 def default_config(kind: str, head_dim_padded: int, elt_size: int) -> dict:

@@ -7,8 +7,8 @@ import triton.language as tl
 from . import _common
 from . import _tuning
 from ._common import (AUTOTUNE, bucket, cdiv, cfg, default_config, dot_precision, fp_fusion,
-                      length_args, mask_scores, next_pow2, row_stats_base, row_strides, seq_bounds,
-                      smem_ok)
+                      length_args, mask_scores, next_pow2, on_inputs_device, row_stats_base,
+                      row_strides, seq_bounds, smem_ok)
 from ._dropout import dropout_keep, dropout_scale, dropout_threshold
 
 
@@ -170,6 +170,7 @@ def _fwd_candidates(block_d, elt_size, n_q):
     return [first] + [c for c in kept if c != first]
 
 
+@on_inputs_device
 def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causal_offset,
                       scale, dropout_p, seed, cu_seqlens=None, max_seqlen=0):
     """Launch the forward kernel. Returns (out with q's layout, stats): stats is fp32 (B, H, 3, Nq)

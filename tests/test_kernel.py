@@ -522,6 +522,30 @@ def test_a_plan_is_only_reused_for_its_own_signature(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_a_gpu_that_is_not_the_current_one():
+    # device_map spreads a model over GPUs and runs its layers with the first one current. The
+    # kernels must run where the tensors are, after the work that made them: here a sleep on
+    # GPU 1's stream delays writing the inputs, which a launch on GPU 0 would not wait for.
+    torch.cuda.set_device(0)
+    gen = torch.Generator().manual_seed(11)
+    src = [torch.randn(2, 4, 300, 64, generator=gen).to("cuda:1", torch.float16) for _ in "qkv"]
+    do = torch.randn(2, 4, 300, 64, generator=gen).to("cuda:1", torch.float16)
+    for _ in range(2):  # the first call compiles and plans, the second launches from the plan
+        with torch.cuda.device(1):
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU 1's time before the inputs exist
+            q, k, v = (t.clone().requires_grad_() for t in src)
+        out = hf_flash.flash_attention(q, k, v, is_causal=True)
+        out.backward(do)
+        assert torch.cuda.current_device() == 0 and out.device == q.grad.device == q.device
+        ref, _, grads = reference_with_grads(q, k, v, do, causal=C_TL)
+        same, _, same_grads = reference_with_grads(q, k, v, do, dtype=torch.float16, causal=C_TL)
+        check_ratio("out", out, ref, same, OUT_RATIO, torch.float16)
+        for name, g, r, s in zip("qkv", (q.grad, k.grad, v.grad), grads, same_grads):
+            check_ratio(f"d{name}", g, r, s, GRAD_RATIO, torch.float16)
+
+
+@pytest.mark.gpu
 def test_direct_launch_keeps_triton_specialisation():
     # After the first call, launches skip Triton's binder and reuse the compiled kernel for the
     # same specialisation. A kernel compiled for 16-byte-aligned tensors and strides divisible by
