@@ -352,7 +352,8 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
     dkdv_tensors = (q, k, v, do, dk, dv, stats, delta, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t)
     # As in attention_forward: what every launch below derives from (dq, dk, dv, delta are
     # fresh, laid out like q, k, v and stats), apart from the tensors' addresses.
-    sig = ("bwd", q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
+    sig = ("bwd", q.get_device(), q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.shape,
+           v.stride(),
            o.stride(), do.dtype, do.stride(), stats.shape, stats.stride(),
            None if dlse is None else dlse.shape,
            None if mask is None else (mask.dtype, mask_kind, mask.stride()),

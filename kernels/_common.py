@@ -103,7 +103,8 @@ def on_inputs_device(launcher):
     wait for that GPU's work."""
     @functools.wraps(launcher)
     def run(t, *args, **kwargs):
-        if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        # (torch.cuda.current_device without its lazy-init check: t on a GPU means CUDA is up.)
+        if t.is_cuda and t.get_device() != torch._C._cuda_getDevice():
             with torch.cuda.device(t.device):
                 return launcher(t, *args, **kwargs)
         return launcher(t, *args, **kwargs)

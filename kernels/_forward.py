@@ -196,8 +196,10 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
     cu_t = cu_seqlens if varlen else stats
     tensors = (q, k, v, o, stats, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t)
     # Everything below derives from these (o's strides from q's: empty_like), so a call that
-    # repeats them repeats the launch, bar the tensors' addresses (_tuning's plans).
-    sig = ("fwd", q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
+    # repeats them repeats the launch, bar the tensors' addresses (_tuning's plans). The device
+    # is q's, current here (on_inputs_device), where the kept launchers run.
+    sig = ("fwd", q.get_device(), q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.shape,
+           v.stride(),
            None if mask is None else (mask.dtype, mask_kind, mask.stride()),
            None if kpm is None else (kpm.dtype, kpm.stride(), kv_lo.dtype, kv_hi.dtype),
            None if seed is None else seed.dtype,

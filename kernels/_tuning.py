@@ -202,12 +202,6 @@ _PLANS: dict = {}
 USE_PLANS = True
 
 
-def _device_now() -> int:
-    # The launchers run on the device that was current when they were made (as Triton's launch
-    # does), so that is part of every plan's key.
-    return -1 if _common.INTERPRET else torch.cuda.current_device()
-
-
 def _aligned(tensors) -> bool:
     """Whether every tensor's address is 16-byte aligned, the specialisation plans are made for
     (fresh allocations always are; a view into a buffer may not be: that call goes the full
@@ -220,7 +214,7 @@ def _aligned(tensors) -> bool:
 
 def planned(sig, tensors):
     """The launchers remembered for `sig`, if they may launch `tensors`; else None."""
-    plan = _PLANS.get((sig, _device_now())) if USE_PLANS else None
+    plan = _PLANS.get(sig) if USE_PLANS else None
     if plan is None or not _aligned(tensors) or _hooks_active():
         return None
     return plan
@@ -229,12 +223,13 @@ def planned(sig, tensors):
 def remember(sig, tensors, launchers):
     """Keep a call's launchers for later calls with signature `sig`: `sig` must hold everything
     the launches' scalars, grids, configs and specialisation were derived from, apart from
-    `tensors`' addresses. Nothing is kept if any launch had nothing to repeat."""
+    `tensors`' addresses, and the device they run on (made current by the caller:
+    _common.on_inputs_device). Nothing is kept if any launch had nothing to repeat."""
     if any(go is None for go in launchers) or not _aligned(tensors):
         return
     if len(_PLANS) >= 4096:
         _PLANS.clear()
-    _PLANS[(sig, _device_now())] = tuple(launchers)
+    _PLANS[sig] = tuple(launchers)
 
 
 def worth_tuning(key) -> bool:

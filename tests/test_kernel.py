@@ -483,8 +483,9 @@ def _planned_call(B=2, H=2, H_KV=2, n_q=24, n_k=24, D=16, dtype=torch.float32, l
     o64, lse64 = hf_flash.kernels.reference_attention(*leaves, **ref)
     ((o64 * do.double()).sum() + ((lse64 * w.double()).sum() if lse_grad else 0)).backward()
     tol = 1e-4 if dtype == torch.float32 else 4e-3
-    for name, got, want in (("out", out, o64), ("lse", lse, lse64), ("dq", q.grad, leaves[0].grad),
-                            ("dk", k.grad, leaves[1].grad), ("dv", v.grad, leaves[2].grad)):
+    for name, got, want in (("out", out, o64), ("lse", lse, lse64),
+                            *zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad),
+                                 (t.grad for t in leaves))):
         assert max_err(got, want) <= tol * max(1.0, want.abs().max().item()), name
 
 
@@ -498,7 +499,8 @@ def test_a_plan_is_only_reused_for_its_own_signature(monkeypatch):
     monkeypatch.setattr(_tuning, "_PLANS", {})
     launched = []
     real = _tuning.launch
-    monkeypatch.setattr(_tuning, "launch", lambda *a, **kw: launched.append(a[1]) or real(*a, **kw))
+    monkeypatch.setattr(_tuning, "launch",
+                        lambda *a, **kw: launched.append(a[1]) or real(*a, **kw))
     backward_only = ({"grad_layout": "bnhd"}, {"lse_grad": True})  # the same forward as before
     for variant in _PLAN_VARIANTS:
         launched.clear()
