@@ -15,10 +15,10 @@ Floats are never specialised. Any other argument type takes Triton's own path.
 
 Plans go one step further. A model calls attention with the same shapes, strides and flags in
 every layer and step, so everything but the tensors' addresses repeats: the scalars, the grid,
-the config, the compiled kernel. `launch` returns a `Launcher` holding them; the caller stores
-its call's launchers under a signature of everything they were derived from (`remember`), and a
-later call with that signature and 16-byte-aligned tensors only gathers its tensors and launches
-(`planned`). The signature is the caller's to get right: a field left out of it would hand one
+the config, the compiled kernel. `launch` returns a launcher holding them (a callable taking
+the tensors: `_Direct`, or `_Interpreted` on the CPU); the caller stores its call's launchers
+under a signature of everything they were derived from (`remember`), and a later call with that
+signature and 16-byte-aligned tensors only gathers its tensors and launches (`planned`). The signature is the caller's to get right: a field left out of it would hand one
 call another call's strides, so the CPU suite runs plans too (through Triton's interpreter).
 """
 
@@ -126,7 +126,7 @@ def launch(kernel, name, key, candidates, grid, tensors, scalars, constexprs, ou
     the first candidate's. Every output must be fully rewritten by each launch (true of all
     hf_flash kernels), so the timing runs of a first call are harmless.
 
-    Returns a Launcher that repeats this launch for other tensors of the same dtypes and
+    Returns a launcher that repeats this launch for other tensors of the same dtypes and
     alignment (for a plan), or None where there is nothing safe to repeat."""
     args = tensors + scalars
     full_key = (name, key)
