@@ -36,7 +36,9 @@ from benchlib import output_dir, run_metadata, short_reason, table, write_result
 
 # ---------------------------------------------------------------------------------------------
 # Settings
-BACKENDS = ("hf_flash", "flash", "efficient", "cudnn", "math", "flex")
+# hf_flash_packed: padded cases only, their real tokens packed back to back (flash_attention_varlen),
+# as patch(model, packed=True) hands them to every layer.
+BACKENDS = ("hf_flash", "hf_flash_packed", "flash", "efficient", "cudnn", "math", "flex")
 MODES = ("fwd", "bwd", "fwd+bwd")
 # FLOPs relative to the forward pass: backward does 2.5x the forward's matrix work (dV, dP, dS->dQ,
 # dS->dK plus the recomputed QK^T, against QK^T and PV), the convention of the FlashAttention papers.
@@ -133,7 +135,7 @@ def dry_run_cases():
     return [Case(s, "tiny", 2, 2, 64, 32, backends=("hf_flash", "math")),
             Case(s, "tiny_causal", 2, 2, 64, 32, causal=True, backends=("hf_flash", "math")),
             Case(s, "tiny_pad_drop", 2, 2, 64, 32, padded=True, dropout=DROPOUT,
-                 backends=("hf_flash", "math"))]
+                 backends=("hf_flash", "hf_flash_packed", "math"))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +247,24 @@ class Runner:
         key_frac = float(lengths.float().mean()) / case.N if lengths is not None else 1.0
         return dict(q=q, k=k, v=v, do=do, kpm=kpm, lengths=lengths, key_frac=key_frac)
 
+    def packed_inputs(self, case, inp):
+        """The padded case's real tokens packed back to back: q, k, v and dO as (tokens, H, D)
+        leaves, with cu_seqlens. patch(model, packed=True) unpads once per model forward and
+        hands every layer such tensors, so the packing is not timed. Nominal FLOPs stay the
+        padded case's (as for every backend), so its TF/s compare with the padded rows'."""
+        if inp["lengths"] is None:
+            raise Unsupported("packed inputs come from a padded case")
+        torch = self.torch
+        real = inp["kpm"].reshape(-1)  # right padding: each row's tokens in order, rows in order
+
+        def pack(t):
+            return t.detach().transpose(1, 2).reshape(-1, case.H, case.D)[real].contiguous()
+
+        lengths = inp["lengths"].to(torch.int32)
+        cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        q, k, v = (pack(inp[n]).requires_grad_(True) for n in ("q", "k", "v"))
+        return dict(inp, q=q, k=k, v=v, do=pack(inp["do"]), cu=cu, max_len=int(lengths.max()))
+
     def flex(self):
         if self._flex is None:
             import torch._dynamo
@@ -288,6 +308,11 @@ class Runner:
             from hf_flash import flash_attention
             return (lambda: flash_attention(q, k, v, dropout_p=p, is_causal=causal,
                                             key_padding_mask=kpm)), nullcontext()
+        if backend == "hf_flash_packed":
+            from hf_flash import flash_attention_varlen
+            cu, longest = inp["cu"], inp["max_len"]
+            return (lambda: flash_attention_varlen(q, k, v, cu, longest, dropout_p=p,
+                                                   is_causal=causal)), nullcontext()
         if backend == "flex":
             if self.device != "cuda":
                 raise Unsupported("flex is benchmarked on CUDA only")
@@ -391,8 +416,9 @@ class Runner:
         if time.perf_counter() > self.deadline:
             na(modes, "skipped: time budget")
             return list(rows.values())
-        grads = [inp["q"], inp["k"], inp["v"]]
         try:
+            if backend == "hf_flash_packed":
+                inp = self.packed_inputs(case, inp)
             fn, ctx = self.build(backend, case, inp)
         except Unsupported as e:
             na(modes, f"no kernel: {e}")
@@ -400,6 +426,7 @@ class Runner:
         except Exception as e:
             na(modes, short_reason(e))
             return list(rows.values())
+        grads = [inp["q"], inp["k"], inp["v"]]
 
         t0 = time.perf_counter()
         with ctx:
@@ -560,6 +587,20 @@ class Runner:
         res["full_out_vs_sdpa"] = d
         if not math.isfinite(d) or d > FULL_CHECK_LIMIT:
             ok = False
+        if case.padded and "hf_flash_packed" in self.args.backends_list:
+            # The packed rows run other launches (flash_attention_varlen): their real tokens'
+            # output must be the padded call's.
+            from hf_flash import flash_attention_varlen
+            pk = self.packed_inputs(case, inp)
+            with torch.no_grad():
+                o_packed = flash_attention_varlen(pk["q"], pk["k"], pk["v"], pk["cu"],
+                                                  pk["max_len"], is_causal=case.causal)
+                o_real = o_mine.transpose(1, 2).reshape(-1, case.H, case.D)[inp["kpm"].reshape(-1)]
+                d = ((o_packed.float() - o_real.float()).norm().item()
+                     / max(o_real.float().norm().item(), 1e-30))
+            res["packed_out_vs_padded"] = d
+            if not math.isfinite(d) or d > FULL_CHECK_LIMIT:
+                ok = False
         res["max_ratio"] = max(res[f"ratio_{n}"] for n in names)
         res["status"] = "ok" if ok else "FAIL"
         return res
@@ -607,7 +648,7 @@ def summary(rows, checks, backends) -> str:
                     cells.append("")
                 elif r["status"] == "ok":
                     cells.append(f"{r['ms']:.3f}/{r['tflops']:.0f}")
-                    if b != "hf_flash":
+                    if not b.startswith("hf_flash"):  # the packed rows are hf_flash too
                         others.append(r["ms"])
                 else:
                     cells.append("skip" if "time budget" in r["reason"] else "n/a")
@@ -617,8 +658,8 @@ def summary(rows, checks, backends) -> str:
             pct = (f"{hf['pct_of_floor']:.0f}%" if hf and hf.get("pct_of_floor") is not None
                    else "")
             body.append([c] + cells + [ratio, pct])
-        out.append(f"{mode}: ms/TFLOP/s (median); hf/best = hf_flash ms over the fastest other; "
-                   f"floor% = floor ms / hf_flash ms")
+        out.append(f"{mode}: ms/TFLOP/s (median); hf/best = hf_flash ms over the fastest "
+                   f"PyTorch backend; floor% = floor ms / hf_flash ms")
         out.append(table(["case"] + list(backends) + ["hf/best", "floor%"], body))
         out.append("")
     mem = [r for r in rows if r["mode"] == "fwd+bwd" and r.get("peak_mib") is not None]
@@ -696,7 +737,8 @@ def main(argv=None):
     args.backends_list = [b for b in _csv_list(args.backends) if b in BACKENDS]
     args.modes_list = [m for m in _csv_list(args.modes) if m in MODES]
     if args.dry_run:
-        args.backends_list = [b for b in args.backends_list if b in ("hf_flash", "math")]
+        args.backends_list = [b for b in args.backends_list
+                              if b in ("hf_flash", "hf_flash_packed", "math")]
     cases = select_cases(args)
     if not cases:
         sys.exit("bench_ops: no case selected")

@@ -64,6 +64,12 @@ def test_bench_ops_dry_run_checks_against_pytorch(tmp_path):
     assert {"tiny", "tiny_causal", "tiny_pad_drop"} <= cases
     ours = [r for r in rows if r["backend"] == "hf_flash"]
     assert ours and all(r["status"] == "ok" for r in ours)
+    # The padded case also ran on its real tokens packed (flash_attention_varlen), every mode.
+    packed = [r for r in rows if r["backend"] == "hf_flash_packed"]
+    assert {(r["case"], r["status"]) for r in packed} == {("tiny_pad_drop", "ok")}
+    assert len(packed) == 3
+    # ...and the spot check compared its output with the padded call's on the real tokens.
+    assert [c["case"] for c in doc["checks"] if "packed_out_vs_padded" in c] == ["tiny_pad_drop"]
     assert all(r["dtype"] == "fp16" for r in rows)  # what ran: the interpreter's bf16 is broken
     # The spot check against PyTorch ran for every case and passed.
     assert {r["case"] for r in ours if r.get("check") == "ok"} == cases
