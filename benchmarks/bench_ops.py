@@ -36,8 +36,8 @@ from benchlib import output_dir, run_metadata, short_reason, table, write_result
 
 # ---------------------------------------------------------------------------------------------
 # Settings
-# hf_flash_packed: padded cases only, their real tokens packed back to back (flash_attention_varlen),
-# as patch(model, packed=True) hands them to every layer.
+# hf_flash_packed: padded cases only, their real tokens packed back to back
+# (flash_attention_varlen), as patch(model, packed=True) hands them to every layer.
 BACKENDS = ("hf_flash", "hf_flash_packed", "flash", "efficient", "cudnn", "math", "flex")
 MODES = ("fwd", "bwd", "fwd+bwd")
 # FLOPs relative to the forward pass: backward does 2.5x the forward's matrix work (dV, dP, dS->dQ,
@@ -595,7 +595,8 @@ class Runner:
             with torch.no_grad():
                 o_packed = flash_attention_varlen(pk["q"], pk["k"], pk["v"], pk["cu"],
                                                   pk["max_len"], is_causal=case.causal)
-                o_real = o_mine.transpose(1, 2).reshape(-1, case.H, case.D)[inp["kpm"].reshape(-1)]
+                real = inp["kpm"].reshape(-1)
+                o_real = o_mine.transpose(1, 2).reshape(-1, case.H, case.D)[real]
                 d = ((o_packed.float() - o_real.float()).norm().item()
                      / max(o_real.float().norm().item(), 1e-30))
             res["packed_out_vs_padded"] = d
