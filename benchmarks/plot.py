@@ -22,7 +22,8 @@ matplotlib.use("Agg")  # files only; no display on the benchmark machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"hf_flash": "#d62728", "hf_flash_packed": "#bcbd22", "flash": "#1f77b4",
-          "efficient": "#2ca02c", "cudnn": "#9467bd", "math": "#7f7f7f", "flex": "#ff7f0e", "sdpa": "#1f77b4", "eager": "#7f7f7f",
+          "efficient": "#2ca02c", "cudnn": "#9467bd", "math": "#7f7f7f", "flex": "#ff7f0e",
+          "sdpa": "#1f77b4", "eager": "#7f7f7f",
           "hf_flash+opts": "#8c564b", "sdpa+compile": "#17becf", "hf_flash+compile": "#e377c2"}
 MODES = ("fwd", "bwd", "fwd+bwd")
 NOT_TRIED = float("nan")  # grouped_bars draws nothing for it (None: tried, no result)
