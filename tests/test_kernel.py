@@ -523,6 +523,43 @@ def test_a_plan_is_only_reused_for_its_own_signature(monkeypatch):
             assert max_err(out[a:b].transpose(0, 1)[None], want) <= 1e-4, lens
 
 
+def test_launch_functions_switch_to_the_inputs_gpu(monkeypatch):
+    # What test_tensors_on_a_gpu_that_is_not_the_current_one checks on two GPUs, here with the
+    # device switch recorded instead of made: the launch runs inside torch.cuda.device(inputs'
+    # device) when another GPU is current, and without a switch when it is the current one.
+    from hf_flash.kernels import _common
+    log = []
+
+    class Switch:  # stands in for torch.cuda.device
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            log.append(("enter", self.device))
+
+        def __exit__(self, *exc):
+            log.append(("exit", self.device))
+
+    class OnGpu:  # what the decorator asks of a CUDA tensor
+        is_cuda = True
+
+        def __init__(self, index):
+            self.index, self.device = index, f"cuda:{index}"
+
+        def get_device(self):
+            return self.index
+
+    monkeypatch.setattr(torch.cuda, "device", Switch)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    launch = _common.on_inputs_device(lambda t, x: log.append(("launch", x)) or x)
+    assert launch(OnGpu(1), 7) == 7
+    assert log == [("enter", "cuda:1"), ("launch", 7), ("exit", "cuda:1")]
+    log.clear()
+    assert launch(OnGpu(0), 8) == 8 and log == [("launch", 8)]
+    log.clear()
+    assert launch(torch.zeros(1), 9) == 9 and log == [("launch", 9)]  # a CPU tensor: no switch
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_tensors_on_a_gpu_that_is_not_the_current_one():
