@@ -14,9 +14,9 @@ import triton.language as tl
 
 from . import _common
 from . import _tuning
-from ._common import (AUTOTUNE, bucket, cdiv, cfg, default_config, dot_precision, fp_fusion,
-                      length_args, mask_scores, next_pow2, on_inputs_device, row_stats_base,
-                      row_strides, seq_bounds, smem_ok)
+from ._common import (AUTOTUNE, bucket, call_signature, cdiv, cfg, default_config,
+                      dot_precision, fp_fusion, length_args, mask_scores, next_pow2,
+                      on_inputs_device, row_stats_base, row_strides, seq_bounds, smem_ok)
 from ._dropout import dropout_keep, dropout_scale, dropout_threshold
 
 
@@ -350,17 +350,11 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
     dq_tensors = (q, k, v, o, do, dq, stats, delta, dlse if dlse is not None else stats, mask_t,
                   kpm_t, lo_t, hi_t, seed_t, cu_t)
     dkdv_tensors = (q, k, v, do, dk, dv, stats, delta, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t)
-    # As in attention_forward: what every launch below derives from (dq, dk, dv, delta are
-    # fresh, laid out like q, k, v and stats), apart from the tensors' addresses.
-    sig = ("bwd", q.get_device(), q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.shape,
-           v.stride(),
+    # As in attention_forward, with what only the backward takes (dO; the saved o and stats).
+    sig = ("bwd", call_signature(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, seed, cu_seqlens,
+                                 max_seqlen, causal, causal_offset, scale, dropout_p),
            o.stride(), do.dtype, do.stride(), stats.shape, stats.stride(),
-           None if dlse is None else dlse.shape,
-           None if mask is None else (mask.dtype, mask_kind, mask.stride()),
-           None if kpm is None else (kpm.dtype, kpm.stride(), kv_lo.dtype, kv_hi.dtype),
-           None if seed is None else seed.dtype,
-           None if cu_seqlens is None else (cu_seqlens.dtype, cu_seqlens.shape, max_seqlen),
-           causal, causal_offset, scale, dropout_p)
+           None if dlse is None else dlse.shape)
     everything = (*dq_tensors, dk, dv)
     plan = _tuning.planned(sig, everything)
     if plan is not None:

@@ -111,6 +111,21 @@ def on_inputs_device(launcher):
     return run
 
 
+def call_signature(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, seed, cu_seqlens, max_seqlen,
+                   causal, causal_offset, scale, dropout_p) -> tuple:
+    """What the launches of a forward or backward call derive from, apart from the tensors'
+    addresses: the key of its plan (_tuning.planned). Outputs made inside (o, dq, dk, dv,
+    stats, delta) are laid out from these. The device is q's, current while the launchers run
+    (on_inputs_device)."""
+    return (q.get_device(), q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.shape,
+            v.stride(),
+            None if mask is None else (mask.dtype, mask_kind, mask.stride()),
+            None if kpm is None else (kpm.dtype, kpm.stride(), kv_lo.dtype, kv_hi.dtype),
+            None if seed is None else seed.dtype,
+            None if cu_seqlens is None else (cu_seqlens.dtype, cu_seqlens.shape, max_seqlen),
+            causal, causal_offset, scale, dropout_p)
+
+
 def default_config(kind: str, head_dim_padded: int, elt_size: int) -> dict:
     """The config used when not autotuning (and under the interpreter)."""
     if INTERPRET:

@@ -6,9 +6,9 @@ import triton.language as tl
 
 from . import _common
 from . import _tuning
-from ._common import (AUTOTUNE, bucket, cdiv, cfg, default_config, dot_precision, fp_fusion,
-                      length_args, mask_scores, next_pow2, on_inputs_device, row_stats_base,
-                      row_strides, seq_bounds, smem_ok)
+from ._common import (AUTOTUNE, bucket, call_signature, cdiv, cfg, default_config,
+                      dot_precision, fp_fusion, length_args, mask_scores, next_pow2,
+                      on_inputs_device, row_stats_base, row_strides, seq_bounds, smem_ok)
 from ._dropout import dropout_keep, dropout_scale, dropout_threshold
 
 
@@ -195,16 +195,9 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
     seed_t = seed if seed is not None else stats
     cu_t = cu_seqlens if varlen else stats
     tensors = (q, k, v, o, stats, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t)
-    # Everything below derives from these (o's strides from q's: empty_like), so a call that
-    # repeats them repeats the launch, bar the tensors' addresses (_tuning's plans). The device
-    # is q's, current here (on_inputs_device), where the kept launchers run.
-    sig = ("fwd", q.get_device(), q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.shape,
-           v.stride(),
-           None if mask is None else (mask.dtype, mask_kind, mask.stride()),
-           None if kpm is None else (kpm.dtype, kpm.stride(), kv_lo.dtype, kv_hi.dtype),
-           None if seed is None else seed.dtype,
-           None if cu_seqlens is None else (cu_seqlens.dtype, cu_seqlens.shape, max_seqlen),
-           causal, causal_offset, scale, dropout_p)
+    # A call with the same signature repeats these launches (_tuning's plans).
+    sig = ("fwd", call_signature(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, seed, cu_seqlens,
+                                 max_seqlen, causal, causal_offset, scale, dropout_p))
     plan = _tuning.planned(sig, tensors)
     if plan is not None:
         plan[0](tensors)
@@ -230,5 +223,4 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
                         lambda c: (cdiv(rows_q, c["BLOCK_M"]), n_batch * H), tensors, scalars,
                         constexprs, outputs=(3, 4))  # o, stats
     _tuning.remember(sig, tensors, (go,))
-    return o, stats
     return o, stats

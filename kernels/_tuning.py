@@ -18,8 +18,10 @@ every layer and step, so everything but the tensors' addresses repeats: the scal
 the config, the compiled kernel. `launch` returns a launcher holding them (a callable taking
 the tensors: `_Direct`, or `_Interpreted` on the CPU); the caller stores its call's launchers
 under a signature of everything they were derived from (`remember`), and a later call with that
-signature and 16-byte-aligned tensors only gathers its tensors and launches (`planned`). The signature is the caller's to get right: a field left out of it would hand one
-call another call's strides, so the CPU suite runs plans too (through Triton's interpreter).
+signature and 16-byte-aligned tensors only gathers its tensors and launches (`planned`). The
+signature is the caller's to get right (_common.call_signature): a field left out of it would
+hand one call another call's strides, so the CPU suite runs plans too (through Triton's
+interpreter).
 """
 
 import os
