@@ -248,17 +248,19 @@ class Runner:
         return dict(q=q, k=k, v=v, do=do, kpm=kpm, lengths=lengths, key_frac=key_frac)
 
     def packed_inputs(self, case, inp):
-        """The padded case's real tokens packed back to back: q, k, v and dO as (tokens, H, D)
-        leaves, with cu_seqlens. patch(model, packed=True) unpads once per model forward and
-        hands every layer such tensors, so the packing is not timed. Nominal FLOPs stay the
-        padded case's (as for every backend), so its TF/s compare with the padded rows'."""
+        """The padded case's real tokens packed back to back: q, k, v and dO as (1, H, tokens, D)
+        leaves over (tokens, H, D) memory, with cu_seqlens: what patch(model, packed=True) hands
+        every layer (it unpads once per model forward, so the packing is not timed). Nominal
+        FLOPs stay the padded case's (as for every backend), so its TF/s compare with the
+        padded rows'."""
         if inp["lengths"] is None:
             raise Unsupported("packed inputs come from a padded case")
         torch = self.torch
         real = inp["kpm"].reshape(-1)  # right padding: each row's tokens in order, rows in order
 
         def pack(t):
-            return t.detach().transpose(1, 2).reshape(-1, case.H, case.D)[real].contiguous()
+            rows = t.detach().transpose(1, 2).reshape(-1, case.H, case.D)[real].contiguous()
+            return rows.transpose(0, 1)[None]
 
         lengths = inp["lengths"].to(torch.int32)
         cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
@@ -596,6 +598,7 @@ class Runner:
                 o_packed = flash_attention_varlen(pk["q"], pk["k"], pk["v"], pk["cu"],
                                                   pk["max_len"], is_causal=case.causal)
                 real = inp["kpm"].reshape(-1)
+                o_packed = o_packed[0].transpose(0, 1)
                 o_real = o_mine.transpose(1, 2).reshape(-1, case.H, case.D)[real]
                 d = ((o_packed.float() - o_real.float()).norm().item()
                      / max(o_real.float().norm().item(), 1e-30))

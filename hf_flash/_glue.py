@@ -334,14 +334,12 @@ def hf_flash_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     if packed is not None:
         cu, max_len = packed
         _record(module, "kernel", f"packed sequences{', causal' if causal else ''}")
-        # (1, H, T, D) views -> (T, H, D) views: the layout the varlen kernel reads in place.
-        # squeeze, not [0]: indexing's backward writes the gradient into a new zero tensor in
-        # the (H, T, D) order, and the model's reshape then copies it back (6 copies a layer).
-        q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))
-        out = flash_attention_varlen(q, k, v, cu, max_len,
+        # The (1, H, T, D) layout as it comes: no view to (T, H, D) and back, whose autograd
+        # nodes cost host time in every layer's forward and backward.
+        out = flash_attention_varlen(query, key, value, cu, max_len,
                                      dropout_p=float(dropout), is_causal=causal, scale=scaling,
                                      enable_gqa=query.shape[1] != key.shape[1])
-        return out.unsqueeze(0), None
+        return out.transpose(1, 2), None
     mask_args, detail = kernel_mask_args(attention_mask, causal, q_len, k_len, query.shape[0])
     _record(module, "kernel", detail)
     out = flash_attention(query, key, value, dropout_p=float(dropout), scale=scaling,

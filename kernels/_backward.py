@@ -279,6 +279,12 @@ def _bwd_dq_kernel(
         full_hi = tl.minimum(full_hi, start_m + 1 + causal_offset)
     full_hi = tl.maximum(lo, (full_hi // BLOCK_N) * BLOCK_N)
 
+    if VARLEN:
+        # Query blocks past this sequence's end (the grid is sized for the longest) walk no
+        # keys: at lengths uniform in [N/2, N] they are an eighth of the grid's blocks.
+        hi = tl.where(start_m < N_Q, hi, lo)
+        full_hi = tl.where(start_m < N_Q, full_hi, lo)
+
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, full_hi, BLOCK_N):
         dq = _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr,

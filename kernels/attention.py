@@ -139,6 +139,11 @@ def flash_attention_varlen(
     ``is_causal`` lets each token see the tokens of its own sequence up to itself. Returns
     (total, heads, head_dim), and with ``return_lse`` also the fp32 log-sum-exp (heads, total).
 
+    The same rows as (1, heads, total, head_dim), the layout of a batch of one (what
+    transformers' attention interface passes for packed sequences), are taken as they are and
+    give the output in that layout too. The kernels read that layout; the 3-D form costs the
+    views to it and back, eight autograd nodes a call.
+
     ``max_seqlen`` must be at least the longest length (as in FlashAttention's varlen API); when
     None it is read from ``cu_seqlens``, which costs a device-to-host copy. The kernels see the
     same tiles as for one sequence of that length, so a batch of mixed lengths costs what its real
@@ -147,15 +152,24 @@ def flash_attention_varlen(
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be 3-D (total, heads, head_dim) for packed sequences, "
-                             f"got shape {tuple(t.shape)}")
-    total = query.shape[0]
-    if key.shape[0] != total or value.shape[0] != total:
+        if not (t.dim() == 3 or (t.dim() == 4 and t.shape[0] == 1)):
+            raise ValueError(f"{name} must be 3-D (total, heads, head_dim), or 4-D (1, heads, "
+                             f"total, head_dim), for packed sequences, got shape {tuple(t.shape)}")
+    rows_first = query.dim() == 3
+    if key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError(f"query, key and value must all be 3-D (total, heads, head_dim) or all "
+                         f"4-D (1, heads, total, head_dim), got {query.dim()}-D, {key.dim()}-D "
+                         f"and {value.dim()}-D")
+    row_dim = 0 if rows_first else 2
+    total = query.shape[row_dim]
+    if key.shape[row_dim] != total or value.shape[row_dim] != total:
         raise ValueError(f"query, key and value must hold the same packed rows (total tokens): "
-                         f"got {total}, {key.shape[0]}, {value.shape[0]}")
+                         f"got {total}, {key.shape[row_dim]}, {value.shape[row_dim]}")
     query, key, value = _autocast_inputs(query, key, value)
-    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+    if rows_first:
+        q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+    else:
+        q4, k4, v4 = query, key, value
     _check_tensors(q4, k4, v4, enable_gqa)
     cu = _check_cu_seqlens(cu_seqlens, query, total)
     if max_seqlen is None:
@@ -183,7 +197,7 @@ def flash_attention_varlen(
     else:
         out4, lse = _dispatch(q4, k4, v4, None, None, causal, scale, p, return_lse, cu,
                               max_seqlen)
-    out = out4.squeeze(0).transpose(0, 1)  # views both ways, also in backward
+    out = out4.squeeze(0).transpose(0, 1) if rows_first else out4  # views, also in backward
     if dropout_p == 1.0:
         out = out * 0.0
     if return_lse:

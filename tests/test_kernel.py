@@ -733,10 +733,32 @@ def test_packed_sequences_equal_padded_batch_with_key_padding():
         assert max_err(out[a:b], want[i, :b - a]) < 1e-6
 
 
+def test_packed_sequences_in_the_batch_of_one_layout_match_the_rows_layout():
+    # (1, H, total, D), as transformers passes packed rows, goes to the kernels as it is; it must
+    # give exactly what the (total, H, D) form gives, in its own layout, gradients too.
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, cu = _packed([9, 1, 30], 4, 2, 16, torch.float32, DEVICE, gen)
+    do = torch.randn(q.shape, generator=gen).to(DEVICE)
+    out, lse = hf_flash.flash_attention_varlen(q, k, v, cu, 30, is_causal=True, enable_gqa=True,
+                                               return_lse=True)
+    out.backward(do)
+    four = [t.detach().transpose(0, 1)[None].requires_grad_() for t in (q, k, v)]
+    out4, lse4 = hf_flash.flash_attention_varlen(*four, cu, 30, is_causal=True, enable_gqa=True,
+                                                 return_lse=True)
+    assert out4.shape == (1, 4, 40, 16)
+    out4.backward(do.transpose(0, 1)[None])
+    assert torch.equal(out4[0].transpose(0, 1), out) and torch.equal(lse4, lse)
+    for t, t4 in zip((q, k, v), four):
+        assert torch.equal(t4.grad[0].transpose(0, 1), t.grad)
+
+
 @pytest.mark.parametrize("make,exc,words", [
     (lambda q, cu: (q, q, q, cu.long()), TypeError, "int32"),
     (lambda q, cu: (q, q, q, cu[None]), ValueError, "1-D"),
-    (lambda q, cu: (q[None], q, q, cu), ValueError, "3-D"),
+    (lambda q, cu: (q[None, None], q, q, cu), ValueError, "3-D"),
+    (lambda q, cu: (torch.stack([q, q]).transpose(1, 2),) * 3 + (cu,), ValueError,
+     r"\(1, heads"),
+    (lambda q, cu: (q.transpose(0, 1)[None], q, q, cu), ValueError, "all be 3-D"),
     (lambda q, cu: (q, q[1:], q[1:], cu), ValueError, "same packed rows"),
     (lambda q, cu: (q, q, q, torch.tensor([0, 3, 2, 8], dtype=torch.int32, device=q.device)),
      ValueError, "without falling"),
