@@ -33,6 +33,10 @@ python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 
 python3 -c "import hf_flash" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e .
 
 . scripts/parts.sh  # part NAME SECONDS command...
+# The kernel tests' inputs are seeded per case; a fresh salt per run draws other inputs, and the
+# summary keeps it, so that a failure can be rerun with the same inputs.
+export HF_FLASH_TEST_SALT=${HF_FLASH_TEST_SALT:-$RANDOM}
+echo "HF_FLASH_TEST_SALT=$HF_FLASH_TEST_SALT" | tee -a "$OUT/summary.txt"
 
 # Autotuning off: every shape class of the grid would otherwise time several compiled configs.
 # Three property examples per (head dim, causal) test instead of ten: most of them compile kernels
