@@ -17,7 +17,7 @@ from . import _tuning
 from ._common import (AUTOTUNE, bucket, call_signature, cdiv, cfg, default_config,
                       dot_precision, fp_fusion, length_args, mask_scores, next_pow2,
                       on_inputs_device, row_stats_base, row_strides, seq_bounds, smem_ok)
-from ._dropout import dropout_keep, dropout_keep_t, dropout_scale, dropout_threshold
+from ._dropout import dropout_keep, dropout_scale, dropout_threshold
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS
         pT = tl.math.exp2(sT - stat_a[None, :])
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = dropout_keep_t(seed, bh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N)
+        keep = tl.trans(dropout_keep(seed, bh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N))
         pT_used = tl.where(keep, pT * dropout_scale, 0.0)
         dpT = tl.where(keep, dpT * dropout_scale, 0.0)
     else:

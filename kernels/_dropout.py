@@ -39,52 +39,37 @@ def dropout_scale(p: float) -> float:
 
 
 @triton.jit
-def _draws(seed, bh, start_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The tile's 16-bit draws, unflattened: a (BLOCK_M, BLOCK_N / 32, 2, 2, 4, 2) tensor
-    [i, c, a0, a1, l, h] holding the draw of score (start_m + i, start_n + 32c + 8a + 2l + h),
-    a = 2 a0 + a1: half h of word a of the call for counter (4 (start_n / 32 + c) + l, row)."""
-    rows = start_m + tl.arange(0, BLOCK_M)[:, None, None]
-    groups = start_n // 32 + tl.arange(0, BLOCK_N // 32)[None, :, None]
-    lanes = tl.arange(0, 4)[None, None, :]
-    c0 = (groups * 4 + lanes + rows * 0).to(tl.uint32)
-    c1 = (rows + c0 * 0).to(tl.uint32)
-    c2 = (c0 * 0 + bh).to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c0 * 0)
-    words = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # [i, c, l, a0, a1]: word a = 2 a0 + a1
-    draws = tl.join(words & 0xFFFF, words >> 16)  # [i, c, l, a0, a1, h]
-    return tl.permute(draws, (0, 1, 3, 4, 2, 5))  # [i, c, a0, a1, l, h]
-
-
-@triton.jit
 def dropout_keep(seed, bh, start_m, start_n, threshold,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Boolean (BLOCK_M, BLOCK_N) tile, True where score (start_m + i, start_n + j) of head `bh`
     survives dropout (`threshold`: dropout_threshold, as a float). `start_n` and BLOCK_N must
     be multiples of 32.
 
-    One Philox call yields four 32-bit words, eight 16-bit draws. The call for counter
-    (4 * (j // 32) + (j % 8) // 2, row, head, 0) serves the eight columns of its row with the
-    same j // 32 and (j % 8) // 2: word (j % 32) // 8, low half for even j, high for odd. A
-    tile costs BLOCK_M * BLOCK_N / 8 calls, and counters never repeat within a launch. The
-    stride-8 grouping is the column pattern one thread holds of a Hopper matrix-multiply
-    accumulator (pairs of adjacent columns, eight apart), so each thread draws exactly its own
-    scores' bits and no layout conversion moves them between threads.
+    One Philox call yields four 32-bit words, eight 16-bit draws. For column n = start_n + j,
+    the call for counter (4 * (n // 32) + (n % 8) // 2, row, head, 0) serves the eight columns of
+    its row with the same n // 32 and (n % 8) // 2: word (n % 32) // 8, low half for even n, high
+    for odd. A tile costs BLOCK_M * BLOCK_N / 8 calls; counters never repeat within a launch.
+    The grouping is the column pattern one thread holds of a Hopper matrix-multiply accumulator
+    (pairs of adjacent columns, eight apart), so in the forward and dq kernels each thread draws
+    its own scores' bits and no layout conversion moves them between threads. The dK/dV kernel,
+    whose tiles are transposed, transposes this tile, so both directions see the same bits.
     """
     tl.static_assert(BLOCK_N % 32 == 0)
-    draws = tl.reshape(_draws(seed, bh, start_m, start_n, BLOCK_M, BLOCK_N), (BLOCK_M, BLOCK_N))
+    rows = start_m + tl.arange(0, BLOCK_M)[:, None, None]
+    groups = start_n // 32 + tl.arange(0, BLOCK_N // 32)[None, :, None]
+    lanes = tl.arange(0, 4)[None, None, :]
+    c0 = (groups * 4 + lanes + rows * 0).to(tl.uint32)
+    c1 = (rows + c0 * 0).to(tl.uint32)
+    c2 = (c0 * 0 + bh).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c0 * 0)  # each [i, group, lane]
+    words = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # [i, group, lane, a0, a1]: word 2 a0 + a1
+    draws = tl.join(words & 0xFFFF, words >> 16)  # [.., half]
+    # Column order within a group: 8 * word + 2 * lane + half.
+    draws = tl.reshape(tl.permute(draws, (0, 1, 3, 4, 2, 5)), (BLOCK_M, BLOCK_N))
     # Compared as integers: the threshold (an integer below 2^16, exact in fp32) is converted
     # once. Comparing in fp32 cost one int-to-float conversion (I2F) per score in each of the
     # three kernels, an instruction of lower throughput than the integer compare that replaces it.
     return draws >= tl.cast(threshold, tl.uint32)
-
-
-@triton.jit
-def dropout_keep_t(seed, bh, start_m, start_n, threshold,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dropout_keep's tile transposed, (BLOCK_N, BLOCK_M), drawn in that order."""
-    tl.static_assert(BLOCK_N % 32 == 0)
-    draws = tl.permute(_draws(seed, bh, start_m, start_n, BLOCK_M, BLOCK_N), (1, 2, 3, 4, 5, 0))
-    return tl.reshape(draws, (BLOCK_N, BLOCK_M)) >= tl.cast(threshold, tl.uint32)
 
 
 @triton.jit
