@@ -520,6 +520,10 @@ def main(argv=None):
               flush=True)
         if cli.save_final and res.exists():
             save_start(trainer.model, cli, header, json.loads(res.read_text()))
+    if dist.is_initialized():
+        # Torn down here, not by exit-time destructors: left to those, a gloo run once aborted
+        # (SIGABRT, "terminate called without an active exception") after writing its result.
+        dist.destroy_process_group()
 
 
 def save_start(model, cli, header, result):
