@@ -15,7 +15,7 @@ import triton.language as tl
 from . import _common
 from . import _tuning
 from ._common import (AUTOTUNE, bucket, call_signature, cdiv, cfg, default_config,
-                      dot_precision, fp_fusion, length_args, mask_scores, next_pow2,
+                      dot_precision, fp_fusion, key_range, length_args, mask_scores, next_pow2,
                       on_inputs_device, row_stats_base, row_strides, seq_bounds, smem_ok)
 from ._dropout import dropout_keep, dropout_scale, dropout_threshold
 
@@ -266,24 +266,8 @@ def _bwd_dq_kernel(
     if HAS_DROPOUT:
         seed = tl.load(SEED)
 
-    # Same key range as forward (see _fwd_kernel); the two must stay in step.
-    lo = 0
-    hi = N_K
-    if HAS_KPM:
-        lo = tl.load(KV_LO + off_b)
-        hi = tl.load(KV_HI + off_b)
-    lo = (lo // BLOCK_N) * BLOCK_N
-    full_hi = hi
-    if IS_CAUSAL:
-        hi = tl.minimum(hi, start_m + BLOCK_M + causal_offset)
-        full_hi = tl.minimum(full_hi, start_m + 1 + causal_offset)
-    full_hi = tl.maximum(lo, (full_hi // BLOCK_N) * BLOCK_N)
-
-    if VARLEN:
-        # Query blocks past this sequence's end (the grid is sized for the longest) walk no
-        # keys: at lengths uniform in [N/2, N] they are an eighth of the grid's blocks.
-        hi = tl.where(start_m < N_Q, hi, lo)
-        full_hi = tl.where(start_m < N_Q, full_hi, lo)
+    lo, full_hi, hi = key_range(KV_LO, KV_HI, off_b, start_m, N_Q, N_K, causal_offset, IS_CAUSAL,
+                                HAS_KPM, VARLEN, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, full_hi, BLOCK_N):

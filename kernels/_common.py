@@ -86,6 +86,34 @@ def seq_bounds(CU_SEQLENS, off_b, N_Q, N_K, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def key_range(KV_LO, KV_HI, off_b, start_m, N_Q, N_K, causal_offset, IS_CAUSAL: tl.constexpr,
+              HAS_KPM: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """(lo, full_hi, hi): the key blocks a query block starting at row `start_m` walks, in
+    steps of BLOCK_N from lo to hi; those below full_hi need no bounds or causal test. The
+    forward and dq kernels both take it, so they walk the same blocks."""
+    # Padded keys outside [lo, hi) are skipped as whole tiles.
+    lo = 0
+    hi = N_K
+    if HAS_KPM:
+        lo = tl.load(KV_LO + off_b)
+        hi = tl.load(KV_HI + off_b)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    full_hi = hi
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M + causal_offset)
+        # Blocks entirely at or below the diagonal for every row need no causal test.
+        full_hi = tl.minimum(full_hi, start_m + 1 + causal_offset)
+    full_hi = tl.maximum(lo, (full_hi // BLOCK_N) * BLOCK_N)
+    if VARLEN:
+        # Query blocks past this sequence's end (the grid is sized for the longest) walk no
+        # keys: at lengths uniform in [N/2, N] they are an eighth of the grid's blocks.
+        hi = tl.where(start_m < N_Q, hi, lo)
+        full_hi = tl.where(start_m < N_Q, full_hi, lo)
+    return lo, full_hi, hi
+
+
+@triton.jit
 def row_stats_base(bh, off_h, seq0, STATS_N, PLANES: tl.constexpr, VARLEN: tl.constexpr):
     """Offset of this (batch entry, head)'s first row in a per-row fp32 array laid out
     (B, H, PLANES, STATS_N); packed sequences share B = 1 and start at their first row."""
