@@ -169,10 +169,10 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr, start_m,
-              start_n, offs_m, offs_n,
-              d_ok, seed, bh, qk_scale, drop_threshold, dropout_scale,
-              stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K, causal_offset,
+def _dq_block(dq, dp_sum, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr,
+              start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, drop_threshold,
+              dropout_scale, stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
+              causal_offset,
               CHECK_BOUNDS: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
               MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -197,7 +197,7 @@ def _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_pt
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    return dq
+    return dq, dp_sum + tl.sum(p * dp, 1)
 
 
 @triton.jit
@@ -242,20 +242,25 @@ def _bwd_dq_kernel(
                  + offs_d[None, :], mask=q_mask, other=0.0)
     stats_h = STATS + row_stats_base(bh, off_h, seq0, STATS_N, 3, VARLEN)
     stat_a, stat_b = _row_stats(stats_h, offs_m, m_ok, STATS_N, MASK_KIND)
-    # delta_i = sum_d dO_id * O_id = rowsum(P * dP), the softmax-backward correction term. Made
-    # here rather than in a pass of its own: this program holds dO already, and one launch fewer
-    # matters to short calls.
+    # delta_i = rowsum(P * dP) = sum_d dO_id * O_id, the softmax-backward correction term. This
+    # program's own dS takes the second form, the only one known before its key loop. But O is
+    # rounded to its 16-bit dtype, so that delta carries noise of ~eps * |dO| |O|, and where a
+    # row's P is (near) one-hot, dS = P * (dP - delta) should cancel to ~0 and keeps the noise
+    # instead. A query row adds its noise to dQ once; in dK of the key it attends to, the noise of
+    # every such row adds up (a one-key row under key padding: 256 rows gave 9x the fp16
+    # reference's dK error). So the key loop also sums P * dP in fp32, and that exact first form
+    # is what the dK/dV kernel reads.
     o = tl.load(O + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om
                 + offs_d[None, :], mask=q_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    dlse_e = 0.0
     if HAS_DLSE:
         # The lse is differentiable too: d(lse_e)/dS = P, so its gradient folds into the
         # correction term, dS = P * (dP - (delta - dlse_e)); dlse_e in base 2 is dlse * log2(e).
         dlse = tl.load(DLSE + row_stats_base(bh, off_h, seq0, STATS_N, 1, VARLEN) + offs_m,
                        mask=m_ok, other=0.0)
-        delta -= dlse * 1.4426950408889634
-    tl.store(DELTA + row_stats_base(bh, off_h, seq0, STATS_N, 1, VARLEN) + offs_m, delta,
-             mask=m_ok)
+        dlse_e = dlse * 1.4426950408889634
+        delta -= dlse_e
     k_ptrs = (K + off_b * stride_kb + off_hk * stride_kh
               + (seq0 + offs_n)[:, None] * stride_kn + offs_d[None, :])
     v_ptrs = (V + off_b * stride_vb + off_hk * stride_vh
@@ -270,20 +275,23 @@ def _bwd_dq_kernel(
                                 HAS_KPM, VARLEN, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dp_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(lo, full_hi, BLOCK_N):
-        dq = _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr,
-                       start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, drop_threshold,
-                       dropout_scale,
-                       stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
-                       causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
-                       DOT_PRECISION, BLOCK_M, BLOCK_N)
+        dq, dp_sum = _dq_block(dq, dp_sum, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs,
+                               mask_ptr, kpm_ptr, start_m, start_n, offs_m, offs_n, d_ok, seed,
+                               bh, qk_scale, drop_threshold, dropout_scale,
+                               stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
+                               causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
+                               DOT_PRECISION, BLOCK_M, BLOCK_N)
     for start_n in range(full_hi, hi, BLOCK_N):
-        dq = _dq_block(dq, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr, kpm_ptr,
-                       start_m, start_n, offs_m, offs_n, d_ok, seed, bh, qk_scale, drop_threshold,
-                       dropout_scale,
-                       stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
-                       causal_offset, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
-                       DOT_PRECISION, BLOCK_M, BLOCK_N)
+        dq, dp_sum = _dq_block(dq, dp_sum, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs,
+                               mask_ptr, kpm_ptr, start_m, start_n, offs_m, offs_n, d_ok, seed,
+                               bh, qk_scale, drop_threshold, dropout_scale,
+                               stride_kn, stride_vn, stride_mm, stride_mn, stride_kpmn, N_Q, N_K,
+                               causal_offset, True, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
+                               DOT_PRECISION, BLOCK_M, BLOCK_N)
+    tl.store(DELTA + row_stats_base(bh, off_h, seq0, STATS_N, 1, VARLEN) + offs_m,
+             dp_sum - dlse_e, mask=m_ok)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
