@@ -55,6 +55,10 @@ QUICK_WARMUP_STEPS, QUICK_TIMED_STEPS = 2, 5
 DEFAULT_BUDGET_S = 520
 
 
+class NotAvailable(Exception):
+    """A run that cannot exist (not a failure): recorded as n/a with the reason."""
+
+
 def runs_for(args):
     """(suite, label, family, config overrides, batch, seq len, padded) per model run."""
     if args.dry_run:
@@ -158,6 +162,13 @@ class Bench:
         auto = AutoModelForMaskedLM if family == "bert" else AutoModelForCausalLM
         how = ""
         load_impl = impl if impl in ("eager", "sdpa") else "sdpa"
+        if impl.startswith("hf_flash") and (patch_opts or {}).get("packed"):
+            import hf_flash
+            packable = {t for f in hf_flash.supported_models() if f.get("packed")
+                        for t in f["model_types"]}
+            if cfg.model_type not in packable:
+                raise NotAvailable(f"packed=True is not available for {cfg.model_type} models "
+                                   f"(hf_flash.supported_models(): {', '.join(sorted(packable))})")
         model = self.from_config(auto, cfg, load_impl)
         if impl.startswith("hf_flash"):
             import hf_flash
@@ -358,6 +369,8 @@ class Bench:
                     not row["compiled_hf_flash_calls"] or row["compiled_eager_hf_flash_calls"]):
                 row.update(status="FAIL", reason="the compiled step did not run hf_flash's kernel "
                                                  "as its custom op in every layer (graph break?)")
+        except NotAvailable as e:  # an option of --patch-kwargs this model's family lacks
+            row["reason"] = str(e)
         except Exception as e:
             oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
             # SDPA may have no kernel for a case; hf_flash failing on one is a failure.

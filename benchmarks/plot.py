@@ -113,7 +113,7 @@ def variant(r) -> str:
     if r["padded"]:
         return "padded"
     if r["dropout"]:
-        return "dropout"
+        return "causal_dropout" if r["causal"] else "dropout"
     return "causal" if r["causal"] else "plain"
 
 
@@ -148,7 +148,8 @@ def plot_sweep(rows, meta, out: Path):
     rows = [r for r in rows if r["suite"] == "sweep"]
     paths = []
     backends = present(rows, "backend", COLORS)
-    for var in present(rows, "variant", ("plain", "causal", "padded", "dropout")):
+    for var in present(rows, "variant", ("plain", "causal", "padded", "dropout",
+                                         "causal_dropout")):
         vr = [r for r in rows if r["variant"] == var]
         dims = sorted({r["D"] for r in vr})
         modes = [m for m in MODES if any(r["mode"] == m for r in vr)]

@@ -271,10 +271,11 @@ def patched(model, **options):
 
 
 def supported_models() -> list:
-    """One dict per registered family: name, model types, quirks handled."""
+    """One dict per registered family: name, model types, quirks handled, and whether
+    `patch(model, packed=True)` is available for it."""
     return [{"family": f.name, "model_types": list(f.model_types) or ["(any AttentionInterface "
                                                                         "model)"],
-             "quirks": dict(f.quirks)} for f in families()]
+             "quirks": dict(f.quirks), "packed": f.pack is not None} for f in families()]
 
 
 def explain(model, file=None) -> list:

@@ -5,6 +5,7 @@ always predicting the most frequent token (0.09), which the tiny model reaches i
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,8 +44,18 @@ def _train(tiny, out, *extra, procs=1, attn="eager"):
     launcher = [sys.executable]
     if procs > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
-    r = subprocess.run(launcher + args, env=_env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # A session of its own, ended whole on timeout: subprocess.run's timeout kills only the
+    # launcher, and a hung worker it started keeps the output pipes open, so the test would wait
+    # on them for ever.
+    p = subprocess.Popen(launcher + args, env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        stdout, stderr = p.communicate()
+        raise AssertionError("timed out after 300 s\n" + stdout[-3000:] + stderr[-3000:])
+    assert p.returncode == 0, stdout[-3000:] + stderr[-3000:]
     return [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
 
 

@@ -28,6 +28,7 @@ Outputs in --out: curve.jsonl (one JSON object a line: `run` header, `log` every
 """
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -521,8 +522,18 @@ def main(argv=None):
         if cli.save_final and res.exists():
             save_start(trainer.model, cli, header, json.loads(res.read_text()))
     if dist.is_initialized():
-        # Torn down here, not by exit-time destructors: left to those, a gloo run once aborted
+        # Torn down here, in this order. Left to exit-time destructors, a gloo run once aborted
         # (SIGABRT, "terminate called without an active exception") after writing its result.
+        # And a gloo group must not end while one of its worker threads still frees a finished
+        # collective's tensors: that thread waits for the GIL, which the thread ending the group
+        # holds while it waits for that worker (a run hung so, ended by the DDP reducer's
+        # destructor). So: every collective done (barrier), the reducer released while the group
+        # is still registered (its destructor then does not end the group), a pause without the
+        # GIL for the workers to finish, then the group ended.
+        dist.barrier()
+        del trainer
+        gc.collect()
+        time.sleep(0.2)
         dist.destroy_process_group()
 
 
