@@ -85,7 +85,7 @@ def test_bench_ops_dry_run_checks_against_pytorch(tmp_path):
     assert re.search(r"host profile, tiny, hf_flash fwd\+bwd x1:\n +ncalls +tottime", out)
 
 
-def test_bench_ops_sweep_variants(tmp_path):
+def test_bench_ops_sweep_variants():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import bench_ops
