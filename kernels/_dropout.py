@@ -7,8 +7,15 @@ same helper, so backward regenerates exactly the mask forward used and the mask 
 Each decision compares 16 random bits with an integer threshold, so the drop probability is p
 rounded to a multiple of 2^-16 (at most 7.6e-6 away; `effective_dropout_p` says exactly what it
 is) and the kept scores are scaled by 1 / (1 - that probability), which keeps the output
-unbiased. 16 bits instead of 32 halve the Philox work, which is most of what dropout costs the
-kernels (it is drawn three times: forward, and once in each backward kernel).
+unbiased. 16 bits instead of 32 halve the Philox work (the draws are made three times: in the
+forward, and again in each backward kernel).
+
+Philox4x32 runs 7 rounds, not Triton's default of 10, as FlashAttention-2's dropout does. 10 is
+the Random123 authors' default for general use, with a margin over the rounds their statistical
+tests need; a dropout mask needs far less, and tests/test_kernel.py checks what it relies on (the
+kept fraction, independence of neighbouring columns, rows and heads, no bias by column slot).
+The three fewer rounds made attention with dropout 5-8 % faster, forward and backward together
+(docs/perf-notes.md, "v9").
 """
 
 import torch
@@ -18,6 +25,7 @@ import triton.language as tl
 from ._common import cdiv
 
 DROPOUT_LEVELS = 1 << 16  # decisions compare 16-bit draws
+PHILOX_ROUNDS = tl.constexpr(7)  # see the module's docstring
 
 
 def dropout_threshold(p: float) -> int:
@@ -61,8 +69,9 @@ def dropout_keep(seed, bh, start_m, start_n, threshold,
     c0 = (groups * 4 + lanes + rows * 0).to(tl.uint32)
     c1 = (rows + c0 * 0).to(tl.uint32)
     c2 = (c0 * 0 + bh).to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c0 * 0)  # each [i, group, lane]
-    words = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # [i, group, lane, a0, a1]: word 2 a0 + a1
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c0 * 0, PHILOX_ROUNDS)  # each [i, group, lane]
+    # join appends a dimension: words[.., a, b] is word 2 a + b (r0, r1, r2, r3 in order).
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # [i, group, lane, a, b]
     draws = tl.join(words & 0xFFFF, words >> 16)  # [.., half]
     # Column order within a group: 8 * word + 2 * lane + half.
     draws = tl.reshape(tl.permute(draws, (0, 1, 3, 4, 2, 5)), (BLOCK_M, BLOCK_N))
