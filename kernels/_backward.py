@@ -65,8 +65,10 @@ def _dkdv_block(dk, dv, k, v, kp_cols, q_ptrs, do_ptrs, mask_ptr, kpm_ptr, STATS
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         keep = tl.trans(dropout_keep(seed, bh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N))
-        pT_used = tl.where(keep, pT * dropout_scale, 0.0)
-        dpT = tl.where(keep, dpT * dropout_scale, 0.0)
+        # Kept scores are worth dropout_scale times theirs; the factor is left to the end (dV,
+        # and dK with delta read in units of 1 / dropout_scale): two multiplies fewer a score.
+        pT_used = tl.where(keep, pT, 0.0)
+        dpT = tl.where(keep, dpT, 0.0)
     else:
         pT_used = pT
     dv += tl.dot(pT_used.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -161,7 +163,11 @@ def _bwd_dkdv_kernel(
                 STATS_N, causal_offset, False, IS_CAUSAL, HAS_KPM, MASK_KIND, HAS_DROPOUT,
                 DOT_PRECISION, BLOCK_M, BLOCK_N)
 
-    dk = dk * sm_scale
+    if HAS_DROPOUT:
+        dk = dk * (sm_scale * dropout_scale)
+        dv = dv * dropout_scale
+    else:
+        dk = dk * sm_scale
     tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + (seq0 + offs_n)[:, None] * stride_dkn
              + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + (seq0 + offs_n)[:, None] * stride_dvn
@@ -194,7 +200,8 @@ def _dq_block(dq, dp_sum, q, do, stat_a, stat_b, delta, k_ptrs, v_ptrs, mask_ptr
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         keep = dropout_keep(seed, bh, start_m, start_n, drop_threshold, BLOCK_M, BLOCK_N)
-        dp = tl.where(keep, dp * dropout_scale, 0.0)
+        # dropout_scale is left to the end, as in _dkdv_block.
+        dp = tl.where(keep, dp, 0.0)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq, dp_sum + tl.sum(p * dp, 1)
@@ -261,6 +268,12 @@ def _bwd_dq_kernel(
                        mask=m_ok, other=0.0)
         dlse_e = dlse * 1.4426950408889634
         delta -= dlse_e
+    if HAS_DROPOUT:
+        # The key loop leaves dP's dropout_scale out (a multiply fewer a score), so delta, and dS
+        # with it, are taken in units of 1 / dropout_scale; dQ gets the factor at the end, and
+        # dK/dV reads delta in the same units.
+        dlse_e = dlse_e / dropout_scale
+        delta = delta / dropout_scale
     k_ptrs = (K + off_b * stride_kb + off_hk * stride_kh
               + (seq0 + offs_n)[:, None] * stride_kn + offs_d[None, :])
     v_ptrs = (V + off_b * stride_vb + off_hk * stride_vh
@@ -292,7 +305,10 @@ def _bwd_dq_kernel(
                                DOT_PRECISION, BLOCK_M, BLOCK_N)
     tl.store(DELTA + row_stats_base(bh, off_h, seq0, STATS_N, 1, VARLEN) + offs_m,
              dp_sum - dlse_e, mask=m_ok)
-    dq = dq * sm_scale
+    if HAS_DROPOUT:
+        dq = dq * (sm_scale * dropout_scale)
+    else:
+        dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
 

@@ -1043,6 +1043,13 @@ def test_lse_is_differentiable():
         assert max_err(t.grad, r.grad) < 1e-4 * max(1.0, r.grad.abs().max().item())
 
 
+def test_lse_is_differentiable_under_dropout():
+    # With dropout the backward kernels take dS in units of 1 / dropout_scale; the lse's gradient
+    # enters that same correction term, so it must be brought to those units too.
+    for case in ({"dropout": 0.2}, {"dropout": 0.3, "causal": C_TL, "kpm": True}):
+        _planned_call(case=case, lse_grad=True)
+
+
 # ---- dropout ----------------------------------------------------------------------------------
 
 def test_dropout_kept_fraction():
