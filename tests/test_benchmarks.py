@@ -101,6 +101,31 @@ def test_bench_ops_sweep_variants():
     assert r.returncode == 2 and "unknown sweep variant(s) causal-dropout" in r.stderr
 
 
+def test_sweep_configs_reads_its_configs_and_refuses_what_it_cannot_run():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import sweep_configs
+    finally:
+        sys.path.pop(0)
+    assert sweep_configs.parse_configs("128,64,8,3; 64,64,4,2,128;") == [
+        {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "maxnreg": 128}]
+    with pytest.raises(SystemExit, match="'128,64,8' is not BLOCK_M,BLOCK_N,warps,stages"):
+        sweep_configs.parse_configs("128,64,8")
+    base = [sys.executable, "benchmarks/sweep_configs.py", "--kernel", "dkdv"]
+    r = subprocess.run(base + ["--cases", "gpt2,gpt3"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and "unknown case(s) ['gpt3']" in r.stderr
+    if not _cuda():  # it times GPU kernels, and says so rather than timing the interpreter
+        r = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and "no CUDA device here" in r.stderr
+
+
+def _cuda():
+    import torch
+    return torch.cuda.is_available()
+
+
 def test_bench_first_call_dry_run_runs_each_mode_in_its_own_process(tmp_path):
     out = _run(["benchmarks/bench_first_call.py", "--dry-run"], tmp_path)
     rows = json.loads(next(tmp_path.rglob("first_call_dry-run.json")).read_text())["rows"]
