@@ -319,10 +319,11 @@ def _bwd_dq_kernel(
 # the H200 picked (64, 32) and (32, 64) from the square-ish rest). (32, 128) with 8 warps compiles
 # for sm_90 without spills at head dim 128, where 4 warps spill ~1 KB a thread. Not listed:
 # (64, 64) with 8 warps and 3 stages, which gave wrong dQ on an H200 (Triton 3.6) at lengths
-# divisible by 16 (docs/perf-notes.md, "Atomic dQ"). Two stages instead of three on the square-ish
-# tiles: for GPT-2's causal shape the H200 ran dK/dV 4.5 % faster at (32, 64, 4 warps, 2 stages)
-# than at the best three-stage tile, and 3 % faster with dropout at (64, 64, 4 warps, 2 stages)
-# (docs/perf-notes.md, "Backward tiles with two stages").
+# divisible by 16 (docs/perf-notes.md, "Atomic dQ"). The last two have two stages: at GPT-2's
+# causal shape (32, 64) ran dK/dV 4.5 % faster than the best three-stage tile on three H200s, and
+# the tuner takes it there; (64, 64) with 4 warps and 2 stages, already the head-dim-64 default,
+# is listed for head dim 128, where the tuner took it for dQ at 4k (docs/perf-notes.md, "Launch
+# configs, forced and timed in turn").
 _BWD_CONFIGS = [cfg(64, 128, 8, 2), cfg(64, 64, 4, 3), cfg(128, 64, 8, 2), cfg(32, 64, 4, 3),
                 cfg(64, 32, 4, 3), cfg(32, 32, 4, 2), cfg(128, 32, 8, 3), cfg(32, 128, 4, 3),
                 cfg(32, 128, 8, 2), cfg(32, 64, 4, 2), cfg(64, 64, 4, 2)]
