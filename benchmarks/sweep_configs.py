@@ -8,7 +8,12 @@ after compiling them. A few percent between two configs is within what one timin
 resolves (the same config timed twice in one process differed by up to 6 % at the long shapes),
 so this script answers "is config A faster than B" more carefully: the GPU is warmed up first,
 then every config is timed once per round, in turn, for several rounds, and each config's
-median over the rounds is reported with every round's figure.
+median over the rounds is reported with every round's figure and their spread.
+
+A call whose GPU time is below the host's time to queue it is timed by the host, not the kernel:
+BERT's forward (~0.11 ms of GPU time) read 0.112, 0.142 and 0.173 ms for one config in three
+rounds on one H200 host. The spread column shows it; a config comparison needs rows whose
+rounds agree.
 
 The other kernels of the call keep the config the tuner picks for them (tuned once, then held),
 so a row's time is the whole forward (`--kernel fwd`) or backward (`dq`, `dkdv`) with only the
@@ -52,6 +57,22 @@ def parse_configs(text):
 def label(c):
     extra = f" r{c['maxnreg']}" if "maxnreg" in c else ""
     return f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{extra}"
+
+
+def result_row(case, kernel, cfg, rounds, err):
+    """(the results-file row, the table line) of one config's timed rounds."""
+    med = statistics.median(rounds)
+    spread = max(rounds) / min(rounds) - 1
+    row = dict(case=case, kernel=kernel, config=label(cfg), **cfg, ms_median=med,
+               ms_rounds=list(rounds), spread=spread, max_rel_diff_vs_first=err)
+    line = [case, label(cfg), f"{med:.3f}", " ".join(f"{t:.3f}" for t in rounds),
+            f"{100 * spread:.0f} %", f"{err:.1e}"]
+    return row, line
+
+
+def unsteady(rows, limit=0.05):
+    """The cases with a config whose rounds are more than `limit` apart."""
+    return sorted({r["case"] for r in rows if r["spread"] > limit})
 
 
 def main():
@@ -151,17 +172,20 @@ def main():
                 times[label(cfg)].append(triton.testing.do_bench(
                     state["fn"], warmup=20, rep=args.rep, return_mode="median"))
         for cfg, err in ok:
-            ts = times[label(cfg)]
-            med = statistics.median(ts)
-            rows.append(dict(case=name, kernel=args.kernel, config=label(cfg), **cfg,
-                             ms_median=med, ms_rounds=ts, max_rel_diff_vs_first=err))
-            body.append([name, label(cfg), f"{med:.3f}", " ".join(f"{t:.3f}" for t in ts),
-                         f"{err:.1e}"])
+            row, line = result_row(name, args.kernel, cfg, times[label(cfg)], err)
+            rows.append(row)
+            body.append(line)
         benchlib.write_results(out_dir, stem, meta, rows)
     what = "forward" if args.kernel == "fwd" else "backward"
     print(f"\n{what} ms with {args.kernel}'s config forced (median of {args.rounds} interleaved "
-          f"rounds; max relative difference of the outputs against the first config)")
-    print(benchlib.table(["case", args.kernel + " config", "ms", "rounds", "diff"], body))
+          f"rounds; spread: slowest round over fastest; diff: max relative difference of the "
+          f"outputs against the first config)")
+    print(benchlib.table(["case", args.kernel + " config", "ms", "rounds", "spread", "diff"], body))
+    wide = unsteady(rows)
+    if wide:
+        print(f"rounds more than 5 % apart in {', '.join(wide)}: the host or the machine moved "
+              f"under the timing there (a host-bound call times the host); compare only rows "
+              f"whose rounds agree")
     print(f"results: {out_dir / stem}.csv and .json")
 
 

@@ -112,6 +112,14 @@ def test_sweep_configs_reads_its_configs_and_refuses_what_it_cannot_run():
         {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "maxnreg": 128}]
     with pytest.raises(SystemExit, match="'128,64,8' is not BLOCK_M,BLOCK_N,warps,stages"):
         sweep_configs.parse_configs("128,64,8")
+    # A config's rounds: their median, and how far apart they are (a host-bound call's rounds
+    # wander: BERT's forward read 0.112, 0.142 and 0.173 ms for one config on one host).
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    row, line = sweep_configs.result_row("bert", "fwd", cfg, [0.112, 0.142, 0.173], 3e-3)
+    assert row["ms_median"] == 0.142 and abs(row["spread"] - (0.173 / 0.112 - 1)) < 1e-12
+    assert line == ["bert", "64x64 w4 s3", "0.142", "0.112 0.142 0.173", "54 %", "3.0e-03"]
+    steady, _ = sweep_configs.result_row("gpt2", "fwd", cfg, [0.125, 0.126, 0.126], 0.0)
+    assert sweep_configs.unsteady([row, steady]) == ["bert"]
     base = [sys.executable, "benchmarks/sweep_configs.py", "--kernel", "dkdv"]
     r = subprocess.run(base + ["--cases", "gpt2,gpt3"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
