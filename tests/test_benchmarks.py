@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HAS_CUDA
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -124,14 +126,9 @@ def test_sweep_configs_reads_its_configs_and_refuses_what_it_cannot_run():
     r = subprocess.run(base + ["--cases", "gpt2,gpt3"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 1 and "unknown case(s) ['gpt3']" in r.stderr
-    if not _cuda():  # it times GPU kernels, and says so rather than timing the interpreter
+    if not HAS_CUDA:  # it times GPU kernels, and says so rather than timing the interpreter
         r = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and "no CUDA device here" in r.stderr
-
-
-def _cuda():
-    import torch
-    return torch.cuda.is_available()
 
 
 def test_bench_first_call_dry_run_runs_each_mode_in_its_own_process(tmp_path):
