@@ -13,7 +13,8 @@ median over the rounds is reported with every round's figure and their spread.
 A call whose GPU time is below the host's time to queue it is timed by the host, not the kernel:
 BERT's forward (~0.11 ms of GPU time) read 0.112, 0.142 and 0.173 ms for one config in three
 rounds on one H200 host. The spread column shows it; a config comparison needs rows whose
-rounds agree.
+rounds agree. `--timer kernel` takes the host out: each round then runs the call under the
+profiler and reports the swept kernel's own GPU time per launch, as CUPTI records it.
 
 The other kernels of the call keep the config the tuner picks for them (tuned once, then held),
 so a row's time is the whole forward (`--kernel fwd`) or backward (`dq`, `dkdv`) with only the
@@ -70,6 +71,18 @@ def result_row(case, kernel, cfg, rounds, err):
     return row, line
 
 
+def kernel_ms(events, name):
+    """The mean GPU time in ms of one launch of the kernel called `name`, from a profile's
+    `key_averages()`: its device time over its launch count."""
+    hits = [e for e in benchlib.device_kernels(events) if e.key == name]
+    if not hits:
+        seen = sorted({e.key for e in benchlib.device_kernels(events)})
+        raise RuntimeError(f"no GPU kernel named {name} in the profile; it holds {seen}")
+    total = sum(e.self_device_time_total for e in hits)
+    count = sum(e.count for e in hits)
+    return total / count / 1000.0
+
+
 def unsteady(rows, limit=0.05):
     """The cases with a config whose rounds are more than `limit` apart."""
     return sorted({r["case"] for r in rows if r["spread"] > limit})
@@ -81,7 +94,10 @@ def main():
     p.add_argument("--cases", default="gpt2", help="comma-separated: " + ",".join(CASES))
     p.add_argument("--configs", default="", help="';'-separated BLOCK_M,BLOCK_N,warps,stages[,maxnreg]")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--rep", type=int, default=50, help="do_bench timing window per round, ms")
+    p.add_argument("--rep", type=int, default=50, help="timing window per round, ms")
+    p.add_argument("--timer", choices=("bench", "kernel"), default="bench",
+                   help="bench: do_bench's median of the whole call; kernel: the swept kernel's "
+                        "own GPU time, from the profiler")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="")
     args = p.parse_args()
@@ -91,6 +107,7 @@ def main():
         raise SystemExit(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
 
     import torch
+    import torch.profiler
     import triton.testing
     from hf_flash.kernels import _backward, _forward, _tuning, flash_attention
 
@@ -129,7 +146,8 @@ def main():
 
     meta = benchlib.run_metadata(args)
     out_dir = benchlib.output_dir(args.out, False)
-    stem = f"sweep_configs_{args.kernel}" + (f"_{args.tag}" if args.tag else "")
+    stem = (f"sweep_configs_{args.kernel}" + ("_kernel" if args.timer == "kernel" else "")
+            + (f"_{args.tag}" if args.tag else ""))
     rows, body = [], []
     for name in cases:
         B, H, N, D, causal, p_drop = CASES[name]
@@ -165,18 +183,34 @@ def main():
             err = max(((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
                       for a, r in zip(got, ref))
             ok.append((cfg, err))
+        def timed():
+            if args.timer == "bench":
+                return triton.testing.do_bench(state["fn"], warmup=20, rep=args.rep,
+                                               return_mode="median")
+            t0 = time.perf_counter()
+            for _ in range(20):  # warm-up, and a guess at the call's time
+                state["fn"]()
+            torch.cuda.synchronize()
+            calls = max(5, int(args.rep / 1000 / ((time.perf_counter() - t0) / 20)))
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    state["fn"]()
+                torch.cuda.synchronize()
+            return kernel_ms(prof.key_averages(), target)
+
         times = {label(c): [] for c, _ in ok}
         for _ in range(args.rounds):
             for cfg, _ in ok:
                 prepare(cfg)
-                times[label(cfg)].append(triton.testing.do_bench(
-                    state["fn"], warmup=20, rep=args.rep, return_mode="median"))
+                times[label(cfg)].append(timed())
         for cfg, err in ok:
             row, line = result_row(name, args.kernel, cfg, times[label(cfg)], err)
             rows.append(row)
             body.append(line)
         benchlib.write_results(out_dir, stem, meta, rows)
     what = "forward" if args.kernel == "fwd" else "backward"
+    if args.timer == "kernel":
+        what = f"{target}'s GPU"
     print(f"\n{what} ms with {args.kernel}'s config forced (median of {args.rounds} interleaved "
           f"rounds; spread: slowest round over fastest; diff: max relative difference of the "
           f"outputs against the first config)")

@@ -9,7 +9,33 @@ Importing hf_flash registers its backend, named ATTN_NAME ("hf_triton"), with tr
 AttentionMaskInterface (when transformers is installed).
 """
 
+import importlib.metadata as _metadata
+import importlib.util as _util
+from pathlib import Path as _Path
+
 from .kernels import flash_attention, flash_attention_varlen
+
+
+def _check_kernels_not_shadowed():
+    """transformers >= 5.25 imports the `kernels` distribution. With the repository root on
+    sys.path (`python -m ...` run from it puts it first), the repository's kernels/ folder, which
+    is hf_flash.kernels, is found under that name instead, and transformers fails with an
+    ImportError that does not say why: say why here."""
+    try:
+        _metadata.distribution("kernels")
+        found = _util.find_spec("kernels")
+    except (_metadata.PackageNotFoundError, ImportError, ValueError):
+        return
+    ours = _util.find_spec(__name__ + ".kernels")
+    if found is not None and ours is not None and found.origin == ours.origin:
+        root = _Path(found.origin).parents[1]
+        raise ImportError(
+            f"{root} is on sys.path ahead of site-packages, so its kernels/ folder (hf_flash's "
+            f"kernels) hides the 'kernels' package that transformers imports: run Python with -P "
+            f"(or PYTHONSAFEPATH=1), or from another folder")
+
+
+_check_kernels_not_shadowed()
 
 __version__ = "0.1.0"
 __all__ = ["flash_attention", "flash_attention_varlen", "__version__"]

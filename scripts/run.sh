@@ -28,6 +28,11 @@ else
     export TRITON_INTERPRET=1
 fi
 
+# Python's -m puts the current folder first on sys.path; from the repository root its kernels/
+# folder (installed as hf_flash.kernels) would then shadow the `kernels` package transformers
+# imports. PYTHONSAFEPATH (Python >= 3.11) leaves the current folder off.
+export PYTHONSAFEPATH=1
+
 case "$job" in
     demo) exec $PY -m hf_flash demo "$@" ;;
     test) exec $PY -m pytest -q tests "$@" ;;

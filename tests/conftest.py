@@ -5,9 +5,19 @@ the kernels are defined. GPU-only tests carry the `gpu` marker; `slow` ones need
 """
 
 import os
+import sys
+from pathlib import Path
 
-import pytest
-import torch
+# The repository's top-level kernels/ folder (installed as hf_flash.kernels) would shadow the
+# `kernels` package that transformers imports (a dependency of transformers >= 5.25) wherever
+# the repository root is on sys.path, as `python -m pytest` run from it puts it. Take the root off
+# the path, for this process and (PYTHONSAFEPATH, Python >= 3.11) the processes the tests start.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+os.environ.setdefault("PYTHONSAFEPATH", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

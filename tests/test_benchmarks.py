@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -122,6 +123,18 @@ def test_sweep_configs_reads_its_configs_and_refuses_what_it_cannot_run():
     assert line == ["bert", "64x64 w4 s3", "0.142", "0.112 0.142 0.173", "54 %", "3.0e-03"]
     steady, _ = sweep_configs.result_row("gpt2", "fwd", cfg, [0.125, 0.126, 0.126], 0.0)
     assert sweep_configs.unsteady([row, steady]) == ["bert"]
+    # --timer kernel: the swept kernel's GPU time per launch, from the profiler's averages (us);
+    # the other kernels of the call, and host-side ranges, are not counted.
+    cuda, cpu = SimpleNamespace(name="CUDA"), SimpleNamespace(name="CPU")
+    events = [SimpleNamespace(key="_fwd_kernel", device_type=cuda, count=4,
+                              self_device_time_total=500.0),
+              SimpleNamespace(key="_bwd_dq_kernel", device_type=cuda, count=4,
+                              self_device_time_total=900.0),
+              SimpleNamespace(key="_fwd_kernel", device_type=cpu, count=4,
+                              self_device_time_total=0.0)]
+    assert sweep_configs.kernel_ms(events, "_fwd_kernel") == 0.125
+    with pytest.raises(RuntimeError, match=r"no GPU kernel named _bwd_dkdv_kernel .*'_bwd_dq_kernel'"):
+        sweep_configs.kernel_ms(events, "_bwd_dkdv_kernel")
     base = [sys.executable, "benchmarks/sweep_configs.py", "--kernel", "dkdv"]
     r = subprocess.run(base + ["--cases", "gpt2,gpt3"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)

@@ -302,6 +302,42 @@ def test_every_tuning_candidate_is_exact(monkeypatch, index):
     assert len(skipped) < len(forced), f"every forced candidate was out of resources: {skipped}"
 
 
+def test_tuning_in_rounds_ranks_by_each_candidates_median_round(monkeypatch):
+    # With rounds the candidates take turns, and one disturbed round (a clock change, the host
+    # stalling) does not decide the pick: 32 timed fastest once, 64 was faster in two of three.
+    import triton.testing
+    from hf_flash.kernels import _tuning
+    rounds = {64: [1.0, 1.0, 3.0], 32: [0.5, 1.2, 1.3], 16: [2.0, 2.0, 2.0]}
+    order, reps = [], []
+
+    class FakeKernel:
+        __name__ = "fake_kernel"
+
+        def __getitem__(self, grid):
+            return lambda out, BLOCK_M: order.append(BLOCK_M)
+
+    def bench(fn, rep, **kw):
+        fn()
+        reps.append(rep)
+        block = order[-1]
+        return rounds[block][sum(b == block for b in order) - 1]
+
+    monkeypatch.setattr(_tuning, "_precompile", lambda *a: None)
+    monkeypatch.setattr(triton.testing, "do_bench", bench)
+    monkeypatch.setattr(_tuning, "TUNE_ROUNDS", 3)
+    cands = [{"BLOCK_M": 16}, {"BLOCK_M": 32}, {"BLOCK_M": 64}]
+    assert _tuning._pick(FakeKernel(), cands, lambda c: (1,), (torch.zeros(1),), {}) == {"BLOCK_M": 64}
+    assert order == [16, 32, 64] * 3  # interleaved, not each candidate's rounds back to back
+    assert reps == [_tuning.TUNE_WINDOW_MS // 3] * 9  # the same window in all, split
+    # Timed once, the disturbed round decides.
+    order.clear()
+    monkeypatch.setattr(_tuning, "TUNE_ROUNDS", 1)
+    assert _tuning._pick(FakeKernel(), cands, lambda c: (1,), (torch.zeros(1),), {}) == {"BLOCK_M": 32}
+    monkeypatch.setenv("HF_FLASH_TUNE_ROUNDS", "0")
+    with pytest.raises(ValueError, match="HF_FLASH_TUNE_ROUNDS must be a whole number from 1 to 20"):
+        _tuning._tune_rounds()
+
+
 def test_tuning_takes_the_fastest_candidate_that_agrees_with_the_default(monkeypatch):
     # Timing alone would take a fast wrong kernel (on an H200 one backward candidate computed dQ
     # wrongly): the tuner compares each candidate's outputs, fastest first, with the first

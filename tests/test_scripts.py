@@ -1,6 +1,7 @@
 """scripts/parts.sh, the time-limited part runner of the GPU scripts, on the CPU: a part past its
 limit is interrupted (SIGINT first, so Python and pytest still report), marked as cut, and leaves
-nothing of its process group running; a part within its limit is left alone."""
+nothing of its process group running; a part within its limit is left alone. And run.sh's
+Python path: the repository's kernels/ folder must not pass for the `kernels` package."""
 
 import os
 import shutil
@@ -77,3 +78,25 @@ def test_gpu_examples_refuses_a_distillation_text_folder_without_its_files(tmp_p
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 3 and "eval.txt.xz (DISTILL_TEXT)" in r.stdout, r.stdout + r.stderr
     assert not (work / "runs" / "examples" / "distill").exists()
+
+
+def test_run_from_the_repository_root_kernels_folder_is_not_mistaken_for_transformers_kernels():
+    # transformers >= 5.25 imports the `kernels` distribution; `python -m` from the repository
+    # root would find the repository's kernels/ folder under that name. run.sh leaves the current
+    # folder off sys.path; without that, importing hf_flash says what is wrong and how to run.
+    import importlib.metadata
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    cmd = [sys.executable, "-m", "hf_flash", "--help"]
+    bare = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    safe = subprocess.run(cmd, cwd=ROOT, env={**env, "PYTHONSAFEPATH": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert safe.returncode == 0, safe.stderr
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:  # nothing to hide: runs either way
+        assert bare.returncode == 0, bare.stderr
+    else:
+        assert bare.returncode == 1
+        assert "hides the 'kernels' package that transformers imports: run Python with -P" in bare.stderr
+    assert "PYTHONSAFEPATH=1" in (ROOT / "scripts" / "run.sh").read_text()
