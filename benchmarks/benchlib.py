@@ -139,6 +139,19 @@ def short_reason(exc: BaseException, warns=(), limit: int = 240) -> str:
     return msg[:limit]
 
 
+def warm_up_gpu(seconds: float = 2.0):
+    """Keep the GPU busy with large matmuls for `seconds`, so that timings start at steady clocks
+    rather than climbing out of idle."""
+    import time
+
+    import torch
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t_end = time.time() + seconds
+    while time.time() < t_end:
+        x @ x
+    torch.cuda.synchronize()
+
+
 def device_kernels(events) -> list:
     """The GPU kernels among a profile's events (`prof.key_averages()`), each with its
     `self_device_time_total`. A `record_function` range also shows on the GPU timeline, as a user

@@ -137,12 +137,7 @@ def main():
         _tuning._COMPILED.clear()
         _tuning._PLANS.clear()
 
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    t_end = time.time() + 2.0
-    while time.time() < t_end:  # clocks up before the first timing
-        x @ x
-    torch.cuda.synchronize()
-    del x
+    benchlib.warm_up_gpu()
 
     meta = benchlib.run_metadata(args)
     out_dir = benchlib.output_dir(args.out, False)

@@ -144,6 +144,24 @@ def test_sweep_configs_reads_its_configs_and_refuses_what_it_cannot_run():
         assert r.returncode == 1 and "no CUDA device here" in r.stderr
 
 
+def test_tuner_repeat_counts_each_kernels_picks_over_the_trials():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import tuner_repeat
+    finally:
+        sys.path.pop(0)
+    trials = [dict(picks={"fwd": "128x64 w8 s3", "dq": "64x64 w4 s2", "dkdv": "32x64 w4 s2"}, ms=0.50),
+              dict(picks={"fwd": "128x64 w4 s3", "dq": "64x64 w4 s2", "dkdv": "32x64 w4 s2"}, ms=0.47),
+              dict(picks={"fwd": "128x64 w8 s3", "dq": "64x64 w4 s2", "dkdv": "32x64 w4 s2"}, ms=0.49)]
+    row = tuner_repeat.summary_row("gpt2", 3, trials)
+    assert (row["ms_median"], row["ms_min"], row["ms_max"]) == (0.49, 0.47, 0.50)
+    assert row["fwd_picks"] == "128x64 w8 s3 x2; 128x64 w4 s3 x1" and row["fwd_distinct"] == 2
+    assert row["dq_picks"] == "64x64 w4 s2 x3" and row["dkdv_distinct"] == 1
+    r = subprocess.run([sys.executable, "benchmarks/tuner_repeat.py", "--cases", "gpt3"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "unknown case(s) ['gpt3']" in r.stderr
+
+
 def test_bench_first_call_dry_run_runs_each_mode_in_its_own_process(tmp_path):
     out = _run(["benchmarks/bench_first_call.py", "--dry-run"], tmp_path)
     rows = json.loads(next(tmp_path.rglob("first_call_dry-run.json")).read_text())["rows"]
