@@ -70,6 +70,11 @@ def _tune_rounds() -> int:
 
 TUNE_ROUNDS = _tune_rounds()
 TUNE_WINDOW_MS = 20
+# Each round runs a candidate at least this many times (its window grows to fit them): a 20 ms
+# window holds 8 runs of a 2.3 ms forward at head dim 128 and 4k, split into rounds fewer.
+TUNE_MIN_RUNS = 1
+# What each tuning timed, for benchmarks: dicts of kernel name and (config, rounds' ms) pairs.
+_TIMINGS: list = []
 
 _CHOSEN: dict = {}    # (name, shape key) -> config
 # (name, shape key, device, specialisation, constexprs) -> (compiled kernel, constexpr values)
@@ -282,18 +287,32 @@ def _median(xs):
     return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
 
+def _estimate_ms(run) -> float:
+    """One launch's time, roughly: three after a first."""
+    run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 3
+
+
 def _pick(kernel, candidates, grid, args, constexprs, outputs=()):
     if len(candidates) == 1:
         return candidates[0]
     _precompile(kernel, candidates, grid, args, constexprs)
     rounds = {i: [] for i in range(len(candidates))}  # candidate -> its rounds' medians, ms
-    rep = max(2, TUNE_WINDOW_MS // TUNE_ROUNDS)
+    windows = {i: max(2, TUNE_WINDOW_MS // TUNE_ROUNDS) for i in rounds}
     for _ in range(TUNE_ROUNDS):
         for i in list(rounds):
             cfg = candidates[i]
+            run = lambda: kernel[grid(cfg)](*args, **constexprs, **cfg)  # noqa: E731
             try:
-                ms = triton.testing.do_bench(lambda: kernel[grid(cfg)](*args, **constexprs, **cfg),
-                                             warmup=5, rep=rep, return_mode="median")
+                if TUNE_MIN_RUNS > 1 and not rounds[i]:  # a window long enough for them
+                    windows[i] = max(windows[i], TUNE_MIN_RUNS * _estimate_ms(run))
+                ms = triton.testing.do_bench(run, warmup=5, rep=windows[i], return_mode="median")
             except Exception as e:
                 if out_of_resources(e):
                     del rounds[i]  # does not fit: out of every round
@@ -302,6 +321,10 @@ def _pick(kernel, candidates, grid, args, constexprs, outputs=()):
             rounds[i].append(ms)
     if not rounds:
         raise RuntimeError(f"hf_flash: no launch config fits this GPU for {constexprs}")
+    if len(_TIMINGS) >= 256:
+        _TIMINGS.clear()
+    _TIMINGS.append(dict(kernel=kernel.__name__,
+                         timed=[(candidates[i], list(ms)) for i, ms in rounds.items()]))
     # Sorted by median round, then list order: ties keep the best guess first.
     ranked = [candidates[i] for i in sorted(rounds, key=lambda i: (_median(rounds[i]), i))]
     return _first_that_agrees(kernel, candidates[0], ranked, grid, args, constexprs, outputs)

@@ -54,7 +54,9 @@ def run_fresh(code: str, timeout: int = 600) -> str:
     import sys
     env = dict(os.environ)
     here = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
+    # No empty entry: Python reads one as the current folder, which from the repository root
+    # would put its kernels/ folder ahead of the 'kernels' package transformers imports.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [here, env.get("PYTHONPATH", "")] if p)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=timeout)
     assert res.returncode == 0, res.stderr[-4000:]
