@@ -1,13 +1,12 @@
 """The tuner run again and again on one shape: does it pick the same configs each time, and what
 does each pick's call cost?
 
-    python benchmarks/tuner_repeat.py --cases gpt2,d128_4k --trials 5 --settings 1:1:0,1:1,3:1
+    python benchmarks/tuner_repeat.py --cases gpt2,d128_4k --trials 5 --settings 1:1,3:1,3:8
 
 The tuner times each candidate of a kernel once per shape class, in a 20 ms window, at the first
 call (HF_FLASH_TUNE_ROUNDS=1), or in that window split into interleaved rounds, ranked by median
-round; a round runs each candidate at least TUNE_MIN_RUNS times, its window grown to fit; the
-first candidate runs untimed first, until the GPU's clocks are up (TUNE_WARMUP_MS). A setting is
-ROUNDS:MIN_RUNS[:WARM_UP], WARM_UP 1 (the default) or 0 (one untimed run only). A pick that changes from trial to trial with a call time that
+round; a round runs each candidate at least TUNE_MIN_RUNS times, its window grown to fit. A
+setting is ROUNDS:MIN_RUNS. A pick that changes from trial to trial with a call time that
 changes with it is a pick decided by timing noise. Each trial forgets every pick (the compiled
 kernels stay in Triton's cache, so no trial compiles), tunes forward and backward on one fwd+bwd
 call, then times that call with do_bench; the settings take turns, trial by trial, so that a
@@ -30,25 +29,18 @@ def parse_settings(text):
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         bits = part.split(":")
-        if (len(bits) not in (2, 3) or not all(b.isdigit() and int(b) >= 1 for b in bits[:2])
-                or bits[2:] not in ([], ["0"], ["1"])):
-            raise SystemExit(f"--settings: {part!r} is not ROUNDS:MIN_RUNS[:WARM_UP] (whole "
-                             f"numbers >= 1, then 0 or 1)")
-        out.append((int(bits[0]), int(bits[1]), int(bits[2]) if bits[2:] else 1))
+        if len(bits) != 2 or not all(b.isdigit() and int(b) >= 1 for b in bits):
+            raise SystemExit(f"--settings: {part!r} is not ROUNDS:MIN_RUNS (whole numbers >= 1)")
+        out.append((int(bits[0]), int(bits[1])))
     return out
 
 
-def setting_label(st):
-    return f"{st[0]}:{st[1]}" + ("" if st[2] else " cold")
-
-
 def summary_row(case, setting, trials):
-    """One case and setting (rounds, min runs, warm-up) over its trials (each: picks per kernel,
-    fwd+bwd ms)."""
+    """One case and setting (rounds, min runs) over its trials (each: picks per kernel, fwd+bwd
+    ms)."""
     ms = [t["ms"] for t in trials]
-    row = dict(case=case, tune_rounds=setting[0], min_runs=setting[1], warm_up=setting[2],
-               trials=len(trials), ms_median=statistics.median(ms), ms_min=min(ms),
-               ms_max=max(ms), ms_trials=ms)
+    row = dict(case=case, tune_rounds=setting[0], min_runs=setting[1], trials=len(trials), ms_median=statistics.median(ms),
+               ms_min=min(ms), ms_max=max(ms), ms_trials=ms)
     for kernel in KERNELS:
         seen = Counter(t["picks"].get(kernel, "-") for t in trials)
         row[f"{kernel}_picks"] = "; ".join(f"{cfg} x{n}" for cfg, n in seen.most_common())
@@ -60,8 +52,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default="gpt2", help="comma-separated: " + ",".join(CASES))
     p.add_argument("--trials", type=int, default=5)
-    p.add_argument("--settings", default="1:1:0,1:1,3:1",
-                   help="ROUNDS:MIN_RUNS[:WARM_UP] tuner settings to compare, comma-separated")
+    p.add_argument("--settings", default="1:1,3:1,3:8",
+                   help="ROUNDS:MIN_RUNS tuner settings to compare, comma-separated")
     p.add_argument("--rep", type=int, default=100, help="do_bench window timing each pick, ms")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="")
@@ -96,11 +88,9 @@ def main():
 
         call()  # compiles every candidate once, into Triton's cache
         trials = {st: [] for st in settings}
-        warm_up = _tuning.TUNE_WARMUP_MS
         for _ in range(args.trials):
             for st in settings:
-                _tuning.TUNE_ROUNDS, _tuning.TUNE_MIN_RUNS = st[:2]
-                _tuning.TUNE_WARMUP_MS = warm_up if st[2] else (0, 0, 0)
+                _tuning.TUNE_ROUNDS, _tuning.TUNE_MIN_RUNS = st
                 _tuning._CHOSEN.clear()
                 _tuning._COMPILED.clear()
                 _tuning._PLANS.clear()
@@ -112,14 +102,12 @@ def main():
                          for t in _tuning._TIMINGS}
                 ms = triton.testing.do_bench(call, warmup=20, rep=args.rep, return_mode="median")
                 trials[st].append(dict(picks=picks, ms=ms))
-                every.append(dict(case=name, tune_rounds=st[0], min_runs=st[1], warm_up=st[2],
-                                  picks=picks, ms=ms, tuner_ms=tuned,
-                                  warm_up_ms={t["kernel"]: t["warm_up_ms"]
-                                              for t in _tuning._TIMINGS}))
+                every.append(dict(case=name, tune_rounds=st[0], min_runs=st[1], picks=picks,
+                                  ms=ms, tuner_ms=tuned))
         for st in settings:
             row = summary_row(name, st, trials[st])
             rows.append(row)
-            body.append([name, setting_label(st), f"{row['ms_median']:.3f}",
+            body.append([name, f"{st[0]}:{st[1]}", f"{row['ms_median']:.3f}",
                          f"{row['ms_min']:.3f}", f"{row['ms_max']:.3f}"]
                         + [row[f"{kname}_picks"] for kname in KERNELS])
         benchlib.write_results(out_dir, stem, meta, rows, extra=dict(trials=every))

@@ -287,46 +287,16 @@ def _median(xs):
     return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
 
-def _time_ms(run, n: int) -> float:
-    """Milliseconds that `n` launches of `run` take on the GPU, back to back."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        run()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
 def _estimate_ms(run) -> float:
     """One launch's time, roughly: three after a first."""
     run()
-    return _time_ms(run, 3) / 3
-
-
-# A GPU idle for a moment (while the candidates compiled, say) runs at lower clocks at first, and
-# the first candidate timed paid for that: on an H200 the forward's first candidate (the best
-# guess) measured 6-7 % slower in its first 20 ms than in later rounds at head dim 64 and 128,
-# and lost to a config 8 % slower in two tunings of four. So the first candidate runs untimed
-# first: at least the first figure's ms, then in batches of the middle figure's, until a batch
-# is no faster than the one before (by 0.3 %), the last figure's ms at most.
-TUNE_WARMUP_MS = (30, 10, 100)
-
-
-def _warm_up(run) -> float:
-    """Run `run` until its time stops falling (see TUNE_WARMUP_MS); returns the ms spent."""
-    least, batch_ms, most = TUNE_WARMUP_MS
-    spent = per_run = _time_ms(run, 1)
-    last = None
-    while spent < most:
-        n = max(1, round(batch_ms / max(per_run, 1e-3)))
-        took = _time_ms(run, n)
-        spent += took
-        per_run = took / n
-        if spent >= least and last is not None and per_run > last * 0.997:
-            break
-        last = per_run
-    return spent
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 3
 
 
 def _pick(kernel, candidates, grid, args, constexprs, outputs=()):
@@ -335,14 +305,11 @@ def _pick(kernel, candidates, grid, args, constexprs, outputs=()):
     _precompile(kernel, candidates, grid, args, constexprs)
     rounds = {i: [] for i in range(len(candidates))}  # candidate -> its rounds' medians, ms
     windows = {i: max(2, TUNE_WINDOW_MS // TUNE_ROUNDS) for i in rounds}
-    warmed_ms = None  # the warm-up, before the first candidate that fits
     for _ in range(TUNE_ROUNDS):
         for i in list(rounds):
             cfg = candidates[i]
             run = lambda: kernel[grid(cfg)](*args, **constexprs, **cfg)  # noqa: E731
             try:
-                if warmed_ms is None:
-                    warmed_ms = _warm_up(run)
                 if TUNE_MIN_RUNS > 1 and not rounds[i]:  # a window long enough for them
                     windows[i] = max(windows[i], TUNE_MIN_RUNS * _estimate_ms(run))
                 ms = triton.testing.do_bench(run, warmup=5, rep=windows[i], return_mode="median")
@@ -356,7 +323,7 @@ def _pick(kernel, candidates, grid, args, constexprs, outputs=()):
         raise RuntimeError(f"hf_flash: no launch config fits this GPU for {constexprs}")
     if len(_TIMINGS) >= 256:
         _TIMINGS.clear()
-    _TIMINGS.append(dict(kernel=kernel.__name__, warm_up_ms=warmed_ms,
+    _TIMINGS.append(dict(kernel=kernel.__name__,
                          timed=[(candidates[i], list(ms)) for i, ms in rounds.items()]))
     # Sorted by median round, then list order: ties keep the best guess first.
     ranked = [candidates[i] for i in sorted(rounds, key=lambda i: (_median(rounds[i]), i))]

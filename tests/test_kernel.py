@@ -322,20 +322,11 @@ def test_tuning_in_rounds_ranks_by_each_candidates_median_round(monkeypatch):
         block = order[-1]
         return rounds[block][sum(b == block for b in order) - 1]
 
-    def warm_up(run):  # the first candidate warms the GPU up, untimed, once per tuning
-        run()
-        order.pop()
-        warmed.append(order[-1] if order else None)
-        return 0.0
-
-    warmed = []
     monkeypatch.setattr(_tuning, "_precompile", lambda *a: None)
-    monkeypatch.setattr(_tuning, "_warm_up", warm_up)
     monkeypatch.setattr(triton.testing, "do_bench", bench)
     monkeypatch.setattr(_tuning, "TUNE_ROUNDS", 3)
     cands = [{"BLOCK_M": 16}, {"BLOCK_M": 32}, {"BLOCK_M": 64}]
     assert _tuning._pick(FakeKernel(), cands, lambda c: (1,), (torch.zeros(1),), {}) == {"BLOCK_M": 64}
-    assert warmed == [None]
     assert order == [16, 32, 64] * 3  # interleaved, not each candidate's rounds back to back
     assert reps == [_tuning.TUNE_WINDOW_MS // 3] * 9  # the same window in all, split
     # A candidate too slow for the minimum runs in a round's window gets a window that fits them.
@@ -353,34 +344,6 @@ def test_tuning_in_rounds_ranks_by_each_candidates_median_round(monkeypatch):
     monkeypatch.setenv("HF_FLASH_TUNE_ROUNDS", "0")
     with pytest.raises(ValueError, match="HF_FLASH_TUNE_ROUNDS must be a whole number from 1 to 20"):
         _tuning._tune_rounds()
-
-
-def test_tuning_warms_the_gpu_up_until_the_first_candidate_stops_getting_faster(monkeypatch):
-    # A GPU that was idle runs slower at first; the tuner runs its first candidate untimed until
-    # a batch is no faster than the one before, for at least 30 ms and at most 100 ms.
-    from hf_flash.kernels import _tuning
-    monkeypatch.setattr(_tuning, "TUNE_WARMUP_MS", (30, 10, 100))
-
-    def warm(per_run_ms):
-        seq, calls = iter(per_run_ms), []
-
-        def time_ms(run, n):
-            calls.append(n)
-            return n * next(seq)
-        monkeypatch.setattr(_tuning, "_time_ms", time_ms)
-        return _tuning._warm_up(lambda: None), calls
-
-    # Hot already: flat at once, but runs its 30 ms (one run, then batches of 10 ms).
-    spent, calls = warm([2.5] * 20)
-    assert calls == [1, 4, 4, 4] and spent == pytest.approx(2.5 + 3 * 10)
-    # Cold: faster batch by batch, then flat: stops at the first batch no faster than the last.
-    spent, calls = warm([3.0, 2.5, 2.45, 2.40, 2.36, 2.35, 2.352, 2.2, 2.2])
-    assert calls == [1, 3, 4, 4, 4, 4, 4]
-    # Still getting faster at 100 ms: stops there.
-    spent, calls = warm([2.0 * 0.99 ** i for i in range(100)])
-    assert 100 <= spent < 112 and len(calls) > 5
-    # One run longer than the most: that run is all.
-    assert warm([150.0])[1] == [1]
 
 
 def test_tuning_takes_the_fastest_candidate_that_agrees_with_the_default(monkeypatch):
@@ -404,7 +367,6 @@ def test_tuning_takes_the_fastest_candidate_that_agrees_with_the_default(monkeyp
             return run
 
     monkeypatch.setattr(_tuning, "_precompile", lambda *a: None)
-    monkeypatch.setattr(_tuning, "_warm_up", lambda run: 0.0)
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), ms[ran[-1]])[1])
     monkeypatch.setattr(_tuning, "_REJECTED", [])
     cands = [{"BLOCK_M": 64}, {"BLOCK_M": 32}, {"BLOCK_M": 16}, {"BLOCK_M": 128}]
