@@ -39,8 +39,8 @@ def summary_row(case, setting, trials):
     """One case and setting (rounds, min runs) over its trials (each: picks per kernel, fwd+bwd
     ms)."""
     ms = [t["ms"] for t in trials]
-    row = dict(case=case, tune_rounds=setting[0], min_runs=setting[1], trials=len(trials), ms_median=statistics.median(ms),
-               ms_min=min(ms), ms_max=max(ms), ms_trials=ms)
+    row = dict(case=case, tune_rounds=setting[0], min_runs=setting[1], trials=len(trials),
+               ms_median=statistics.median(ms), ms_min=min(ms), ms_max=max(ms), ms_trials=ms)
     for kernel in KERNELS:
         seen = Counter(t["picks"].get(kernel, "-") for t in trials)
         row[f"{kernel}_picks"] = "; ".join(f"{cfg} x{n}" for cfg, n in seen.most_common())

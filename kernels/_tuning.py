@@ -71,7 +71,9 @@ def _tune_rounds() -> int:
 TUNE_ROUNDS = _tune_rounds()
 TUNE_WINDOW_MS = 20
 # Each round runs a candidate at least this many times (its window grows to fit them): a 20 ms
-# window holds 8 runs of a 2.3 ms forward at head dim 128 and 4k, split into rounds fewer.
+# window holds 8 runs of a 2.3 ms forward at head dim 128 and 4k, split into rounds fewer. Eight
+# moved no fwd+bwd time beyond the trials' spread on an H200 (docs/perf-notes.md), so 1; kept
+# for benchmarks/tuner_repeat.py.
 TUNE_MIN_RUNS = 1
 # What each tuning timed, for benchmarks: dicts of kernel name and (config, rounds' ms) pairs.
 _TIMINGS: list = []
