@@ -33,12 +33,19 @@ def _attn_fwd(Q, K, V, O, N, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :])
     if TMA:
+        # Q through a descriptor too: with Q from a pointer load, Triton's warp-specialisation
+        # pass stops (its producer-commit lowering: an assertion in Triton 3.6, "unsupported
+        # load type for producer commit" in 3.9), as the pointer-load rows below show.
+        q_desc = tl.make_tensor_descriptor(Q + base, shape=[N, D], strides=[D, 1],
+                                           block_shape=[BLOCK_M, D])
+        q = q_desc.load([start_m, 0])
         k_desc = tl.make_tensor_descriptor(K + base, shape=[N, D], strides=[D, 1],
                                            block_shape=[BLOCK_N, D])
         v_desc = tl.make_tensor_descriptor(V + base, shape=[N, D], strides=[D, 1],
                                            block_shape=[BLOCK_N, D])
+    else:
+        q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :])
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -99,9 +106,12 @@ def main():
         ref = torch.softmax(q.float() @ k.float().transpose(1, 2) / math.sqrt(d), -1) @ v.float()
         # 8 warps without WS: two warp groups of 64 rows. With WS Triton adds a producer warp
         # and splits the 128 rows between consumer groups itself (num_warps: one group's).
+        # With 8 warps Triton 3.6 and 3.9 leave warp_specialize out without a word (compiled for
+        # sm_90 on a CPU: no warp_specialize op, no setmaxnreg); the row says what that costs.
         for block_n, warps, stages, ws, tma in ((64, 8, 3, False, False), (64, 8, 3, False, True),
-                                                (64, 4, 3, True, True), (64, 4, 3, True, False),
-                                                (128, 4, 2, True, True), (64, 8, 3, True, True)):
+                                                (64, 4, 3, True, True), (64, 4, 2, True, True),
+                                                (128, 4, 2, True, True), (64, 4, 3, True, False),
+                                                (64, 8, 3, True, True)):
             r = run_variant(q, k, v, ref, 128, block_n, warps, stages, ws, tma)
             r.update(d=d, bh=bh, n=n, block_m=128, block_n=block_n, warps=warps, stages=stages,
                      ws=ws, tma=tma)
