@@ -86,9 +86,15 @@ def run_variant(q, k, v, ref, block_m, block_n, warps, stages, ws, tma):
     except Exception as e:  # a variant Triton cannot build is a row, not the end of the run
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
     err = ((o.float() - ref).norm() / ref.norm()).item()
+    # Where the error is NaN: how much of the output is not finite (the poison left unwritten,
+    # or NaN computed), and the error over the finite rest.
+    finite = torch.isfinite(o).all(-1)
+    bad_rows = 1.0 - finite.float().mean().item()
+    err_finite = (((o.float() - ref)[finite]).norm() / ref[finite].norm()).item() if finite.any() else float("nan")
     ms = triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")
     flops = 4 * bh * n * n * d
-    return {"rel_err": err, "ms": ms, "tflops": flops / ms * 1e-9}
+    return {"rel_err": err, "nonfinite_rows": bad_rows, "rel_err_finite_rows": err_finite, "ms": ms,
+            "tflops": flops / ms * 1e-9}
 
 
 def main():
@@ -126,14 +132,16 @@ def main():
         with open(os.path.join(args.out, f"ws_repro_triton{tag}.json"), "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"\nTriton {triton.__version__}, {meta['gpu']}: rel. error vs PyTorch fp32, ms, TFLOP/s")
-    print(f"{'D':>4} {'tile':>8} {'warps':>5} {'st':>3} {'WS':>3} {'TMA':>3} {'rel_err':>9} {'ms':>7} {'TF/s':>6}")
+    print(f"{'D':>4} {'tile':>8} {'warps':>5} {'st':>3} {'WS':>3} {'TMA':>3} {'rel_err':>9} {'ms':>7} {'TF/s':>6}"
+          f" {'bad rows':>8} {'err, rest':>9}")
     for r in rows:
         head = (f"{r['d']:>4} {r['block_m']:>4}x{r['block_n']:<3} {r['warps']:>5} {r['stages']:>3} "
                 f"{'y' if r['ws'] else 'n':>3} {'y' if r['tma'] else 'n':>3}")
         if "error" in r:
             print(f"{head} {r['error']}")
         else:
-            print(f"{head} {r['rel_err']:9.2e} {r['ms']:7.3f} {r['tflops']:6.0f}")
+            print(f"{head} {r['rel_err']:9.2e} {r['ms']:7.3f} {r['tflops']:6.0f}"
+                  f" {r['nonfinite_rows']:8.1%} {r['rel_err_finite_rows']:9.2e}")
 
 
 if __name__ == "__main__":
