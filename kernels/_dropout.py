@@ -104,6 +104,8 @@ def dropout_mask(seed: torch.Tensor, dropout_p: float, batch: int, heads: int, q
     """
     out = torch.empty((batch, heads, q_len, k_len), dtype=torch.int8, device=seed.device)
     grid = (cdiv(q_len, 32), cdiv(k_len, 32), batch * heads)
+    # enable_fp_fusion named, as for the attention kernels: integer work only, so its value does
+    # not matter, but left unset Triton 3.9 warns that its default changes in 3.10.
     _dropout_mask_kernel[grid](out, seed, float(dropout_threshold(dropout_p)), heads, q_len, k_len,
-                               BLOCK_M=32, BLOCK_N=32)
+                               BLOCK_M=32, BLOCK_N=32, enable_fp_fusion=False)
     return out.bool()
