@@ -205,7 +205,7 @@ def _ws_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, free, row_q, n_ti
 @gluon.jit
 def _probe_fwd_ws(q_desc, k_desc, v_desc, o_desc, N, qk_scale,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                  num_warps: gl.constexpr):
+                  WORKER_REGS: gl.constexpr, num_warps: gl.constexpr):
     # q_desc / o_desc blocks are one group's rows (BLOCK_M // 2); num_warps (4) is the default
     # partition's: consumer 0. Consumer 1 (4 warps) and the producer (1 warp) are workers.
     GROUP_M: gl.constexpr = BLOCK_M // 2
@@ -227,13 +227,25 @@ def _probe_fwd_ws(q_desc, k_desc, v_desc, o_desc, N, qk_scale,
     mbarrier.expect(q_bar, BLOCK_M * D * dtype.primitive_bitwidth // 8)
     _tma_load(q_desc, [row0 + start_m, 0], q_bar, q_smem.index(0))
     _tma_load(q_desc, [row0 + start_m + GROUP_M, 0], q_bar, q_smem.index(1))
-    gl.warp_specialize([
-        (_ws_consumer, (o_desc, q_smem.index(0), k_smem, v_smem, q_bar, ready, free,
-                        row0 + start_m, n_tiles, qk_scale, GROUP_M, BLOCK_N, D)),
-        (_ws_consumer, (o_desc, q_smem.index(1), k_smem, v_smem, q_bar, ready, free,
-                        row0 + start_m + GROUP_M, n_tiles, qk_scale, GROUP_M, BLOCK_N, D)),
-        (_ws_producer, (k_desc, v_desc, k_smem, v_smem, ready, free, row0, n_tiles, BLOCK_N, D)),
-    ], [4, 1])
+    # WORKER_REGS (consumer 1, producer), e.g. (232, 24): registers moved from the producer warp
+    # to the consumers by setmaxnreg; without it all 12 warps get 168 and 128 x 128 tiles spill.
+    # Triton 3.6 requires it. (The partition list cannot be held in a variable: written twice.)
+    if WORKER_REGS is None:
+        gl.warp_specialize([
+            (_ws_consumer, (o_desc, q_smem.index(0), k_smem, v_smem, q_bar, ready, free,
+                            row0 + start_m, n_tiles, qk_scale, GROUP_M, BLOCK_N, D)),
+            (_ws_consumer, (o_desc, q_smem.index(1), k_smem, v_smem, q_bar, ready, free,
+                            row0 + start_m + GROUP_M, n_tiles, qk_scale, GROUP_M, BLOCK_N, D)),
+            (_ws_producer, (k_desc, v_desc, k_smem, v_smem, ready, free, row0, n_tiles, BLOCK_N, D)),
+        ], [4, 1])
+    else:
+        gl.warp_specialize([
+            (_ws_consumer, (o_desc, q_smem.index(0), k_smem, v_smem, q_bar, ready, free,
+                            row0 + start_m, n_tiles, qk_scale, GROUP_M, BLOCK_N, D)),
+            (_ws_consumer, (o_desc, q_smem.index(1), k_smem, v_smem, q_bar, ready, free,
+                            row0 + start_m + GROUP_M, n_tiles, qk_scale, GROUP_M, BLOCK_N, D)),
+            (_ws_producer, (k_desc, v_desc, k_smem, v_smem, ready, free, row0, n_tiles, BLOCK_N, D)),
+        ], [4, 1], WORKER_REGS)
 
 
 def descriptors(q, k, v, o, block_m, block_n):
@@ -251,7 +263,7 @@ def descriptors(q, k, v, o, block_m, block_n):
             desc(v, [block_n, d], kv_layout), desc(o, [block_m, d], qo_layout))
 
 
-def probe(q, k, v, block_m=128, block_n=64, num_warps=8, ws=False):
+def probe(q, k, v, block_m=128, block_n=64, num_warps=8, ws=False, worker_regs=None):
     b, h, n, d = q.shape
     assert n % block_m == 0 and n % block_n == 0 and n >= 2 * block_n
     o = torch.full_like(q, float("nan"))
@@ -259,10 +271,11 @@ def probe(q, k, v, block_m=128, block_n=64, num_warps=8, ws=False):
     descs = descriptors(q, k, v, o, block_m // 2 if ws else block_m, block_n)
     qk_scale = 1.0 / math.sqrt(d) * 1.4426950408889634
     kernel = _probe_fwd_ws if ws else _probe_fwd
+    extra = {"WORKER_REGS": worker_regs} if ws else {}
 
     def call():
         kernel[(n // block_m, b * h)](*descs, n, qk_scale, BLOCK_M=block_m, BLOCK_N=block_n, D=d,
-                                      num_warps=num_warps)
+                                      num_warps=num_warps, **extra)
     return o, call
 
 
@@ -288,13 +301,16 @@ def main():
             ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
             rows.append({**base, "impl": name, "rel_err": err, "ms": ms, "tflops": flops / ms * 1e-9})
             print(rows[-1], flush=True)
-        for block_m, block_n, warps, ws in ((128, 64, 8, False), (128, 128, 8, False),
-                                            (64, 64, 4, False), (128, 64, 4, True),
-                                            (128, 128, 4, True)):
+        # The two rows with worker registers were added after the runs in docs/perf-notes.md.
+        for block_m, block_n, warps, ws, regs in (
+                (128, 64, 8, False, None), (128, 128, 8, False, None), (64, 64, 4, False, None),
+                (128, 64, 4, True, None), (128, 128, 4, True, None),
+                (128, 64, 4, True, (232, 24)), (128, 128, 4, True, (232, 24))):
             row = {**base, "impl": f"gluon {'ws ' if ws else ''}{block_m}x{block_n}"
-                                   f"{'' if ws else f' w{warps}'}"}
+                                   f"{'' if ws else f' w{warps}'}"
+                                   f"{f' r{regs[0]}/{regs[1]}' if regs else ''}"}
             try:
-                o, call = probe(q, k, v, block_m, block_n, warps, ws)
+                o, call = probe(q, k, v, block_m, block_n, warps, ws, regs)
                 call()
                 torch.cuda.synchronize()
                 row["nonfinite_rows"] = 1.0 - torch.isfinite(o).all(-1).float().mean().item()
@@ -316,9 +332,9 @@ def main():
     for r in rows:
         shape = f"B{r['b']} H{r['h']} N{r['n']} D{r['d']}"
         if "error" in r:
-            print(f"{shape:22} {r['impl']:20} {r['error']}")
+            print(f"{shape:22} {r['impl']:28} {r['error']}")
         else:
-            print(f"{shape:22} {r['impl']:20} {r['ms']:7.3f} ({r['tflops']:4.0f})  err {r['rel_err']:.2e}"
+            print(f"{shape:22} {r['impl']:28} {r['ms']:7.3f} ({r['tflops']:4.0f})  err {r['rel_err']:.2e}"
                   f"{'' if r.get('nonfinite_rows', 0) == 0 else ', non-finite rows %.1f %%' % (100 * r['nonfinite_rows'])}")
 
 
