@@ -45,6 +45,16 @@ NUM_BUF = gl.constexpr(3)  # K/V buffers: tile j in use, j + 1 loaded for the ea
 
 
 @gluon.jit
+def _softmax_step(s, m_i, l_i, qk_scale):
+    """One online-softmax step on a score tile (log2 units after qk_scale): the unnormalised
+    probabilities, the factor that rescales what came before, and the new row max and sum."""
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+    alpha = gl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
 def _probe_fwd(q_desc, k_desc, v_desc, o_desc, N, qk_scale,
                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
                num_warps: gl.constexpr):
@@ -77,9 +87,9 @@ def _probe_fwd(q_desc, k_desc, v_desc, o_desc, N, qk_scale,
     for t in gl.static_range(2):  # tiles 0 and 1 into buffers 0 and 1
         mbarrier.expect(kv_bar.index(t), kv_bytes, pred=t < n_tiles)
         _tma_load(k_desc, [row0 + t * BLOCK_N, 0], kv_bar.index(t),
-                                        k_smem.index(t), pred=t < n_tiles)
+                  k_smem.index(t), pred=t < n_tiles)
         _tma_load(v_desc, [row0 + t * BLOCK_N, 0], kv_bar.index(t),
-                                        v_smem.index(t), pred=t < n_tiles)
+                  v_smem.index(t), pred=t < n_tiles)
     mbarrier.wait(q_bar, phase=0)
 
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
@@ -105,11 +115,7 @@ def _probe_fwd(q_desc, k_desc, v_desc, o_desc, N, qk_scale,
         s_next = warpgroup_mma(q_smem, k_smem.index(buf_n).permute((1, 0)), s_zero, use_acc=False,
                                is_async=True)
         # The softmax step of S[j], while S[j+1] runs.
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale)
         # The previous P V done (S[j+1] may still run): acc can be rescaled, and the buffer of
         # tile j - 1 is free for tile j + 2.
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
@@ -117,9 +123,9 @@ def _probe_fwd(q_desc, k_desc, v_desc, o_desc, N, qk_scale,
         buf_a = ahead % NUM_BUF
         mbarrier.expect(kv_bar.index(buf_a), kv_bytes, pred=ahead < n_tiles)
         _tma_load(k_desc, [row0 + ahead * BLOCK_N, 0], kv_bar.index(buf_a),
-                                        k_smem.index(buf_a), pred=ahead < n_tiles)
+                  k_smem.index(buf_a), pred=ahead < n_tiles)
         _tma_load(v_desc, [row0 + ahead * BLOCK_N, 0], kv_bar.index(buf_a),
-                                        v_smem.index(buf_a), pred=ahead < n_tiles)
+                  v_smem.index(buf_a), pred=ahead < n_tiles)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         acc = warpgroup_mma(p_op, v_smem.index(j % NUM_BUF), acc, is_async=True)
@@ -182,11 +188,7 @@ def _ws_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, free, row_q, n_ti
         mbarrier.wait(ready.index(buf_n), phase=(nxt // NUM_BUF) & 1, pred=nxt < n_tiles)
         s_next = warpgroup_mma(q_smem, k_smem.index(buf_n).permute((1, 0)), s_zero, use_acc=False,
                                is_async=True)
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         # This group is done with tile j - 1 (its S long ago, its P V just now).
         mbarrier.arrive(free.index((j + NUM_BUF - 1) % NUM_BUF), pred=j >= 1)
