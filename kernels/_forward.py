@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 
 from . import _common
+from . import _forward_hopper
 from . import _tuning
 from ._common import (AUTOTUNE, bucket, call_signature, cdiv, cfg, default_config,
                       dot_precision, fp_fusion, key_range, length_args, mask_scores, next_pow2,
@@ -167,6 +168,9 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
 
     With `cu_seqlens` (int32, n + 1 cumulative lengths) q, k, v are (1, H, total, D): n sequences
     packed along the rows, the longest `max_seqlen` long, each attending only within itself."""
+    varlen = cu_seqlens is not None
+    if _forward_hopper.eligible(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset):
+        return _forward_hopper.attention_forward(q, k, v, causal, causal_offset, scale)
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     o = torch.empty_like(q)
@@ -176,7 +180,6 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
         stats.fill_(float("nan"))
     if N_Q == 0:
         return o, stats
-    varlen = cu_seqlens is not None
     mask_t = mask if mask is not None else q  # any tensor: never read when MASK_KIND is 0
     kpm_t = kpm if kpm is not None else q
     lo_t = kv_lo if kv_lo is not None else stats

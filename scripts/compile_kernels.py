@@ -4,6 +4,7 @@
     python scripts/compile_kernels.py --configs  # every tuning candidate instead (~4 minutes)
     python scripts/compile_kernels.py --lengths  # lengths divisible by 16 against not (~2 minutes)
     python scripts/compile_kernels.py --short    # the forward's config for <= 16 query rows (~1 minute)
+    python scripts/compile_kernels.py --hopper   # the Gluon forward for sm_90 (~20 seconds)
 
 Triton's whole pipeline (front end, MLIR passes, LLVM, ptxas) runs on the host, so a machine
 without a GPU can check that a kernel change still compiles for the GPU, which the CPU test
@@ -21,7 +22,9 @@ ships with Triton's NVIDIA backend), and lists those over the shared-memory limi
 skips them at run time). `--lengths` compiles each kernel's untuned config (head dim 64, key
 padding with dropout, and causal with key padding) with the lengths N_Q, N_K and STATS_N
 specialised as multiples of 16 and without, and prints registers, spills and SASS instructions
-of both: what `do_not_specialize` on the lengths would change in the code.
+of both: what `do_not_specialize` on the lengths would change in the code. `--hopper` compiles the
+Gluon forward of kernels/_forward_hopper.py (head dims 64 and 128, causal or not, bf16 and fp16)
+and prints each variant's registers, spills and whether its partitions resize their registers.
 
 Each variant is compiled as Triton specialises it at run time for a common case: base pointers
 16-byte aligned; strides, the head count and the lengths multiples of 16 (BERT-large's and
@@ -235,6 +238,40 @@ def compile_configs(target):
     print("\n".join(over))
 
 
+def build_hopper_forward(d: int, causal: bool, dtype: str, target=None):
+    """Compile _forward_hopper's Gluon kernel as attention_forward launches it (TMA descriptors of
+    (1, 1, rows, d) boxes) for sm_90; returns the compiled kernel."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from hf_flash.kernels import _forward_hopper as hop
+    g = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+
+    def desc(rows):
+        layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, d], g)
+        return f"tensordesc<{dtype}[1,1,{rows},{d}],{layout!r}>"
+
+    sig = {"q_desc": desc(hop.GROUP_M), "k_desc": desc(hop.BLOCK_N), "v_desc": desc(hop.BLOCK_N),
+           "o_desc": desc(hop.GROUP_M), "STATS": "*fp32", "H": "i32", "GROUP": "i32", "N_Q": "i32",
+           "N_K": "i32", "causal_offset": "i32", "qk_scale": "fp32"}
+    cx = {"BLOCK_M": hop.BLOCK_M, "BLOCK_N": hop.BLOCK_N, "D": d, "IS_CAUSAL": causal,
+          "WORKER_REGS": hop.WORKER_REGS, "num_warps": 4}
+    sig.update({k: "constexpr" for k in cx})
+    names = list(sig)
+    src = GluonASTSource(hop._fwd_hopper_kernel, signature=sig,
+                         constexprs={(names.index(k),): v for k, v in cx.items()}, attrs={})
+    return triton.compile(src, target=target or GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4})
+
+
+def compile_hopper(target):
+    for d, causal, dtype in itertools.product([64, 128], [False, True], ["bf16", "fp16"]):
+        c = build_hopper_forward(d, causal, dtype, target)
+        ptx = c.asm["ptx"]
+        print(f"_fwd_hopper_kernel {dtype} D{d} causal={causal}: registers / spill / SASS "
+              f"{usage(registers(c), c)}, setmaxnreg={'setmaxnreg' in ptx}, "
+              f"shared {c.metadata.shared} bytes")
+
+
 def main():
     if _common.INTERPRET:
         raise SystemExit("unset TRITON_INTERPRET: this compiles for the GPU")
@@ -245,6 +282,8 @@ def main():
         return compile_lengths(target)
     if "--short" in sys.argv[1:]:
         return compile_short(target)
+    if "--hopper" in sys.argv[1:]:
+        return compile_hopper(target)
     n, worst, over, t0 = 0, (0, ""), [], time.time()
 
     def one(kernel, extra, kind, dtype, d, varlen, causal, kpm, mask_kind, dropout):

@@ -1,0 +1,299 @@
+"""The forward for Hopper (sm_90) in Gluon, for the unmasked and causal cases.
+
+Triton's compiler, given the forward of _forward.py, issues Q K^T, waits for it, runs the softmax
+with the tensor cores idle, then issues P V; its automatic warp specialisation, which would
+overlap them, builds wrong code for attention on sm_90 (benchmarks/ws_repro.py). Gluon, Triton's
+lower-level language, lets the schedule be written out. This is FlashAttention-3's:
+
+- a producer warp loads K and V tiles by TMA into a ring of three buffers;
+- two consumer warp groups each own half of the block's 128 query rows; per key tile a group
+  issues S[j] = Q K[j]^T and O += P[j-1] V[j-1] together, waits for S[j] only, and runs the
+  softmax of S[j] while P[j-1] V[j-1] is still on the tensor cores;
+- the groups take turns at issuing (ping-pong, a pair of mbarriers), so one group's softmax runs
+  while the other group's products hold the tensor cores.
+
+On an H200 (bf16, B4 H32 N4096 D128) this runs the forward at 600-619 TFLOP/s against 470 for
+_forward.py (benchmarks/gluon_fwd_probe.py). It serves what it is built for (attention_forward
+checks `eligible` first): fp16/bf16, head dim 64 or 128, no mask, no key padding, no dropout, no
+packed sequences, causal only where every query row sees a key; everything else goes to
+_forward.py. It writes the same outputs (O, and the lse with its two terms) so the backward is
+shared. Gluon has no interpreter: the CPU tests compile it for sm_90, the GPU tests run it.
+"""
+
+import functools
+import os
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
+                                                                  tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    AVAILABLE = True
+except ImportError:  # a Triton without Gluon (before 3.5): _forward.py serves every call
+    AVAILABLE = False
+
+from . import _common
+
+# HF_FLASH_HOPPER_FWD=0 sends every forward to _forward.py (for comparisons and bisection).
+ENABLED = os.environ.get("HF_FLASH_HOPPER_FWD", "1") != "0"
+
+BLOCK_M = 128  # query rows per program: two consumer groups of 64
+BLOCK_N = 128  # keys per tile
+GROUP_M = BLOCK_M // 2
+# setmaxnreg: registers per thread for the worker partitions (consumer group 1, producer). The
+# default partition (group 0) takes what is left of the 64K; without this all 12 warps get 168 and
+# the 64 x 128 score and 64 x 128 accumulator tiles spill.
+WORKER_REGS = (240, 24)
+
+
+if AVAILABLE:
+    # Gluon renames things between releases: Triton 3.9 calls the TMA copies async_load /
+    # async_store, earlier releases async_copy_global_to_shared / _shared_to_global.
+    _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+    _tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_shared_to_global
+
+    NUM_BUF = gl.constexpr(3)  # K/V ring: tile j in use, j + 1 loaded, j + 2 loading
+
+    @gluon.jit
+    def _producer(k_desc, v_desc, k_smem, v_smem, ready, free, off_b, off_hk, n_tiles,
+                  BLOCK_N: gl.constexpr, D: gl.constexpr):
+        kv_bytes: gl.constexpr = 2 * BLOCK_N * D * k_desc.dtype.primitive_bitwidth // 8
+        for t in range(0, n_tiles):
+            buf = t % NUM_BUF
+            # From the fourth tile on, both groups must have released the buffer's last tile.
+            mbarrier.wait(free.index(buf), phase=((t // NUM_BUF) + 1) & 1, pred=t >= NUM_BUF)
+            mbarrier.expect(ready.index(buf), kv_bytes)
+            # Rows past the keys' end come back as zeros (the descriptor's bounds are this head's);
+            # the consumers mask their scores.
+            _tma_load(k_desc, [off_b, off_hk, t * BLOCK_N, 0], ready.index(buf), k_smem.index(buf))
+            _tma_load(v_desc, [off_b, off_hk, t * BLOCK_N, 0], ready.index(buf), v_smem.index(buf))
+
+    @gluon.jit
+    def _tile(t, acc, p_op, m_i, l_i, s_zero, q, k_smem, v_smem, ready, free, my_turn, their_turn,
+              rows, cols0, n_k, causal_offset, qk_scale,
+              FIRST_GROUP: gl.constexpr, PEELED: gl.constexpr, MASKED: gl.constexpr,
+              IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+              o_layout: gl.constexpr):
+        """Key tile t of one consumer group: issue S[t] and P[t-1] V[t-1] on this group's turn,
+        then the online-softmax step of S[t]. PEELED: t is the first tile, no P V before it."""
+        buf = t % NUM_BUF
+        mbarrier.wait(ready.index(buf), phase=(t // NUM_BUF) & 1)
+        # Turns alternate strictly (group 0 opens), so a group is at most one hand-over ahead
+        # and the phase parity identifies the hand-over it waits for.
+        if FIRST_GROUP:
+            mbarrier.wait(my_turn, phase=(t + 1) & 1, pred=t >= 1)
+        else:
+            mbarrier.wait(my_turn, phase=t & 1)
+        s = warpgroup_mma(q, k_smem.index(buf).reshape([BLOCK_N, D]).permute((1, 0)), s_zero,
+                          use_acc=False, is_async=True)
+        if not PEELED:
+            prev = (t + NUM_BUF - 1) % NUM_BUF
+            acc = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, D]), acc,
+                                is_async=True)
+        mbarrier.arrive(their_turn)
+        if PEELED:
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        else:
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))  # P V may still run
+        if MASKED:
+            cols = t * BLOCK_N + cols0
+            keep = cols < n_k
+            if IS_CAUSAL:
+                keep = keep & (cols <= rows + causal_offset)
+            s = gl.where(keep, s, float("-inf"))
+        # Every row sees a key in tile 0 (eligible() ensures it), so m_new is finite from the
+        # first tile on and a fully masked later tile gives p = 0, alpha = 1.
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        if not PEELED:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(free.index(prev))  # this group is done with tile t - 1
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p_op = gl.convert_layout(p.to(q.dtype),
+                                 gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
+        return acc, p_op, m_new, l_i
+
+    @gluon.jit
+    def _consumer(o_desc, stats_ptr, q_smem, k_smem, v_smem, q_bar, ready, free, my_turn,
+                  their_turn, off_b, off_h, row0, n_q, n_k, causal_offset, full_tiles, n_tiles,
+                  qk_scale, FIRST_GROUP: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                  GROUP_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr):
+        dtype: gl.constexpr = o_desc.dtype
+        # One warp group: 4 warps x 16 rows.
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        rows = gl.expand_dims(row0 + gl.arange(0, GROUP_M, layout=row_s), 1)
+        cols0 = gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)), 0)
+        q = q_smem.reshape([GROUP_M, D])
+        m_i = gl.full([GROUP_M], float("-inf"), gl.float32, layout=row_s)
+        l_i = gl.zeros([GROUP_M], gl.float32, layout=row_s)
+        acc = gl.zeros([GROUP_M, D], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([GROUP_M, BLOCK_N], gl.float32, layout=s_layout)
+        p_op = gl.zeros([GROUP_M, BLOCK_N], dtype, layout=p_layout)
+        mbarrier.wait(q_bar, phase=0)
+        # Tile 0 (masked: it may be the last, or on the diagonal), then the tiles every row of the
+        # block sees whole, then the rest (the key tail, the causal diagonal) masked.
+        acc, p_op, m_i, l_i = _tile(0, acc, p_op, m_i, l_i, s_zero, q, k_smem, v_smem, ready, free,
+                                    my_turn, their_turn, rows, cols0, n_k, causal_offset, qk_scale,
+                                    FIRST_GROUP, True, True, IS_CAUSAL, BLOCK_N, D, o_layout)
+        first_masked = gl.maximum(full_tiles, 1)
+        for t in range(1, first_masked):
+            acc, p_op, m_i, l_i = _tile(t, acc, p_op, m_i, l_i, s_zero, q, k_smem, v_smem, ready,
+                                        free, my_turn, their_turn, rows, cols0, n_k, causal_offset,
+                                        qk_scale, FIRST_GROUP, False, False, IS_CAUSAL, BLOCK_N, D,
+                                        o_layout)
+        for t in range(first_masked, n_tiles):
+            acc, p_op, m_i, l_i = _tile(t, acc, p_op, m_i, l_i, s_zero, q, k_smem, v_smem, ready,
+                                        free, my_turn, their_turn, rows, cols0, n_k, causal_offset,
+                                        qk_scale, FIRST_GROUP, False, True, IS_CAUSAL, BLOCK_N, D,
+                                        o_layout)
+        last = (n_tiles - 1) % NUM_BUF
+        acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, D]), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        o = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
+        # Q's buffer is free (every S of this group is done): it stages O for the TMA store,
+        # which writes only the rows inside this head's N_Q.
+        q.store(o.to(dtype))
+        fence_async_shared()
+        _tma_store(o_desc, [off_b, off_h, row0, 0], q_smem)
+        # The same stats as _forward.py: lse, row max and log2(row sum), base 2.
+        log2_l = gl.log2(l_i)
+        r = row0 + gl.arange(0, GROUP_M, layout=row_s)
+        ok = r < n_q
+        gl.store(stats_ptr + r, m_i + log2_l, mask=ok)
+        gl.store(stats_ptr + n_q + r, m_i, mask=ok)
+        gl.store(stats_ptr + 2 * n_q + r, log2_l, mask=ok)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _fwd_hopper_kernel(q_desc, k_desc, v_desc, o_desc, STATS, H, GROUP, N_Q, N_K,
+                           causal_offset, qk_scale,
+                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                           IS_CAUSAL: gl.constexpr, WORKER_REGS: gl.constexpr,
+                           num_warps: gl.constexpr):
+        GROUP_M: gl.constexpr = BLOCK_M // 2
+        dtype: gl.constexpr = q_desc.dtype
+        pid_m = gl.program_id(0)
+        if IS_CAUSAL:
+            # Later query blocks see more keys: start them first (the grid's tail holds the short
+            # ones), as _forward.py does.
+            pid_m = gl.num_programs(0) - 1 - pid_m
+        bh = gl.program_id(1)
+        off_b = bh // H
+        off_h = bh % H
+        off_hk = off_h // GROUP  # grouped-query attention: GROUP query heads share a K/V head
+        start_m = pid_m * BLOCK_M
+        if IS_CAUSAL:
+            hi = gl.minimum(N_K, start_m + BLOCK_M + causal_offset)
+            full_tiles = gl.minimum(start_m + causal_offset + 1, N_K) // BLOCK_N
+        else:
+            hi = N_K
+            full_tiles = N_K // BLOCK_N
+        n_tiles = (hi + BLOCK_N - 1) // BLOCK_N
+        stats_ptr = STATS + bh.to(gl.int64) * 3 * N_Q
+
+        q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, GROUP_M, D], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, 1, 1, BLOCK_N, D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, 1, 1, BLOCK_N, D], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+        free = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(NUM_BUF):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(free.index(i), count=2)  # both groups release a buffer
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
+        fence_async_shared()
+        mbarrier.expect(q_bar, BLOCK_M * D * dtype.primitive_bitwidth // 8)
+        _tma_load(q_desc, [off_b, off_h, start_m, 0], q_bar, q_smem.index(0))
+        _tma_load(q_desc, [off_b, off_h, start_m + GROUP_M, 0], q_bar, q_smem.index(1))
+        gl.warp_specialize([
+            (_consumer, (o_desc, stats_ptr, q_smem.index(0), k_smem, v_smem, q_bar, ready, free,
+                         turn.index(0), turn.index(1), off_b, off_h, start_m, N_Q, N_K,
+                         causal_offset, full_tiles, n_tiles, qk_scale, True, IS_CAUSAL, GROUP_M,
+                         BLOCK_N, D)),
+            (_consumer, (o_desc, stats_ptr, q_smem.index(1), k_smem, v_smem, q_bar, ready, free,
+                         turn.index(1), turn.index(0), off_b, off_h, start_m + GROUP_M, N_Q, N_K,
+                         causal_offset, full_tiles, n_tiles, qk_scale, False, IS_CAUSAL, GROUP_M,
+                         BLOCK_N, D)),
+            (_producer, (k_desc, v_desc, k_smem, v_smem, ready, free, off_b, off_hk, n_tiles,
+                         BLOCK_N, D)),
+        ], [4, 1], WORKER_REGS)
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """TMA reads a (B, H, N, D) tensor whose rows are contiguous, with its base and every other
+    stride a multiple of 16 bytes."""
+    es = t.element_size()
+    return (t.stride(3) == 1 and t.data_ptr() % 16 == 0
+            and all((s * es) % 16 == 0 for s in t.stride()[:3]))
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def eligible(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset) -> bool:
+    """Whether this kernel serves the call; otherwise _forward.py does."""
+    if not (AVAILABLE and ENABLED) or _common.INTERPRET or not q.is_cuda:
+        return False
+    if mask is not None or kpm is not None or dropout_p > 0 or varlen:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in (64, 128):
+        return False
+    # Rows with no key to see would need the empty-row handling of _forward.py.
+    if k.shape[2] == 0 or (causal and causal_offset < 0):
+        return False
+    if _capability(q.get_device()) != (9, 0):
+        return False
+    return _tma_ok(q) and _tma_ok(k) and _tma_ok(v)
+
+
+_GL_DTYPES = {}
+
+
+def _descriptor(t: torch.Tensor, rows: int) -> "TensorDescriptor":
+    """A TMA descriptor over the whole (B, H, N, D) tensor, one (1, 1, rows, D) box per load: its
+    bounds are per head, so a tile past a head's last row reads zeros (or, storing, is cut)."""
+    if not _GL_DTYPES:
+        _GL_DTYPES.update({torch.float16: gl.float16, torch.bfloat16: gl.bfloat16})
+    block = [1, 1, rows, t.shape[3]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+
+
+def attention_forward(q, k, v, causal, causal_offset, scale):
+    """(O with q's layout, stats fp32 (B, H, 3, N_Q)) as _forward.attention_forward returns them."""
+    B, H, N_Q, D = q.shape
+    N_K = k.shape[2]
+    o = torch.empty_like(q)
+    if not _tma_ok(o):  # empty_like keeps q's strides, but not those of an overlapping q
+        o = torch.empty((B, H, N_Q, D), device=q.device, dtype=q.dtype)
+    stats = torch.empty((B, H, 3, N_Q), device=q.device, dtype=torch.float32)
+    if _common.POISON_OUTPUTS:
+        o.fill_(float("nan"))
+        stats.fill_(float("nan"))
+    if N_Q == 0:
+        return o, stats
+    grid = (-(-N_Q // BLOCK_M), B * H)
+    _fwd_hopper_kernel[grid](
+        _descriptor(q, GROUP_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N),
+        _descriptor(o, GROUP_M), stats, H, H // k.shape[1], N_Q, N_K, causal_offset,
+        scale * _common.LOG2E,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D, IS_CAUSAL=bool(causal), WORKER_REGS=WORKER_REGS,
+        num_warps=4)
+    return o, stats

@@ -1,0 +1,167 @@
+"""The Gluon forward for Hopper (kernels/_forward_hopper.py).
+
+Gluon has no interpreter: on the CPU its kernel is compiled for sm_90 by the installed Triton
+(ptxas included), which catches API drift between Triton releases and register spills. On an
+sm_90 GPU it must serve exactly the calls it is built for and agree with the float64 reference
+(the ratio rule of test_kernel.py) and with the Triton forward; the test_kernel.py grid also runs
+through it wherever its cases are eligible.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_flash
+from hf_flash.kernels import _common, _forward_hopper
+from conftest import DEVICE
+from kernel_utils import GRAD_RATIO, OUT_RATIO, check_ratio, make_qkv, max_err, reference_with_grads
+
+C_NONE, C_TL, C_BR = 0, 1, 2
+ROOT = Path(__file__).resolve().parents[1]
+
+needs_gluon = pytest.mark.skipif(not _forward_hopper.AVAILABLE, reason="Triton without Gluon")
+on_sm90 = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+    reason="needs an sm_90 GPU (H100/H200)")
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs():
+    _common.POISON_OUTPUTS = True
+    yield
+    _common.POISON_OUTPUTS = False
+
+
+_COMPILE = r"""
+import json, sys
+sys.path.insert(0, "scripts")
+import compile_kernels as ck
+d, causal, dtype = json.loads(sys.argv[1])
+c = ck.build_hopper_forward(d, causal, dtype)
+ptx = c.asm["ptx"]
+print(json.dumps({"setmaxnreg": "setmaxnreg" in ptx, "wgmma": "wgmma.mma_async" in ptx,
+                  "tma": "cp.async.bulk.tensor" in ptx, "local": ".local" in ptx,
+                  "regs": ck.registers(c)}))
+"""
+
+
+@needs_gluon
+@pytest.mark.parametrize("d,causal,dtype", [(64, False, "bf16"), (128, True, "bf16"),
+                                            (128, False, "fp16")])
+def test_compiles_for_sm90_without_spills(d, causal, dtype):
+    # In a process of its own without TRITON_INTERPRET: under the interpreter Triton's library
+    # functions (gl.max, ...) are interpreted objects a compilation cannot reference.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps([d, causal, dtype])],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    # The registers moved between partitions (WORKER_REGS) are what keeps the tiles in registers.
+    assert got["setmaxnreg"] and got["wgmma"] and got["tma"], got
+    assert not got["local"], "the kernel spills to local memory"
+    if got["regs"] is not None:  # cuobjdump present
+        assert got["regs"][1] == 0, f"{got['regs'][1]} bytes of stack (spills) per thread"
+
+
+class _Spy:
+    """Counts the calls that the Hopper forward served."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = _forward_hopper.attention_forward
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(_forward_hopper, "attention_forward", counted)
+
+
+@pytest.mark.gpu
+@on_sm90
+@needs_gluon
+def test_serves_exactly_the_calls_it_is_built_for(monkeypatch):
+    spy = _Spy(monkeypatch)
+    dev = "cuda"
+
+    def call(n_q=200, n_k=300, D=64, dtype=torch.bfloat16, **kw):
+        h_kv = kw.pop("h_kv", 4)
+        q = torch.randn(2, 4, n_q, D, device=dev, dtype=dtype)
+        k, v = (torch.randn(2, h_kv, n_k, D, device=dev, dtype=dtype) for _ in range(2))
+        before = spy.calls
+        hf_flash.flash_attention(q, k, v, enable_gqa=k.shape[1] != 4, **kw)
+        return spy.calls - before
+
+    assert call() == 1
+    assert call(D=128, dtype=torch.float16, is_causal=True) == 1
+    assert call(h_kv=2) == 1
+    assert call(n_q=200, n_k=300, is_causal=True, causal_alignment="bottom_right") == 1
+    # Everything else goes to the Triton forward.
+    assert call(dtype=torch.float32) == 0
+    assert call(D=80) == 0
+    assert call(D=32) == 0
+    assert call(dropout_p=0.1) == 0
+    assert call(key_padding_mask=torch.rand(2, 300, device=dev) > 0.5) == 0
+    assert call(attn_mask=torch.rand(2, 1, 200, 300, device=dev) > 0.5) == 0
+    # Bottom-right causal with more queries than keys leaves rows with no key.
+    assert call(n_q=300, n_k=200, is_causal=True, causal_alignment="bottom_right") == 0
+    monkeypatch.setattr(_forward_hopper, "ENABLED", False)
+    assert call() == 0
+
+
+_EDGE = [
+    # (n_q, n_k, causal): one tile and a partial one; lengths that leave no full tile; tails in
+    # both directions; a causal diagonal that crosses tiles; bottom-right with n_q < n_k.
+    (1, 1, C_NONE), (1, 1, C_TL), (64, 64, C_NONE), (65, 130, C_TL), (128, 128, C_TL),
+    (129, 1000, C_NONE), (1000, 129, C_TL), (1000, 129, C_NONE), (300, 1100, C_BR),
+    (777, 777, C_TL), (2048, 2048, C_NONE),
+]
+
+
+@pytest.mark.gpu
+@on_sm90
+@needs_gluon
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_q,n_k,causal", _EDGE)
+def test_matches_the_reference(monkeypatch, n_q, n_k, causal, dtype, D):
+    spy = _Spy(monkeypatch)
+    torch.manual_seed(n_q * 7 + n_k + D + causal)
+    gqa = n_q % 2 == 1  # odd lengths also take grouped heads and HF's transposed layout
+    q, k, v = make_qkv(2, 4, 2 if gqa else 4, n_q, n_k, D, dtype, DEVICE,
+                       "bnhd" if gqa else "bhnd")
+    fa = {"is_causal": causal != C_NONE,
+          "causal_alignment": "bottom_right" if causal == C_BR else "top_left"}
+    out, lse = hf_flash.flash_attention(q, k, v, enable_gqa=gqa, return_lse=True, **fa)
+    assert spy.calls == 1
+    do = torch.randn_like(out)
+    out.backward(do)
+    o64, lse64, g64 = reference_with_grads(q, k, v, do, causal=causal)
+    o_lo, _, g_lo = reference_with_grads(q, k, v, do, dtype=dtype, causal=causal)
+    check_ratio("out", out, o64, o_lo, OUT_RATIO, dtype)
+    assert max_err(lse, lse64) <= 1e-3 + 1e-5 * lse64.abs().max().item()
+    # The backward (Triton's) recomputes P from this forward's lse: its gradients hold the rule.
+    for name, t, r64, r_lo in zip(("dq", "dk", "dv"), (q, k, v), g64, g_lo):
+        check_ratio(name, t.grad, r64, r_lo, GRAD_RATIO, dtype)
+
+
+@pytest.mark.gpu
+@on_sm90
+@needs_gluon
+@pytest.mark.parametrize("causal", [False, True])
+def test_agrees_with_the_triton_forward(monkeypatch, causal):
+    # Same inputs through both forwards: both round to the output dtype from fp32 sums in another
+    # order, so they may differ by an ulp or two of the output, never more.
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 8, 1500, 128, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    out_h, lse_h = hf_flash.flash_attention(q, k, v, is_causal=causal, return_lse=True)
+    monkeypatch.setattr(_forward_hopper, "ENABLED", False)
+    out_t, lse_t = hf_flash.flash_attention(q, k, v, is_causal=causal, return_lse=True)
+    ulp = 2.0 ** -7 * out_t.abs().float().clamp_min(2.0 ** -6)
+    assert ((out_h.float() - out_t.float()).abs() <= 2 * ulp).all()
+    assert (lse_h - lse_t).abs().max().item() < 1e-4
