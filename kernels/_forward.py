@@ -169,7 +169,8 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
     With `cu_seqlens` (int32, n + 1 cumulative lengths) q, k, v are (1, H, total, D): n sequences
     packed along the rows, the longest `max_seqlen` long, each attending only within itself."""
     varlen = cu_seqlens is not None
-    if _forward_hopper.eligible(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset):
+    if _forward_hopper.eligible(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset,
+                                scale):
         return _forward_hopper.attention_forward(q, k, v, causal, causal_offset, scale)
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]

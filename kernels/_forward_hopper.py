@@ -247,11 +247,15 @@ def _capability(index: int) -> tuple:
     return torch.cuda.get_device_capability(index)
 
 
-def eligible(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset) -> bool:
+def eligible(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, scale) -> bool:
     """Whether this kernel serves the call; otherwise _forward.py does."""
     if not (AVAILABLE and ENABLED) or _common.INTERPRET or not q.is_cuda:
         return False
     if mask is not None or kpm is not None or dropout_p > 0 or varlen:
+        return False
+    # The softmax takes the row max of the raw scores and scales inside one FMA (exp2(s * c - m)),
+    # which needs c > 0; and a masked -inf score times a negative c would be +inf.
+    if not scale > 0:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in (64, 128):
         return False

@@ -109,6 +109,7 @@ def test_serves_exactly_the_calls_it_is_built_for(monkeypatch):
     assert call(attn_mask=torch.rand(2, 1, 200, 300, device=dev) > 0.5) == 0
     # Bottom-right causal with more queries than keys leaves rows with no key.
     assert call(n_q=300, n_k=200, is_causal=True, causal_alignment="bottom_right") == 0
+    assert call(scale=-0.3) == 0
     monkeypatch.setattr(_forward_hopper, "ENABLED", False)
     assert call() == 0
 
@@ -154,14 +155,17 @@ def test_matches_the_reference(monkeypatch, n_q, n_k, causal, dtype, D):
 @needs_gluon
 @pytest.mark.parametrize("causal", [False, True])
 def test_agrees_with_the_triton_forward(monkeypatch, causal):
-    # Same inputs through both forwards: both round to the output dtype from fp32 sums in another
-    # order, so they may differ by an ulp or two of the output, never more.
+    # Same inputs through both forwards: both round P to bf16 and sum in fp32 in another order,
+    # so an output may differ by a rounding step of the terms it sums (at most about its row's
+    # largest output), not of itself where they cancel.
     torch.manual_seed(3)
     q, k, v = (torch.randn(2, 8, 1500, 128, device="cuda", dtype=torch.bfloat16)
                for _ in range(3))
     out_h, lse_h = hf_flash.flash_attention(q, k, v, is_causal=causal, return_lse=True)
     monkeypatch.setattr(_forward_hopper, "ENABLED", False)
     out_t, lse_t = hf_flash.flash_attention(q, k, v, is_causal=causal, return_lse=True)
-    ulp = 2.0 ** -7 * out_t.abs().float().clamp_min(2.0 ** -6)
-    assert ((out_h.float() - out_t.float()).abs() <= 2 * ulp).all()
+    diff = (out_h.float() - out_t.float()).abs()
+    row_scale = out_t.float().abs().amax(-1, keepdim=True)
+    worst = (diff / row_scale).max().item()
+    assert worst <= 2.0 ** -6, f"outputs differ by {worst:.2e} of their row's largest output"
     assert (lse_h - lse_t).abs().max().item() < 1e-4
