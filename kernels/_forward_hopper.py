@@ -15,8 +15,8 @@ lower-level language, lets the schedule be written out. This is FlashAttention-3
 On an H200 (bf16, B4 H32 N4096 D128) this runs the forward at 600-619 TFLOP/s against 470 for
 _forward.py (benchmarks/gluon_fwd_probe.py). It serves what it is built for (attention_forward
 checks `eligible` first): fp16/bf16, head dim 64 or 128, no mask, no key padding, no dropout, no
-packed sequences, causal only where every query row sees a key; everything else goes to
-_forward.py. It writes the same outputs (O, and the lse with its two terms) so the backward is
+packed sequences, causal only where every query row sees a key, and sequences long enough for it
+to be the faster (MIN_LENGTH); everything else goes to _forward.py. It writes the same outputs (O, and the lse with its two terms) so the backward is
 shared. Gluon has no interpreter: the CPU tests compile it for sm_90, the GPU tests run it.
 """
 
@@ -48,6 +48,15 @@ GROUP_M = BLOCK_M // 2
 # default partition (group 0) takes what is left of the 64K; without this all 12 warps get 168 and
 # the 64 x 128 score and 64 x 128 accumulator tiles spill.
 WORKER_REGS = (240, 24)
+
+# The shortest sequence (queries and keys) this kernel takes, per (head dim, causal): below it
+# _forward.py is faster. Measured on an H200, bf16 forwards, the sweep of 16M-token batches
+# (benchmarks/results/h200/experiments/ops_sweep_fwd_hopper_{on,off}_*.csv): with one 384-thread
+# program per SM (its registers) and a handful of key tiles per program, the start and end of each
+# program (Q load, first tiles, O store) are not hidden. TFLOP/s, this kernel / _forward.py:
+#   D64:  n=2048 409/403, 4096 431/404, 8192 447/415; causal 4096 381/381, 8192 413/372
+#   D128: n=512 407/332, 2048 596/441;  causal 1024 198/308, 2048 391/372, 4096 527/411
+MIN_LENGTH = {(64, False): 4096, (64, True): 8192, (128, False): 512, (128, True): 2048}
 
 
 if AVAILABLE:
@@ -258,6 +267,8 @@ def eligible(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, scale
     if not scale > 0:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in (64, 128):
+        return False
+    if min(q.shape[2], k.shape[2]) < MIN_LENGTH[q.shape[3], bool(causal)]:
         return False
     # Rows with no key to see would need the empty-row handling of _forward.py.
     if k.shape[2] == 0 or (causal and causal_offset < 0):

@@ -37,6 +37,13 @@ def poison_outputs():
     _common.POISON_OUTPUTS = False
 
 
+@pytest.fixture
+def any_length(monkeypatch):
+    # The length floor is a speed choice (MIN_LENGTH): the tests take the kernel at every length,
+    # where partial and single tiles are.
+    monkeypatch.setattr(_forward_hopper, "MIN_LENGTH", dict.fromkeys(_forward_hopper.MIN_LENGTH, 1))
+
+
 _COMPILE = r"""
 import json, sys
 sys.path.insert(0, "scripts")
@@ -96,10 +103,15 @@ def test_serves_exactly_the_calls_it_is_built_for(monkeypatch):
         hf_flash.flash_attention(q, k, v, enable_gqa=k.shape[1] != 4, **kw)
         return spy.calls - before
 
+    assert call(n_q=4096, n_k=4096) == 1
+    assert call(n_q=2048, n_k=3000, D=128, dtype=torch.float16, is_causal=True) == 1
+    assert call(n_q=600, n_k=700, D=128, h_kv=2) == 1
+    assert call(n_q=2048, n_k=2100, D=128, is_causal=True, causal_alignment="bottom_right") == 1
+    # Shorter than MIN_LENGTH: the Triton forward is the faster there.
+    assert call(n_q=512, n_k=512, D=64) == 0
+    assert call(n_q=1, n_k=4096, D=128) == 0
+    monkeypatch.setattr(_forward_hopper, "MIN_LENGTH", dict.fromkeys(_forward_hopper.MIN_LENGTH, 1))
     assert call() == 1
-    assert call(D=128, dtype=torch.float16, is_causal=True) == 1
-    assert call(h_kv=2) == 1
-    assert call(n_q=200, n_k=300, is_causal=True, causal_alignment="bottom_right") == 1
     # Everything else goes to the Triton forward.
     assert call(dtype=torch.float32) == 0
     assert call(D=80) == 0
@@ -129,7 +141,7 @@ _EDGE = [
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n_q,n_k,causal", _EDGE)
-def test_matches_the_reference(monkeypatch, n_q, n_k, causal, dtype, D):
+def test_matches_the_reference(monkeypatch, any_length, n_q, n_k, causal, dtype, D):
     spy = _Spy(monkeypatch)
     torch.manual_seed(n_q * 7 + n_k + D + causal)
     gqa = n_q % 2 == 1  # odd lengths also take grouped heads and HF's transposed layout
@@ -154,7 +166,7 @@ def test_matches_the_reference(monkeypatch, n_q, n_k, causal, dtype, D):
 @on_sm90
 @needs_gluon
 @pytest.mark.parametrize("causal", [False, True])
-def test_agrees_with_the_triton_forward(monkeypatch, causal):
+def test_agrees_with_the_triton_forward(monkeypatch, any_length, causal):
     # Same inputs through both forwards: both round P to bf16 and sum in fp32 in another order,
     # so an output may differ by a rounding step of the terms it sums (at most about its row's
     # largest output), not of itself where they cancel.
