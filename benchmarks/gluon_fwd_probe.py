@@ -11,13 +11,16 @@ language, with the overlap spelled out in one instruction stream:
     O = O * alpha + P[j] V[j]    issued after the P V before it has finished
     wait for S[j+1]              P[j] V[j] may still run into the next iteration
 
-K and V come by TMA into a ring of three buffers (tile j+2 loads while j is used). Each variant
-is checked against PyTorch (output poisoned first) and timed beside the hf_flash forward:
+K and V come by TMA into a ring of three buffers (tile j+2 loads while j is used). Two more
+variants split the warps as FlashAttention-3 does (a producer warp, two consumer warp groups of 64
+rows): "ws", the same loop per group, and "pp", the groups taking turns at the tensor cores
+(ping-pong), which kernels/_forward_hopper.py grew from. Each variant is checked against PyTorch
+(output poisoned first) and timed beside the hf_flash forward:
 
     python3 benchmarks/gluon_fwd_probe.py [--out DIR]
 
-An experiment, not a kernel of hf_flash: what it measures says whether a Gluon forward is worth
-building with hf_flash's features.
+An experiment, not a kernel of hf_flash (whose forward on Hopper now includes the ping-pong one):
+the variants side by side, in their plainest form.
 """
 
 import argparse

@@ -12,8 +12,8 @@ lower-level language, lets the schedule be written out. This is FlashAttention-3
 - the groups take turns at issuing (ping-pong, a pair of mbarriers), so one group's softmax runs
   while the other group's products hold the tensor cores.
 
-On an H200 (bf16, B4 H32 N4096 D128) this runs the forward at 600-619 TFLOP/s against 470 for
-_forward.py (benchmarks/gluon_fwd_probe.py). It serves what it is built for (attention_forward
+On an H200 (bf16, B4 H32 N4096 D128) it runs the forward at 616 TFLOP/s against 474 for
+_forward.py (docs/perf-notes.md, "v10"). It serves what it is built for (attention_forward
 checks `eligible` first): fp16/bf16, head dim 64 or 128, no mask, no key padding, no dropout, no
 packed sequences, causal only where every query row sees a key, and sequences long enough for it
 to be the faster (MIN_LENGTH); everything else goes to _forward.py. It writes the same outputs (O, and the lse with its two terms) so the backward is
@@ -245,10 +245,10 @@ if AVAILABLE:
 
 def _tma_ok(t: torch.Tensor) -> bool:
     """TMA reads a (B, H, N, D) tensor whose rows are contiguous, with its base and every other
-    stride a multiple of 16 bytes."""
+    stride a positive multiple of 16 bytes (a broadcast, stride-0 dimension is not one)."""
     es = t.element_size()
     return (t.stride(3) == 1 and t.data_ptr() % 16 == 0
-            and all((s * es) % 16 == 0 for s in t.stride()[:3]))
+            and all(s > 0 and (s * es) % 16 == 0 for s in t.stride()[:3]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -278,16 +278,12 @@ def eligible(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, scale
     return _tma_ok(q) and _tma_ok(k) and _tma_ok(v)
 
 
-_GL_DTYPES = {}
-
-
 def _descriptor(t: torch.Tensor, rows: int) -> "TensorDescriptor":
     """A TMA descriptor over the whole (B, H, N, D) tensor, one (1, 1, rows, D) box per load: its
     bounds are per head, so a tile past a head's last row reads zeros (or, storing, is cut)."""
-    if not _GL_DTYPES:
-        _GL_DTYPES.update({torch.float16: gl.float16, torch.bfloat16: gl.bfloat16})
     block = [1, 1, rows, t.shape[3]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
+    gl_dtype = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 

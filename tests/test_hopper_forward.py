@@ -122,6 +122,12 @@ def test_serves_exactly_the_calls_it_is_built_for(monkeypatch):
     # Bottom-right causal with more queries than keys leaves rows with no key.
     assert call(n_q=300, n_k=200, is_causal=True, causal_alignment="bottom_right") == 0
     assert call(scale=-0.3) == 0
+    # TMA takes no stride-0 (broadcast) dimension.
+    q = torch.randn(2, 4, 200, 64, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, 4, 300, 64, device=dev, dtype=torch.bfloat16).expand(2, -1, -1, -1)
+    before = spy.calls
+    hf_flash.flash_attention(q, k, k)
+    assert spy.calls == before
     monkeypatch.setattr(_forward_hopper, "ENABLED", False)
     assert call() == 0
 
