@@ -21,6 +21,7 @@ shared. Gluon has no interpreter: the CPU tests compile it for sm_90, the GPU te
 """
 
 import functools
+import json
 import os
 
 import torch
@@ -42,12 +43,17 @@ from . import _common
 ENABLED = os.environ.get("HF_FLASH_HOPPER_FWD", "1") != "0"
 
 BLOCK_M = 128  # query rows per program: two consumer groups of 64
-BLOCK_N = 128  # keys per tile
 GROUP_M = BLOCK_M // 2
-# setmaxnreg: registers per thread for the worker partitions (consumer group 1, producer). The
-# default partition (group 0) takes what is left of the 64K; without this all 12 warps get 168 and
-# the 64 x 128 score and 64 x 128 accumulator tiles spill.
-WORKER_REGS = (240, 24)
+# BLOCK_N: keys per tile. NUM_BUF: K/V buffers (tile j in use, j + 1 loaded, j + 2 loading).
+# WORKER_REGS: registers per thread for the worker partitions (consumer group 1, producer), set by
+# setmaxnreg; the default partition (group 0) takes what is left. Without it all 12 warps get 168
+# and the 64 x 128 score and accumulator tiles spill. maxnreg: the launch's registers per thread
+# (None: the compiler's choice, 168), which decides how many programs share an SM.
+CONFIG = {"BLOCK_N": 128, "NUM_BUF": 3, "WORKER_REGS": (240, 24), "maxnreg": None}
+# HF_FLASH_HOPPER_CONFIG='{"BLOCK_N": 64, ...}' replaces entries (experiments: the GPU tests run
+# under it, so a config is checked before it is timed or kept).
+CONFIG.update({k: tuple(v) if isinstance(v, list) else v
+               for k, v in json.loads(os.environ.get("HF_FLASH_HOPPER_CONFIG", "{}")).items()})
 
 # The shortest sequence (queries and keys) this kernel takes, per (head dim, causal): below it
 # _forward.py is faster. Measured on an H200, bf16 forwards, the sweep of 16M-token batches
@@ -65,11 +71,9 @@ if AVAILABLE:
     _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
     _tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_shared_to_global
 
-    NUM_BUF = gl.constexpr(3)  # K/V ring: tile j in use, j + 1 loaded, j + 2 loading
-
     @gluon.jit
     def _producer(k_desc, v_desc, k_smem, v_smem, ready, free, off_b, off_hk, n_tiles,
-                  BLOCK_N: gl.constexpr, D: gl.constexpr):
+                  BLOCK_N: gl.constexpr, D: gl.constexpr, NUM_BUF: gl.constexpr):
         kv_bytes: gl.constexpr = 2 * BLOCK_N * D * k_desc.dtype.primitive_bitwidth // 8
         for t in range(0, n_tiles):
             buf = t % NUM_BUF
@@ -86,7 +90,7 @@ if AVAILABLE:
               rows, cols0, n_k, causal_offset, qk_scale,
               FIRST_GROUP: gl.constexpr, PEELED: gl.constexpr, MASKED: gl.constexpr,
               IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-              o_layout: gl.constexpr):
+              NUM_BUF: gl.constexpr, o_layout: gl.constexpr):
         """Key tile t of one consumer group: issue S[t] and P[t-1] V[t-1] on this group's turn,
         then the online-softmax step of S[t]. PEELED: t is the first tile, no P V before it."""
         buf = t % NUM_BUF
@@ -132,7 +136,8 @@ if AVAILABLE:
     def _consumer(o_desc, stats_ptr, q_smem, k_smem, v_smem, q_bar, ready, free, my_turn,
                   their_turn, off_b, off_h, row0, n_q, n_k, causal_offset, full_tiles, n_tiles,
                   qk_scale, FIRST_GROUP: gl.constexpr, IS_CAUSAL: gl.constexpr,
-                  GROUP_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr):
+                  GROUP_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                  NUM_BUF: gl.constexpr):
         dtype: gl.constexpr = o_desc.dtype
         # One warp group: 4 warps x 16 rows.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -155,18 +160,18 @@ if AVAILABLE:
         # block sees whole, then the rest (the key tail, the causal diagonal) masked.
         acc, p_op, m_i, l_i = _tile(0, acc, p_op, m_i, l_i, s_zero, q, k_smem, v_smem, ready, free,
                                     my_turn, their_turn, rows, cols0, n_k, causal_offset, qk_scale,
-                                    FIRST_GROUP, True, True, IS_CAUSAL, BLOCK_N, D, o_layout)
+                                    FIRST_GROUP, True, True, IS_CAUSAL, BLOCK_N, D, NUM_BUF, o_layout)
         first_masked = gl.maximum(full_tiles, 1)
         for t in range(1, first_masked):
             acc, p_op, m_i, l_i = _tile(t, acc, p_op, m_i, l_i, s_zero, q, k_smem, v_smem, ready,
                                         free, my_turn, their_turn, rows, cols0, n_k, causal_offset,
                                         qk_scale, FIRST_GROUP, False, False, IS_CAUSAL, BLOCK_N, D,
-                                        o_layout)
+                                        NUM_BUF, o_layout)
         for t in range(first_masked, n_tiles):
             acc, p_op, m_i, l_i = _tile(t, acc, p_op, m_i, l_i, s_zero, q, k_smem, v_smem, ready,
                                         free, my_turn, their_turn, rows, cols0, n_k, causal_offset,
                                         qk_scale, FIRST_GROUP, False, True, IS_CAUSAL, BLOCK_N, D,
-                                        o_layout)
+                                        NUM_BUF, o_layout)
         last = (n_tiles - 1) % NUM_BUF
         acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, D]), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
@@ -189,8 +194,8 @@ if AVAILABLE:
     def _fwd_hopper_kernel(q_desc, k_desc, v_desc, o_desc, STATS, H, GROUP, N_Q, N_K,
                            causal_offset, qk_scale,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                           IS_CAUSAL: gl.constexpr, WORKER_REGS: gl.constexpr,
-                           num_warps: gl.constexpr):
+                           IS_CAUSAL: gl.constexpr, NUM_BUF: gl.constexpr,
+                           WORKER_REGS: gl.constexpr, num_warps: gl.constexpr):
         GROUP_M: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = q_desc.dtype
         pid_m = gl.program_id(0)
@@ -233,13 +238,13 @@ if AVAILABLE:
             (_consumer, (o_desc, stats_ptr, q_smem.index(0), k_smem, v_smem, q_bar, ready, free,
                          turn.index(0), turn.index(1), off_b, off_h, start_m, N_Q, N_K,
                          causal_offset, full_tiles, n_tiles, qk_scale, True, IS_CAUSAL, GROUP_M,
-                         BLOCK_N, D)),
+                         BLOCK_N, D, NUM_BUF)),
             (_consumer, (o_desc, stats_ptr, q_smem.index(1), k_smem, v_smem, q_bar, ready, free,
                          turn.index(1), turn.index(0), off_b, off_h, start_m + GROUP_M, N_Q, N_K,
                          causal_offset, full_tiles, n_tiles, qk_scale, False, IS_CAUSAL, GROUP_M,
-                         BLOCK_N, D)),
+                         BLOCK_N, D, NUM_BUF)),
             (_producer, (k_desc, v_desc, k_smem, v_smem, ready, free, off_b, off_hk, n_tiles,
-                         BLOCK_N, D)),
+                         BLOCK_N, D, NUM_BUF)),
         ], [4, 1], WORKER_REGS)
 
 
@@ -287,8 +292,10 @@ def _descriptor(t: torch.Tensor, rows: int) -> "TensorDescriptor":
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
-def attention_forward(q, k, v, causal, causal_offset, scale):
-    """(O with q's layout, stats fp32 (B, H, 3, N_Q)) as _forward.attention_forward returns them."""
+def attention_forward(q, k, v, causal, causal_offset, scale, config=None):
+    """(O with q's layout, stats fp32 (B, H, 3, N_Q)) as _forward.attention_forward returns them.
+    `config` (for experiments) replaces entries of CONFIG."""
+    cfg = {**CONFIG, **(config or {})}
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     o = torch.empty_like(q)
@@ -301,10 +308,12 @@ def attention_forward(q, k, v, causal, causal_offset, scale):
     if N_Q == 0:
         return o, stats
     grid = (-(-N_Q // BLOCK_M), B * H)
+    block_n = cfg["BLOCK_N"]
+    extra = {} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}
     _fwd_hopper_kernel[grid](
-        _descriptor(q, GROUP_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N),
+        _descriptor(q, GROUP_M), _descriptor(k, block_n), _descriptor(v, block_n),
         _descriptor(o, GROUP_M), stats, H, H // k.shape[1], N_Q, N_K, causal_offset,
         scale * _common.LOG2E,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, D=D, IS_CAUSAL=bool(causal), WORKER_REGS=WORKER_REGS,
-        num_warps=4)
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, D=D, IS_CAUSAL=bool(causal), NUM_BUF=cfg["NUM_BUF"],
+        WORKER_REGS=cfg["WORKER_REGS"], num_warps=4, **extra)
     return o, stats

@@ -238,29 +238,33 @@ def compile_configs(target):
     print("\n".join(over))
 
 
-def build_hopper_forward(d: int, causal: bool, dtype: str, target=None):
+def build_hopper_forward(d: int, causal: bool, dtype: str, target=None, config=None):
     """Compile _forward_hopper's Gluon kernel as attention_forward launches it (TMA descriptors of
-    (1, 1, rows, d) boxes) for sm_90; returns the compiled kernel."""
+    (1, 1, rows, d) boxes) for sm_90, with `config` replacing entries of its CONFIG; returns the
+    compiled kernel."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
     from hf_flash.kernels import _forward_hopper as hop
     g = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+    cfg = {**hop.CONFIG, **(config or {})}
 
     def desc(rows):
         layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, d], g)
         return f"tensordesc<{dtype}[1,1,{rows},{d}],{layout!r}>"
 
-    sig = {"q_desc": desc(hop.GROUP_M), "k_desc": desc(hop.BLOCK_N), "v_desc": desc(hop.BLOCK_N),
+    sig = {"q_desc": desc(hop.GROUP_M), "k_desc": desc(cfg["BLOCK_N"]), "v_desc": desc(cfg["BLOCK_N"]),
            "o_desc": desc(hop.GROUP_M), "STATS": "*fp32", "H": "i32", "GROUP": "i32", "N_Q": "i32",
            "N_K": "i32", "causal_offset": "i32", "qk_scale": "fp32"}
-    cx = {"BLOCK_M": hop.BLOCK_M, "BLOCK_N": hop.BLOCK_N, "D": d, "IS_CAUSAL": causal,
-          "WORKER_REGS": hop.WORKER_REGS, "num_warps": 4}
+    cx = {"BLOCK_M": hop.BLOCK_M, "BLOCK_N": cfg["BLOCK_N"], "D": d, "IS_CAUSAL": causal,
+          "NUM_BUF": cfg["NUM_BUF"], "WORKER_REGS": cfg["WORKER_REGS"], "num_warps": 4}
     sig.update({k: "constexpr" for k in cx})
     names = list(sig)
     src = GluonASTSource(hop._fwd_hopper_kernel, signature=sig,
                          constexprs={(names.index(k),): v for k, v in cx.items()}, attrs={})
-    return triton.compile(src, target=target or GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4})
+    options = {"num_warps": 4}
+    if cfg["maxnreg"] is not None:
+        options["maxnreg"] = cfg["maxnreg"]
+    return triton.compile(src, target=target or GPUTarget("cuda", 90, 32), options=options)
 
 
 def compile_hopper(target):
