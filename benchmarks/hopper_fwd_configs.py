@@ -119,7 +119,8 @@ def main():
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__, "git_sha": os.environ.get("GIT_SHA", ""),
             "configs": {k: {kk: list(vv) if isinstance(vv, tuple) else vv for kk, vv in c.items()}
-                        for k, c in CONFIGS.items()}, "check_rel_err": {f"{k[0]} D{k[1]}": v for k, v in errors.items()}}
+                        for k, c in CONFIGS.items()},
+            "check_rel_err": {f"{k[0]} D{k[1]}": v for k, v in errors.items()}}
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "hopper_fwd_configs.json"), "w") as f:

@@ -16,8 +16,9 @@ On an H200 (bf16, B4 H32 N4096 D128) it runs the forward at 616 TFLOP/s against 
 _forward.py (docs/perf-notes.md, "v10"). It serves what it is built for (attention_forward
 checks `eligible` first): fp16/bf16, head dim 64 or 128, no mask, no key padding, no dropout, no
 packed sequences, causal only where every query row sees a key, and sequences long enough for it
-to be the faster (MIN_LENGTH); everything else goes to _forward.py. It writes the same outputs (O, and the lse with its two terms) so the backward is
-shared. Gluon has no interpreter: the CPU tests compile it for sm_90, the GPU tests run it.
+to be the faster (MIN_LENGTH); everything else goes to _forward.py. It writes the same outputs
+(O, and the lse with its two terms), so the backward is shared. Gluon has no interpreter: the CPU
+tests compile it for sm_90, the GPU tests run it.
 """
 
 import functools
@@ -160,7 +161,8 @@ if AVAILABLE:
         # block sees whole, then the rest (the key tail, the causal diagonal) masked.
         acc, p_op, m_i, l_i = _tile(0, acc, p_op, m_i, l_i, s_zero, q, k_smem, v_smem, ready, free,
                                     my_turn, their_turn, rows, cols0, n_k, causal_offset, qk_scale,
-                                    FIRST_GROUP, True, True, IS_CAUSAL, BLOCK_N, D, NUM_BUF, o_layout)
+                                    FIRST_GROUP, True, True, IS_CAUSAL, BLOCK_N, D, NUM_BUF,
+                                    o_layout)
         first_masked = gl.maximum(full_tiles, 1)
         for t in range(1, first_masked):
             acc, p_op, m_i, l_i = _tile(t, acc, p_op, m_i, l_i, s_zero, q, k_smem, v_smem, ready,
