@@ -181,6 +181,17 @@ def default_config(kind: str, head_dim_padded: int, elt_size: int) -> dict:
     return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 
+def forward_outputs(q: "torch.Tensor", o: "torch.Tensor") -> tuple:
+    """(o, stats) for a forward launch: stats is fp32 (B, H, 3, N_Q); both NaN under
+    POISON_OUTPUTS."""
+    B, H, N_Q, _ = q.shape
+    stats = torch.empty((B, H, 3, N_Q), device=q.device, dtype=torch.float32)
+    if POISON_OUTPUTS:
+        o.fill_(float("nan"))
+        stats.fill_(float("nan"))
+    return o, stats
+
+
 def row_strides(t: "torch.Tensor", varlen: bool) -> tuple:
     """(batch, head, row) strides as the kernels take them; packed sequences are told apart by
     their first row, not by a batch index, so their batch stride is 0."""

@@ -278,7 +278,7 @@ def eligible(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, scale
     if min(q.shape[2], k.shape[2]) < MIN_LENGTH[q.shape[3], bool(causal)]:
         return False
     # Rows with no key to see would need the empty-row handling of _forward.py.
-    if k.shape[2] == 0 or (causal and causal_offset < 0):
+    if q.shape[2] == 0 or k.shape[2] == 0 or (causal and causal_offset < 0):
         return False
     if _capability(q.get_device()) != (9, 0):
         return False
@@ -303,12 +303,7 @@ def attention_forward(q, k, v, causal, causal_offset, scale, config=None):
     o = torch.empty_like(q)
     if not _tma_ok(o):  # empty_like keeps q's strides, but not those of an overlapping q
         o = torch.empty((B, H, N_Q, D), device=q.device, dtype=q.dtype)
-    stats = torch.empty((B, H, 3, N_Q), device=q.device, dtype=torch.float32)
-    if _common.POISON_OUTPUTS:
-        o.fill_(float("nan"))
-        stats.fill_(float("nan"))
-    if N_Q == 0:
-        return o, stats
+    o, stats = _common.forward_outputs(q, o)
     grid = (-(-N_Q // BLOCK_M), B * H)
     block_n = cfg["BLOCK_N"]
     extra = {} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}
