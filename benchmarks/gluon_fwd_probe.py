@@ -14,13 +14,14 @@ language, with the overlap spelled out in one instruction stream:
 K and V come by TMA into a ring of three buffers (tile j+2 loads while j is used). Two more
 variants split the warps as FlashAttention-3 does (a producer warp, two consumer warp groups of 64
 rows): "ws", the same loop per group, and "pp", the groups taking turns at the tensor cores
-(ping-pong), which kernels/_forward_hopper.py grew from. Each variant is checked against PyTorch
-(output poisoned first) and timed beside the hf_flash forward:
+(ping-pong). The pp rows run hf_flash's own Gluon forward (kernels/_forward_hopper.py), which
+grew from the probe's pp kernel (at 81ac37f, the runs in docs/perf-notes.md "v10") and adds
+bounds and causal masking to it. Each variant is checked against PyTorch (output poisoned first)
+and timed beside the hf_flash forward:
 
     python3 benchmarks/gluon_fwd_probe.py [--out DIR]
 
-An experiment, not a kernel of hf_flash (whose forward on Hopper now includes the ping-pong one):
-the variants side by side, in their plainest form.
+An experiment, not a kernel of hf_flash: the variants side by side.
 """
 
 import argparse
@@ -207,95 +208,6 @@ def _ws_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, free, row_q, n_ti
     tma.store_wait(pendings=0)
 
 
-# Ping-pong (FlashAttention-3's schedule for two consumer groups): each group issues its two
-# matrix products of an iteration, S[j] = Q K[j]^T and O += P[j-1] V[j-1], only on its turn, then
-# hands the turn to the other group; its softmax of S[j] then runs while the other group's
-# products hold the tensor cores. The turn is a pair of mbarriers, strictly alternating (a group
-# can be at most one hand-over ahead, so waiting on the phase parity is enough).
-@gluon.jit
-def _pp_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, free, my_turn, their_turn, row_q,
-                 n_tiles, qk_scale, FIRST: gl.constexpr,
-                 GROUP_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr):
-    dtype: gl.constexpr = o_desc.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    mbarrier.wait(q_bar, phase=0)
-    m_i = gl.full([GROUP_M], float("-inf"), gl.float32, layout=row_s)
-    l_i = gl.zeros([GROUP_M], gl.float32, layout=row_s)
-    acc = gl.zeros([GROUP_M, D], gl.float32, layout=o_layout)
-    s_zero = gl.zeros([GROUP_M, BLOCK_N], gl.float32, layout=s_layout)
-    p_op = gl.zeros([GROUP_M, BLOCK_N], dtype, layout=p_layout)
-    for j in range(0, n_tiles):
-        buf = j % NUM_BUF
-        mbarrier.wait(ready.index(buf), phase=(j // NUM_BUF) & 1)
-        # Group 0 opens; after that each turn is the other group's hand-over.
-        if FIRST:
-            mbarrier.wait(my_turn, phase=(j + 1) & 1, pred=j >= 1)
-        else:
-            mbarrier.wait(my_turn, phase=j & 1)
-        s = warpgroup_mma(q_smem, k_smem.index(buf).permute((1, 0)), s_zero, use_acc=False,
-                          is_async=True)
-        # P[j-1] V[j-1]; on the first pass P is zero and O is zero, V[0] stands in.
-        acc = warpgroup_mma(p_op, v_smem.index(gl.maximum(j - 1, 0) % NUM_BUF), acc, is_async=True)
-        mbarrier.arrive(their_turn)
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(free.index((j + NUM_BUF - 1) % NUM_BUF), pred=j >= 1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-    acc = warpgroup_mma(p_op, v_smem.index((n_tiles - 1) % NUM_BUF), acc, is_async=True)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    o = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
-    q_smem.store(o.to(dtype))
-    fence_async_shared()
-    _tma_store(o_desc, [row_q, 0], q_smem)
-    tma.store_wait(pendings=0)
-
-
-@gluon.jit
-def _probe_fwd_pp(q_desc, k_desc, v_desc, o_desc, N, qk_scale,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                  WORKER_REGS: gl.constexpr, num_warps: gl.constexpr):
-    # As _probe_fwd_ws, with the consumers taking turns at the tensor cores.
-    GROUP_M: gl.constexpr = BLOCK_M // 2
-    dtype: gl.constexpr = q_desc.dtype
-    start_m = gl.program_id(0) * BLOCK_M
-    row0 = gl.program_id(1) * N
-    q_smem = gl.allocate_shared_memory(dtype, [2, GROUP_M, D], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_N, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, BLOCK_N, D], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    free = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(NUM_BUF):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(free.index(i), count=2)
-    for i in gl.static_range(2):
-        mbarrier.init(turn.index(i), count=1)
-    fence_async_shared()
-    n_tiles = N // BLOCK_N
-    mbarrier.expect(q_bar, BLOCK_M * D * dtype.primitive_bitwidth // 8)
-    _tma_load(q_desc, [row0 + start_m, 0], q_bar, q_smem.index(0))
-    _tma_load(q_desc, [row0 + start_m + GROUP_M, 0], q_bar, q_smem.index(1))
-    gl.warp_specialize([
-        (_pp_consumer, (o_desc, q_smem.index(0), k_smem, v_smem, q_bar, ready, free,
-                        turn.index(0), turn.index(1), row0 + start_m, n_tiles, qk_scale, True,
-                        GROUP_M, BLOCK_N, D)),
-        (_pp_consumer, (o_desc, q_smem.index(1), k_smem, v_smem, q_bar, ready, free,
-                        turn.index(1), turn.index(0), row0 + start_m + GROUP_M, n_tiles, qk_scale,
-                        False, GROUP_M, BLOCK_N, D)),
-        (_ws_producer, (k_desc, v_desc, k_smem, v_smem, ready, free, row0, n_tiles, BLOCK_N, D)),
-    ], [4, 1], WORKER_REGS)
-
-
 @gluon.jit
 def _probe_fwd_ws(q_desc, k_desc, v_desc, o_desc, N, qk_scale,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
@@ -358,21 +270,27 @@ def descriptors(q, k, v, o, block_m, block_n):
 
 
 def probe(q, k, v, block_m=128, block_n=64, num_warps=8, ws="", worker_regs=None):
-    """ws: "" (one instruction stream), "ws" (producer + two consumer groups), "pp" (the same,
-    consumers taking turns at the tensor cores)."""
+    """A launch closure that returns the output. ws: "" (one instruction stream), "ws"
+    (producer + two consumer groups), "pp" (the same, consumers taking turns at the tensor cores:
+    hf_flash's own Gluon forward, kernels/_forward_hopper.py, whose 128-row blocks are fixed)."""
     b, h, n, d = q.shape
     assert n % block_m == 0 and n % block_n == 0 and n >= 2 * block_n
+    if ws == "pp":
+        from hf_flash.kernels import _forward_hopper
+        config = {"BLOCK_N": block_n, "WORKER_REGS": worker_regs}
+        return lambda: _forward_hopper.attention_forward(q, k, v, False, 0, d ** -0.5, config)[0]
     o = torch.full_like(q, float("nan"))
     # The specialised kernel loads and stores Q and O per consumer group: half the block's rows.
     descs = descriptors(q, k, v, o, block_m // 2 if ws else block_m, block_n)
     qk_scale = 1.0 / math.sqrt(d) * 1.4426950408889634
-    kernel = {"": _probe_fwd, "ws": _probe_fwd_ws, "pp": _probe_fwd_pp}[ws]
+    kernel = _probe_fwd_ws if ws else _probe_fwd
     extra = {"WORKER_REGS": worker_regs} if ws else {}
 
     def call():
         kernel[(n // block_m, b * h)](*descs, n, qk_scale, BLOCK_M=block_m, BLOCK_N=block_n, D=d,
                                       num_warps=num_warps, **extra)
-    return o, call
+        return o
+    return call
 
 
 def main():
@@ -382,6 +300,7 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("gluon_fwd_probe: needs a CUDA GPU")
     import hf_flash
+    from hf_flash.kernels import _common
     rows = []
     for (b, h, n, d) in ((4, 32, 4096, 128), (1, 16, 16384, 64), (16, 16, 1024, 64)):
         g = torch.Generator(device="cuda").manual_seed(n + d)
@@ -407,8 +326,10 @@ def main():
                                    f"{'' if ws else f' w{warps}'}"
                                    f"{f' r{regs[0]}/{regs[1]}' if regs else ''}"}
             try:
-                o, call = probe(q, k, v, block_m, block_n, warps, ws, regs)
-                call()
+                call = probe(q, k, v, block_m, block_n, warps, ws, regs)
+                _common.POISON_OUTPUTS = True  # an unwritten row of the Gluon forward shows
+                o = call()
+                _common.POISON_OUTPUTS = False
                 torch.cuda.synchronize()
                 row["nonfinite_rows"] = 1.0 - torch.isfinite(o).all(-1).float().mean().item()
                 row["rel_err"] = ((o.float() - ref).norm() / ref.norm()).item()
