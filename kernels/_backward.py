@@ -6,12 +6,15 @@ Two kernels, no atomics, so gradients are bit-for-bit deterministic:
 - `_bwd_dkdv_kernel`: one program per (key block, batch x K/V head); it walks every query block
   of every query head in its group, so grouped-query gradients are summed in a fixed order.
 Both rebuild P = exp2(S - lse) tile by tile; nothing of size (q_len x k_len) is ever stored.
+On an H100/H200, long unmasked and causal calls take their dK/dV from the Gluon kernel of
+_backward_hopper.py instead (also deterministic), after this dQ kernel.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from . import _backward_hopper
 from . import _common
 from . import _tuning
 from ._common import (AUTOTUNE, bucket, call_signature, cdiv, cfg, default_config,
@@ -403,10 +406,18 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
         (*strides, *row_strides(o, varlen), *row_strides(do, varlen), *row_strides(dq, varlen),
          *mask_strides, *kpm_strides, *scalars),
         {**constexprs, "HAS_DLSE": dlse is not None}, outputs=(5, 7))  # dq, delta
-    go_dkdv = _tuning.launch(
-        _bwd_dkdv_kernel, "dkdv", key, candidates,
-        lambda c: (cdiv(rows_k, c["BLOCK_N"]), n_batch * H_KV), dkdv_tensors,
-        (*strides, *row_strides(do, varlen), *row_strides(dk, varlen), *row_strides(dv, varlen),
-         *mask_strides, *kpm_strides, *scalars), constexprs, outputs=(4, 5))  # dk, dv
+    if _backward_hopper.eligible(q, k, v, do, dk, dv, mask, kpm, dropout_p, varlen, causal,
+                                 causal_offset, scale):
+        # dK/dV in Gluon (_backward_hopper.py), from the delta the dQ kernel has just written.
+        def go_dkdv(t):
+            _backward_hopper.dkdv(*t[:8], causal, causal_offset, scale)
+        go_dkdv(dkdv_tensors)
+    else:
+        go_dkdv = _tuning.launch(
+            _bwd_dkdv_kernel, "dkdv", key, candidates,
+            lambda c: (cdiv(rows_k, c["BLOCK_N"]), n_batch * H_KV), dkdv_tensors,
+            (*strides, *row_strides(do, varlen), *row_strides(dk, varlen),
+             *row_strides(dv, varlen), *mask_strides, *kpm_strides, *scalars), constexprs,
+            outputs=(4, 5))  # dk, dv
     _tuning.remember(sig, everything, (go_dq, go_dkdv))
     return dq, dk, dv

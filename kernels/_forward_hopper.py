@@ -21,24 +21,17 @@ to be the faster (MIN_LENGTH); everything else goes to _forward.py. It writes th
 tests compile it for sm_90, the GPU tests run it.
 """
 
-import functools
 import json
 import os
 
 import torch
 
-try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
-                                                                  tma, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    AVAILABLE = True
-except ImportError:  # a Triton without Gluon (before 3.5): _forward.py serves every call
-    AVAILABLE = False
-
 from . import _common
+from ._hopper import AVAILABLE, descriptor, plain_call, tma_ok
+
+if AVAILABLE:
+    from ._hopper import (fence_async_shared, gl, gluon, mbarrier, tma, tma_load, tma_store,
+                          warpgroup_mma, warpgroup_mma_wait)
 
 # HF_FLASH_HOPPER_FWD=0 sends every forward to _forward.py (for comparisons and bisection).
 ENABLED = os.environ.get("HF_FLASH_HOPPER_FWD", "1") != "0"
@@ -67,11 +60,6 @@ MIN_LENGTH = {(64, False): 4096, (64, True): 8192, (128, False): 512, (128, True
 
 
 if AVAILABLE:
-    # Gluon renames things between releases: Triton 3.9 calls the TMA copies async_load /
-    # async_store, earlier releases async_copy_global_to_shared / _shared_to_global.
-    _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
-    _tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_shared_to_global
-
     @gluon.jit
     def _producer(k_desc, v_desc, k_smem, v_smem, ready, free, off_b, off_hk, n_tiles,
                   BLOCK_N: gl.constexpr, D: gl.constexpr, NUM_BUF: gl.constexpr):
@@ -83,8 +71,8 @@ if AVAILABLE:
             mbarrier.expect(ready.index(buf), kv_bytes)
             # Rows past the keys' end come back as zeros (the descriptor's bounds are this head's);
             # the consumers mask their scores.
-            _tma_load(k_desc, [off_b, off_hk, t * BLOCK_N, 0], ready.index(buf), k_smem.index(buf))
-            _tma_load(v_desc, [off_b, off_hk, t * BLOCK_N, 0], ready.index(buf), v_smem.index(buf))
+            tma_load(k_desc, [off_b, off_hk, t * BLOCK_N, 0], ready.index(buf), k_smem.index(buf))
+            tma_load(v_desc, [off_b, off_hk, t * BLOCK_N, 0], ready.index(buf), v_smem.index(buf))
 
     @gluon.jit
     def _tile(t, acc, p_op, m_i, l_i, s_zero, q, k_smem, v_smem, ready, free, my_turn, their_turn,
@@ -182,7 +170,7 @@ if AVAILABLE:
         # which writes only the rows inside this head's N_Q.
         q.store(o.to(dtype))
         fence_async_shared()
-        _tma_store(o_desc, [off_b, off_h, row0, 0], q_smem)
+        tma_store(o_desc, [off_b, off_h, row0, 0], q_smem)
         # The same stats as _forward.py: lse, row max and log2(row sum), base 2.
         log2_l = gl.log2(l_i)
         r = row0 + gl.arange(0, GROUP_M, layout=row_s)
@@ -234,8 +222,8 @@ if AVAILABLE:
             mbarrier.init(turn.index(i), count=1)
         fence_async_shared()
         mbarrier.expect(q_bar, BLOCK_M * D * dtype.primitive_bitwidth // 8)
-        _tma_load(q_desc, [off_b, off_h, start_m, 0], q_bar, q_smem.index(0))
-        _tma_load(q_desc, [off_b, off_h, start_m + GROUP_M, 0], q_bar, q_smem.index(1))
+        tma_load(q_desc, [off_b, off_h, start_m, 0], q_bar, q_smem.index(0))
+        tma_load(q_desc, [off_b, off_h, start_m + GROUP_M, 0], q_bar, q_smem.index(1))
         gl.warp_specialize([
             (_consumer, (o_desc, stats_ptr, q_smem.index(0), k_smem, v_smem, q_bar, ready, free,
                          turn.index(0), turn.index(1), off_b, off_h, start_m, N_Q, N_K,
@@ -250,48 +238,12 @@ if AVAILABLE:
         ], [4, 1], WORKER_REGS)
 
 
-def _tma_ok(t: torch.Tensor) -> bool:
-    """TMA reads a (B, H, N, D) tensor whose rows are contiguous, with its base and every other
-    stride a positive multiple of 16 bytes (a broadcast, stride-0 dimension is not one)."""
-    es = t.element_size()
-    return (t.stride(3) == 1 and t.data_ptr() % 16 == 0
-            and all(s > 0 and (s * es) % 16 == 0 for s in t.stride()[:3]))
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple:
-    return torch.cuda.get_device_capability(index)
-
-
 def eligible(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, scale) -> bool:
     """Whether this kernel serves the call; otherwise _forward.py does."""
-    if not (AVAILABLE and ENABLED) or _common.INTERPRET or not q.is_cuda:
+    if not ENABLED or not plain_call(q, k, v, mask, kpm, dropout_p, varlen, causal,
+                                     causal_offset, scale):
         return False
-    if mask is not None or kpm is not None or dropout_p > 0 or varlen:
-        return False
-    # The softmax takes the row max of the raw scores and scales inside one FMA (exp2(s * c - m)),
-    # which needs c > 0; and a masked -inf score times a negative c would be +inf.
-    if not scale > 0:
-        return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in (64, 128):
-        return False
-    if min(q.shape[2], k.shape[2]) < MIN_LENGTH[q.shape[3], bool(causal)]:
-        return False
-    # Rows with no key to see would need the empty-row handling of _forward.py.
-    if q.shape[2] == 0 or k.shape[2] == 0 or (causal and causal_offset < 0):
-        return False
-    if _capability(q.get_device()) != (9, 0):
-        return False
-    return _tma_ok(q) and _tma_ok(k) and _tma_ok(v)
-
-
-def _descriptor(t: torch.Tensor, rows: int) -> "TensorDescriptor":
-    """A TMA descriptor over the whole (B, H, N, D) tensor, one (1, 1, rows, D) box per load: its
-    bounds are per head, so a tile past a head's last row reads zeros (or, storing, is cut)."""
-    block = [1, 1, rows, t.shape[3]]
-    gl_dtype = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+    return min(q.shape[2], k.shape[2]) >= MIN_LENGTH[q.shape[3], bool(causal)]
 
 
 def attention_forward(q, k, v, causal, causal_offset, scale, config=None):
@@ -301,15 +253,15 @@ def attention_forward(q, k, v, causal, causal_offset, scale, config=None):
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     o = torch.empty_like(q)
-    if not _tma_ok(o):  # empty_like keeps q's strides, but not those of an overlapping q
+    if not tma_ok(o):  # empty_like keeps q's strides, but not those of an overlapping q
         o = torch.empty((B, H, N_Q, D), device=q.device, dtype=q.dtype)
     o, stats = _common.forward_outputs(q, o)
     grid = (-(-N_Q // BLOCK_M), B * H)
     block_n = cfg["BLOCK_N"]
     extra = {} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}
     _fwd_hopper_kernel[grid](
-        _descriptor(q, GROUP_M), _descriptor(k, block_n), _descriptor(v, block_n),
-        _descriptor(o, GROUP_M), stats, H, H // k.shape[1], N_Q, N_K, causal_offset,
+        descriptor(q, GROUP_M), descriptor(k, block_n), descriptor(v, block_n),
+        descriptor(o, GROUP_M), stats, H, H // k.shape[1], N_Q, N_K, causal_offset,
         scale * _common.LOG2E,
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, D=D, IS_CAUSAL=bool(causal), NUM_BUF=cfg["NUM_BUF"],
         WORKER_REGS=cfg["WORKER_REGS"], num_warps=4, **extra)

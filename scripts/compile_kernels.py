@@ -267,11 +267,45 @@ def build_hopper_forward(d: int, causal: bool, dtype: str, target=None, config=N
     return triton.compile(src, target=target or GPUTarget("cuda", 90, 32), options=options)
 
 
+def build_hopper_backward(d: int, causal: bool, dtype: str, target=None, config=None):
+    """Compile _backward_hopper's Gluon dK/dV kernel as its dkdv() launches it, for sm_90, with
+    `config` replacing entries of its CONFIG; returns the compiled kernel."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from hf_flash.kernels import _backward_hopper as hop
+    g = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+    cfg = {**hop.CONFIG, **(config or {})}
+
+    def desc(rows):
+        layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, d], g)
+        return f"tensordesc<{dtype}[1,1,{rows},{d}],{layout!r}>"
+
+    sig = {"q_desc": desc(hop.BLOCK_M), "k_desc": desc(hop.GROUP_N), "v_desc": desc(hop.GROUP_N),
+           "do_desc": desc(hop.BLOCK_M), "dk_desc": desc(hop.GROUP_N),
+           "dv_desc": desc(hop.GROUP_N), "ROWS": "*fp32", "H": "i32", "GROUP": "i32",
+           "N_Q": "i32", "N_PAD": "i32", "N_K": "i32", "causal_offset": "i32",
+           "qk_scale": "fp32", "sm_scale": "fp32"}
+    cx = {"BLOCK_N": hop.BLOCK_N, "BLOCK_M": hop.BLOCK_M, "D": d, "IS_CAUSAL": causal,
+          "NUM_BUF": cfg["NUM_BUF"], "WORKER_REGS": cfg["WORKER_REGS"], "num_warps": 4}
+    sig.update({k: "constexpr" for k in cx})
+    names = list(sig)
+    src = GluonASTSource(hop._dkdv_hopper_kernel, signature=sig,
+                         constexprs={(names.index(k),): v for k, v in cx.items()}, attrs={})
+    return triton.compile(src, target=target or GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4})
+
+
 def compile_hopper(target):
     for d, causal, dtype in itertools.product([64, 128], [False, True], ["bf16", "fp16"]):
         c = build_hopper_forward(d, causal, dtype, target)
         ptx = c.asm["ptx"]
         print(f"_fwd_hopper_kernel {dtype} D{d} causal={causal}: registers / spill / SASS "
+              f"{usage(registers(c), c)}, setmaxnreg={'setmaxnreg' in ptx}, "
+              f"shared {c.metadata.shared} bytes")
+    for d, causal, dtype in itertools.product([64, 128], [False, True], ["bf16", "fp16"]):
+        c = build_hopper_backward(d, causal, dtype, target)
+        ptx = c.asm["ptx"]
+        print(f"_dkdv_hopper_kernel {dtype} D{d} causal={causal}: registers / spill / SASS "
               f"{usage(registers(c), c)}, setmaxnreg={'setmaxnreg' in ptx}, "
               f"shared {c.metadata.shared} bytes")
 

@@ -1,0 +1,74 @@
+"""What the Gluon kernels for Hopper (_forward_hopper.py, _backward_hopper.py) share: Gluon's
+imports, the TMA descriptors they read and write through, and the calls they may serve.
+
+Gluon is Triton's lower-level language: the kernel states its warp roles, shared buffers and
+barriers itself, which is how these kernels overlap the softmax with the tensor cores where
+Triton's own schedule does not (docs/perf-notes.md, "v10"). Gluon has no interpreter: the CPU
+tests compile these kernels for sm_90, the GPU tests run them.
+"""
+
+import functools
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
+                                                                  tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    AVAILABLE = True
+    # Gluon renames things between releases: Triton 3.9 calls the TMA copies async_load /
+    # async_store, earlier releases async_copy_global_to_shared / _shared_to_global.
+    tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+    tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_shared_to_global
+except ImportError:  # a Triton without Gluon (before 3.5): the Triton kernels serve every call
+    AVAILABLE = False
+
+from . import _common
+
+
+def tma_ok(t: torch.Tensor) -> bool:
+    """TMA reads a (B, H, N, D) tensor whose rows are contiguous, with its base and every other
+    stride a positive multiple of 16 bytes (a broadcast, stride-0 dimension is not one)."""
+    es = t.element_size()
+    return (t.stride(3) == 1 and t.data_ptr() % 16 == 0
+            and all(s > 0 and (s * es) % 16 == 0 for s in t.stride()[:3]))
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def plain_call(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, scale) -> bool:
+    """Whether a call is one the Gluon kernels are built for, lengths aside: an sm_90 GPU,
+    fp16/bf16 at head dim 64 or 128, no mask, key padding, dropout or packing, causal only where
+    every query row sees a key, a positive scale, and inputs TMA can read."""
+    if not AVAILABLE or _common.INTERPRET or not q.is_cuda:
+        return False
+    if mask is not None or kpm is not None or dropout_p > 0 or varlen:
+        return False
+    # Both kernels scale the scores inside one FMA (exp2(s * c - m)) against a row max or lse
+    # taken of scaled scores, which needs c > 0; and a masked -inf score times a negative c would
+    # be +inf.
+    if not scale > 0:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in (64, 128):
+        return False
+    # Rows with no key to see would need the empty-row handling of the Triton kernels.
+    if q.shape[2] == 0 or k.shape[2] == 0 or (causal and causal_offset < 0):
+        return False
+    if _capability(q.get_device()) != (9, 0):
+        return False
+    return tma_ok(q) and tma_ok(k) and tma_ok(v)
+
+
+def descriptor(t: torch.Tensor, rows: int) -> "TensorDescriptor":
+    """A TMA descriptor over the whole (B, H, N, D) tensor, one (1, 1, rows, D) box per copy: its
+    bounds are per head, so a tile past a head's last row reads zeros (or, storing, is cut)."""
+    block = [1, 1, rows, t.shape[3]]
+    gl_dtype = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
