@@ -371,11 +371,15 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
     dq_tensors = (q, k, v, o, do, dq, stats, delta, dlse if dlse is not None else stats, mask_t,
                   kpm_t, lo_t, hi_t, seed_t, cu_t)
     dkdv_tensors = (q, k, v, do, dk, dv, stats, delta, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t)
+    # dK/dV from the Gluon kernel (_backward_hopper.py) or Triton's: part of the signature, as
+    # its switches (ENABLED, MIN_LENGTH) may change between calls.
+    gluon_dkdv = _backward_hopper.eligible(q, k, v, do, dk, dv, mask, kpm, dropout_p, varlen,
+                                           causal, causal_offset, scale)
     # As in attention_forward, with what only the backward takes (dO; the saved o and stats).
     sig = ("bwd", call_signature(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, seed, cu_seqlens,
                                  max_seqlen, causal, causal_offset, scale, dropout_p),
            o.stride(), do.dtype, do.stride(), stats.shape, stats.stride(),
-           None if dlse is None else dlse.shape)
+           None if dlse is None else dlse.shape, gluon_dkdv)
     everything = (*dq_tensors, dk, dv)
     plan = _tuning.planned(sig, everything)
     if plan is not None:
@@ -406,9 +410,8 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
         (*strides, *row_strides(o, varlen), *row_strides(do, varlen), *row_strides(dq, varlen),
          *mask_strides, *kpm_strides, *scalars),
         {**constexprs, "HAS_DLSE": dlse is not None}, outputs=(5, 7))  # dq, delta
-    if _backward_hopper.eligible(q, k, v, do, dk, dv, mask, kpm, dropout_p, varlen, causal,
-                                 causal_offset, scale):
-        # dK/dV in Gluon (_backward_hopper.py), from the delta the dQ kernel has just written.
+    if gluon_dkdv:
+        # From the delta the dQ kernel has just written.
         def go_dkdv(t):
             _backward_hopper.dkdv(*t[:8], causal, causal_offset, scale)
         go_dkdv(dkdv_tensors)

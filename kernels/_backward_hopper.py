@@ -42,9 +42,14 @@ CONFIG = {"NUM_BUF": 2, "WORKER_REGS": (240, 24)}
 CONFIG.update({k: tuple(v) if isinstance(v, list) else v
                for k, v in json.loads(os.environ.get("HF_FLASH_HOPPER_BWD_CONFIG", "{}")).items()})
 
-# The shortest sequence (queries and keys) this kernel takes, per (head dim, causal): below it
-# _backward.py's dK/dV kernel is the faster. From the probe's three shapes (module docstring);
-# not yet swept over lengths.
+# The shortest sequence (queries and keys) this kernel takes, per (head dim, causal): from the
+# probe's three shapes (module docstring), where it was slower at N512. Every length it served
+# in the sweep of 16M-token batches came out faster (H200, bf16, backward in ms, this kernel
+# with Triton's dQ / Triton's two kernels;
+# benchmarks/results/h200/experiments/ops_sweep_*_bwd_hopper_{on,off}_*.csv):
+#   D64:  n=8192 7.51/8.02, 16384 15.14/16.01; causal 8192 4.01/4.35, 16384 7.75/8.47
+#   D128: n=2048 1.75/1.96, 4096 3.31/3.75;    causal 2048 1.05/1.11, 4096 1.90/2.01
+# Shorter lengths were not timed.
 MIN_LENGTH = {(64, False): 8192, (64, True): 8192, (128, False): 2048, (128, True): 2048}
 
 

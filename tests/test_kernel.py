@@ -246,11 +246,13 @@ def _n_candidates():
 def _tuning_on(monkeypatch):
     """Tuning as on a GPU for every shape class: the full candidate lists, nothing chosen or
     compiled yet. Returns the tuning module."""
-    from hf_flash.kernels import _backward, _forward, _forward_hopper, _tuning
+    from hf_flash.kernels import _backward, _backward_hopper, _forward, _forward_hopper, _tuning
     for mod in (_common, _forward, _backward):
         monkeypatch.setattr(mod, "AUTOTUNE", True)
-    # The candidates are _forward.py's: calls it would leave to the Gluon forward come to it.
+    # The candidates are the Triton kernels': calls they would leave to the Gluon kernels come
+    # to them.
     monkeypatch.setattr(_forward_hopper, "ENABLED", False)
+    monkeypatch.setattr(_backward_hopper, "ENABLED", False)
     monkeypatch.setattr(_tuning, "_CHOSEN", {})
     monkeypatch.setattr(_tuning, "_COMPILED", {})
     monkeypatch.setattr(_tuning, "_PLANS", {})
