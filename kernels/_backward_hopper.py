@@ -203,12 +203,13 @@ if AVAILABLE:
 def eligible(q, k, v, do, dk, dv, mask, kpm, dropout_p, varlen, causal, causal_offset,
              scale) -> bool:
     """Whether this kernel computes dK and dV for the call; otherwise _backward.py does."""
-    if not ENABLED or not plain_call(q, k, v, mask, kpm, dropout_p, varlen, causal,
-                                     causal_offset, scale):
+    # The length first, as in _forward_hopper.eligible.
+    floor = MIN_LENGTH.get((q.shape[3], bool(causal)))
+    if not ENABLED or floor is None or min(q.shape[2], k.shape[2]) < floor:
         return False
     if do.dtype != q.dtype or not (tma_ok(do) and tma_ok(dk) and tma_ok(dv)):
         return False
-    return min(q.shape[2], k.shape[2]) >= MIN_LENGTH[q.shape[3], bool(causal)]
+    return plain_call(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, scale)
 
 
 def dkdv(q, k, v, do, dk, dv, stats, delta, causal, causal_offset, scale, config=None):

@@ -240,10 +240,12 @@ if AVAILABLE:
 
 def eligible(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, scale) -> bool:
     """Whether this kernel serves the call; otherwise _forward.py does."""
-    if not ENABLED or not plain_call(q, k, v, mask, kpm, dropout_p, varlen, causal,
-                                     causal_offset, scale):
+    # The length first: it turns most short calls away at the cost of a dict lookup (the
+    # checks of plain_call add host time to every call of a host-bound short model).
+    floor = MIN_LENGTH.get((q.shape[3], bool(causal)))
+    if not ENABLED or floor is None or min(q.shape[2], k.shape[2]) < floor:
         return False
-    return min(q.shape[2], k.shape[2]) >= MIN_LENGTH[q.shape[3], bool(causal)]
+    return plain_call(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, scale)
 
 
 def attention_forward(q, k, v, causal, causal_offset, scale, config=None):
