@@ -4,7 +4,7 @@
     python scripts/compile_kernels.py --configs  # every tuning candidate instead (~4 minutes)
     python scripts/compile_kernels.py --lengths  # lengths divisible by 16 against not (~2 minutes)
     python scripts/compile_kernels.py --short    # the forward's config for <= 16 query rows (~1 minute)
-    python scripts/compile_kernels.py --hopper   # the Gluon forward for sm_90 (~20 seconds)
+    python scripts/compile_kernels.py --hopper   # the Gluon kernels for sm_90 (~60 seconds)
 
 Triton's whole pipeline (front end, MLIR passes, LLVM, ptxas) runs on the host, so a machine
 without a GPU can check that a kernel change still compiles for the GPU, which the CPU test
@@ -23,7 +23,8 @@ skips them at run time). `--lengths` compiles each kernel's untuned config (head
 padding with dropout, and causal with key padding) with the lengths N_Q, N_K and STATS_N
 specialised as multiples of 16 and without, and prints registers, spills and SASS instructions
 of both: what `do_not_specialize` on the lengths would change in the code. `--hopper` compiles the
-Gluon forward of kernels/_forward_hopper.py (head dims 64 and 128, causal or not, bf16 and fp16)
+Gluon forward of kernels/_forward_hopper.py and the Gluon dK/dV of kernels/_backward_hopper.py
+(head dims 64 and 128, causal or not, bf16 and fp16)
 and prints each variant's registers, spills and whether its partitions resize their registers.
 
 Each variant is compiled as Triton specialises it at run time for a common case: base pointers
