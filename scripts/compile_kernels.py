@@ -297,18 +297,14 @@ def build_hopper_backward(d: int, causal: bool, dtype: str, target=None, config=
 
 
 def compile_hopper(target):
-    for d, causal, dtype in itertools.product([64, 128], [False, True], ["bf16", "fp16"]):
-        c = build_hopper_forward(d, causal, dtype, target)
-        ptx = c.asm["ptx"]
-        print(f"_fwd_hopper_kernel {dtype} D{d} causal={causal}: registers / spill / SASS "
-              f"{usage(registers(c), c)}, setmaxnreg={'setmaxnreg' in ptx}, "
-              f"shared {c.metadata.shared} bytes")
-    for d, causal, dtype in itertools.product([64, 128], [False, True], ["bf16", "fp16"]):
-        c = build_hopper_backward(d, causal, dtype, target)
-        ptx = c.asm["ptx"]
-        print(f"_dkdv_hopper_kernel {dtype} D{d} causal={causal}: registers / spill / SASS "
-              f"{usage(registers(c), c)}, setmaxnreg={'setmaxnreg' in ptx}, "
-              f"shared {c.metadata.shared} bytes")
+    for name, build in (("_fwd_hopper_kernel", build_hopper_forward),
+                        ("_dkdv_hopper_kernel", build_hopper_backward)):
+        for d, causal, dtype in itertools.product([64, 128], [False, True], ["bf16", "fp16"]):
+            c = build(d, causal, dtype, target)
+            ptx = c.asm["ptx"]
+            print(f"{name} {dtype} D{d} causal={causal}: registers / spill / SASS "
+                  f"{usage(registers(c), c)}, setmaxnreg={'setmaxnreg' in ptx}, "
+                  f"shared {c.metadata.shared} bytes")
 
 
 def main():

@@ -7,12 +7,6 @@ reference (with the lse of either forward, and with a gradient through the lse) 
 the Triton dK/dV kernel's.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -21,13 +15,9 @@ from hf_flash.kernels import _backward_hopper, _common, _forward_hopper
 from conftest import DEVICE
 from kernel_utils import GRAD_RATIO, check_ratio, make_qkv
 
-C_NONE, C_TL, C_BR = 0, 1, 2
-ROOT = Path(__file__).resolve().parents[1]
+from hopper_utils import check_compiles_for_sm90, needs_gluon, on_sm90
 
-needs_gluon = pytest.mark.skipif(not _backward_hopper.AVAILABLE, reason="Triton without Gluon")
-on_sm90 = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-    reason="needs an sm_90 GPU (H100/H200)")
+C_NONE, C_TL, C_BR = 0, 1, 2
 
 
 @pytest.fixture(autouse=True)
@@ -45,37 +35,15 @@ def any_length(monkeypatch):
         monkeypatch.setattr(mod, "MIN_LENGTH", dict.fromkeys(mod.MIN_LENGTH, 1))
 
 
-_COMPILE = r"""
-import json, sys
-sys.path.insert(0, "scripts")
-import compile_kernels as ck
-d, causal, dtype = json.loads(sys.argv[1])
-c = ck.build_hopper_backward(d, causal, dtype)
-ptx = c.asm["ptx"]
-print(json.dumps({"setmaxnreg": "setmaxnreg" in ptx, "wgmma": "wgmma.mma_async" in ptx,
-                  "tma": "cp.async.bulk.tensor" in ptx, "local": ".local" in ptx,
-                  "regs": ck.registers(c)}))
-"""
-
-
 @needs_gluon
 @pytest.mark.parametrize("d,causal,dtype", [(64, True, "bf16"), (128, True, "bf16"),
                                             (128, False, "fp16")])
 def test_compiles_for_sm90_without_spills(d, causal, dtype):
-    # Without TRITON_INTERPRET, in a process of its own (see test_hopper_forward.py).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps([d, causal, dtype])],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
-    assert got["setmaxnreg"] and got["wgmma"] and got["tma"], got
-    assert not got["local"], "the kernel spills to local memory"
-    if got["regs"] is not None:  # cuobjdump present
-        # Triton 3.9 compiles it without a stack. Triton 3.6's ptxas keeps 32-40 bytes of loop
-        # scalars (counters, offsets) on the stack at head dim 128, a few loads per tile; the
-        # H200 timings of docs/perf-notes.md are of that build. A tile spilled (a second loop
-        # for the causal diagonal made 80-400 bytes) would exceed the bound.
-        assert got["regs"][1] <= 64, f"{got['regs'][1]} bytes of stack (spills) per thread"
+    # Triton 3.9 compiles it without a stack. Triton 3.6's ptxas keeps 32-40 bytes of loop
+    # scalars (counters, offsets) on the stack at head dim 128, a few loads per tile; the H200
+    # timings of docs/perf-notes.md are of that build. A tile spilled (a second loop for the
+    # causal diagonal made 80-400 bytes) would exceed the bound.
+    check_compiles_for_sm90("build_hopper_backward", d, causal, dtype, max_stack=64)
 
 
 class _Spy:
