@@ -48,3 +48,16 @@ def check_compiles_for_sm90(builder: str, d: int, causal: bool, dtype: str, max_
     assert not got["local"], "the kernel spills to local memory"
     if got["regs"] is not None:  # cuobjdump present
         assert got["regs"][1] <= max_stack, f"{got['regs'][1]} bytes of stack (spills) per thread"
+
+
+class Spy:
+    """Counts the calls of `module.name` (a kernel's launcher) for the length of a test."""
+
+    def __init__(self, monkeypatch, module, name):
+        self.calls = 0
+        real = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)

@@ -15,7 +15,7 @@ from hf_flash.kernels import _backward_hopper, _common, _forward_hopper
 from conftest import DEVICE
 from kernel_utils import GRAD_RATIO, check_ratio, make_qkv
 
-from hopper_utils import check_compiles_for_sm90, needs_gluon, on_sm90
+from hopper_utils import Spy, check_compiles_for_sm90, needs_gluon, on_sm90
 
 C_NONE, C_TL, C_BR = 0, 1, 2
 
@@ -46,24 +46,16 @@ def test_compiles_for_sm90_without_spills(d, causal, dtype):
     check_compiles_for_sm90("build_hopper_backward", d, causal, dtype, max_stack=64)
 
 
-class _Spy:
+def _spy(monkeypatch):
     """Counts the backward calls whose dK/dV the Gluon kernel computed."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        real = _backward_hopper.dkdv
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
-        monkeypatch.setattr(_backward_hopper, "dkdv", counted)
+    return Spy(monkeypatch, _backward_hopper, "dkdv")
 
 
 @pytest.mark.gpu
 @on_sm90
 @needs_gluon
 def test_serves_exactly_the_calls_it_is_built_for(monkeypatch):
-    spy = _Spy(monkeypatch)
+    spy = _spy(monkeypatch)
     dev = "cuda"
 
     def call(n_q=200, n_k=300, D=64, dtype=torch.bfloat16, **kw):
@@ -121,7 +113,7 @@ def _grads(q, k, v, do, w, fa, gqa):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n_q,n_k,causal", _EDGE)
 def test_matches_the_reference(monkeypatch, any_length, n_q, n_k, causal, dtype, D):
-    spy = _Spy(monkeypatch)
+    spy = _spy(monkeypatch)
     torch.manual_seed(n_q * 7 + n_k + D + causal)
     gqa = n_q % 2 == 1  # odd lengths also take grouped heads and HF's transposed layout
     q, k, v = make_qkv(2, 4, 2 if gqa else 4, n_q, n_k, D, dtype, DEVICE,
@@ -154,7 +146,7 @@ def test_agrees_with_the_triton_kernel(monkeypatch, any_length, causal):
     # Same inputs, dQ and delta alike: both kernels round P^T and dS^T to bf16 and sum the tiles
     # in fp32, in another order, so a gradient may differ by a rounding step of the terms it sums
     # (at most about its row's largest entry).
-    spy = _Spy(monkeypatch)
+    spy = _spy(monkeypatch)
     torch.manual_seed(5 + causal)
     q = torch.randn(2, 8, 1500, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(2, 4, 1700, 128, device="cuda", dtype=torch.bfloat16,

@@ -15,7 +15,7 @@ from hf_flash.kernels import _common, _forward_hopper
 from conftest import DEVICE
 from kernel_utils import GRAD_RATIO, OUT_RATIO, check_ratio, make_qkv, max_err, reference_with_grads
 
-from hopper_utils import check_compiles_for_sm90, needs_gluon, on_sm90
+from hopper_utils import Spy, check_compiles_for_sm90, needs_gluon, on_sm90
 
 C_NONE, C_TL, C_BR = 0, 1, 2
 
@@ -41,24 +41,16 @@ def test_compiles_for_sm90_without_spills(d, causal, dtype):
     check_compiles_for_sm90("build_hopper_forward", d, causal, dtype)
 
 
-class _Spy:
+def _spy(monkeypatch):
     """Counts the calls that the Hopper forward served."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        real = _forward_hopper.attention_forward
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
-        monkeypatch.setattr(_forward_hopper, "attention_forward", counted)
+    return Spy(monkeypatch, _forward_hopper, "attention_forward")
 
 
 @pytest.mark.gpu
 @on_sm90
 @needs_gluon
 def test_serves_exactly_the_calls_it_is_built_for(monkeypatch):
-    spy = _Spy(monkeypatch)
+    spy = _spy(monkeypatch)
     dev = "cuda"
 
     def call(n_q=200, n_k=300, D=64, dtype=torch.bfloat16, **kw):
@@ -114,7 +106,7 @@ _EDGE = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n_q,n_k,causal", _EDGE)
 def test_matches_the_reference(monkeypatch, any_length, n_q, n_k, causal, dtype, D):
-    spy = _Spy(monkeypatch)
+    spy = _spy(monkeypatch)
     torch.manual_seed(n_q * 7 + n_k + D + causal)
     gqa = n_q % 2 == 1  # odd lengths also take grouped heads and HF's transposed layout
     q, k, v = make_qkv(2, 4, 2 if gqa else 4, n_q, n_k, D, dtype, DEVICE,
