@@ -243,19 +243,37 @@ def test_ws_repro_kernel_is_exact_under_the_interpreter(ws, tma):
     assert ((o.float() - ref).norm() / ref.norm()).item() < 1e-3  # fp16 output: ~2.5e-4
 
 
-def test_gluon_bwd_probe_compiles_for_sm90():
-    # The probe waits for a GPU call; until then, and after every Triton upgrade, it must still
+def _gluon_probe_compiles_for_sm90(script, n_lines, extra=()):
+    # A probe that waits for a GPU call must, until then and after every Triton upgrade, still
     # build (Gluon renames things between releases) and keep its tiles in registers.
     try:
         import triton.experimental.gluon  # noqa: F401
     except ImportError:
         pytest.skip("Triton without Gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for the GPU
-    r = subprocess.run([sys.executable, "benchmarks/gluon_bwd_probe.py", "--compile-only"],
+    r = subprocess.run([sys.executable, script, "--compile-only"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("D")]
-    assert len(lines) == 4 and not any("does not compile" in ln for ln in lines), r.stdout
+    assert len(lines) == n_lines and not any("does not compile" in ln for ln in lines), r.stdout
     for ln in lines:  # "registers / stack (168, 0)", or None without cuobjdump
         stack = re.search(r"registers / stack \(\d+, (\d+)\)", ln)
         assert stack is None or stack.group(1) == "0", ln
+        for want in extra:
+            assert want in ln, ln
+
+
+def test_gluon_bwd_probe_compiles_for_sm90():
+    _gluon_probe_compiles_for_sm90("benchmarks/gluon_bwd_probe.py", 4)
+
+
+def test_gluon_fused_bwd_probe_compiles_for_sm90():
+    try:
+        from triton.experimental.gluon.language.nvidia.hopper import tma
+    except ImportError:
+        pytest.skip("Triton without Gluon")
+    if not hasattr(tma, "async_atomic_add"):
+        pytest.skip("this Triton's Gluon has no TMA reduction (tma.async_atomic_add)")
+    # dQ's sum must go out as a bulk TMA reduction, not element atomics.
+    _gluon_probe_compiles_for_sm90("benchmarks/gluon_fused_bwd_probe.py", 2,
+                                   extra=("bulk reduce True",))
