@@ -221,6 +221,45 @@ def compile_only():
                 print(f"D{d} {name}: does not compile: {(lines or [str(e)])[0][:200]}")
 
 
+SHAPES = ((4, 32, 4096, 128), (1, 16, 16384, 64), (32, 16, 512, 64))  # (B, H, N, D)
+
+
+def make_case(b, h, n, d):
+    """Seeded bf16 (B, H, N, D) q, k, v and dO on the GPU, with the fp32 reference: the base-2 lse
+    of the scaled scores, delta = rowsum(dO * O) with O rounded to bf16 as a forward stores it,
+    and (dQ, dK, dV) by autograd."""
+    g = torch.Generator(device="cuda").manual_seed(n + d)
+    q, k, v, do = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+                   for _ in range(4))
+    qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+    s = qf @ kf.transpose(-1, -2) / math.sqrt(d)
+    out = torch.softmax(s, -1) @ vf
+    out.backward(do.float())
+    lse2 = (torch.logsumexp(s.detach(), -1) * 1.4426950408889634).contiguous()
+    delta = (do.float() * out.detach().to(torch.bfloat16).float()).sum(-1).contiguous()
+    return (q, k, v, do), lse2, delta, (qf.grad, kf.grad, vf.grad)
+
+
+def report(rows, out_dir, name, title):
+    """Write `rows` with the run's versions to OUT_DIR/NAME.json (if given) and print a table: ms
+    and each relative error (rel_err_* keys) per shape and kernel."""
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "git_sha": os.environ.get("GIT_SHA", "")}
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"\nTriton {triton.__version__}, {meta['gpu']}: {title}")
+    for r in rows:
+        shape = f"B{r['b']} H{r['h']} N{r['n']} D{r['d']}"
+        if "error" in r:
+            print(f"{shape:22} {r['impl']:30} {r['error']}")
+        else:
+            errs = "".join(f"  {key[len('rel_err_'):]} err {r[key]:.2e}" for key in r
+                           if key.startswith("rel_err_"))
+            print(f"{shape:22} {r['impl']:30} {r['ms']:7.3f}{errs}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="", help="folder for gluon_bwd_probe.json")
@@ -236,20 +275,8 @@ def main():
     sys.path.insert(0, os.path.dirname(__file__))
     from sweep_configs import kernel_ms
     rows = []
-    for (b, h, n, d) in ((4, 32, 4096, 128), (1, 16, 16384, 64), (32, 16, 512, 64)):
-        g = torch.Generator(device="cuda").manual_seed(n + d)
-        q, k, v, do = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
-                       for _ in range(4))
-        scale = 1.0 / math.sqrt(d)
-        # fp32 reference: out, lse (base 2), delta, and dK/dV by autograd.
-        qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
-        s = qf @ kf.transpose(-1, -2) * scale
-        out = torch.softmax(s, -1) @ vf
-        out.backward(do.float())
-        lse2 = (torch.logsumexp(s.detach(), -1) * 1.4426950408889634).contiguous()
-        delta = (do.float() * out.detach().to(torch.bfloat16).float()).sum(-1).contiguous()
-        ref = (kf.grad, vf.grad)
-        del s, out, qf
+    for (b, h, n, d) in SHAPES:
+        (q, k, v, do), lse2, delta, (_, *ref) = make_case(b, h, n, d)
         flops = 4 * 2 * b * h * n * n * d  # dK/dV's four products of 2 N^2 D each
         base = {"b": b, "h": h, "n": n, "d": d}
 
@@ -293,21 +320,7 @@ def main():
             rows.append(row)
             print(row, flush=True)
         del q, k, v, do, ref, qg, kg, vg, o, oc
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__, "git_sha": os.environ.get("GIT_SHA", "")}
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "gluon_bwd_probe.json"), "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"\nTriton {triton.__version__}, {meta['gpu']}: backward pieces, bf16, non-causal; ms")
-    for r in rows:
-        shape = f"B{r['b']} H{r['h']} N{r['n']} D{r['d']}"
-        if "error" in r:
-            print(f"{shape:22} {r['impl']:30} {r['error']}")
-        else:
-            errs = (f"  dK err {r['rel_err_dk']:.2e}, dV err {r['rel_err_dv']:.2e}"
-                    if "rel_err_dk" in r else "")
-            print(f"{shape:22} {r['impl']:30} {r['ms']:7.3f}{errs}")
+    report(rows, args.out, "gluon_bwd_probe", "backward pieces, bf16, non-causal; ms")
 
 
 if __name__ == "__main__":

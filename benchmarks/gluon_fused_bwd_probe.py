@@ -42,7 +42,6 @@ when written.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -56,7 +55,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gluon_bwd_probe import NUM_BUF, _bwd_producer, _desc, _tma_load, _tma_store  # noqa: E402
+from gluon_bwd_probe import (NUM_BUF, SHAPES, _bwd_producer, _desc, _tma_load,  # noqa: E402
+                             _tma_store, make_case, report)
 
 HAS_TMA_ADD = hasattr(tma, "async_atomic_add")
 
@@ -297,19 +297,8 @@ def main():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import hf_flash
     rows = []
-    for (b, h, n, d) in ((4, 32, 4096, 128), (1, 16, 16384, 64), (32, 16, 512, 64)):
-        g = torch.Generator(device="cuda").manual_seed(n + d)
-        q, k, v, do = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
-                       for _ in range(4))
-        scale = 1.0 / math.sqrt(d)
-        qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
-        s = qf @ kf.transpose(-1, -2) * scale
-        out = torch.softmax(s, -1) @ vf
-        out.backward(do.float())
-        lse2 = (torch.logsumexp(s.detach(), -1) * 1.4426950408889634).contiguous()
-        delta = (do.float() * out.detach().to(torch.bfloat16).float()).sum(-1).contiguous()
-        ref = (qf.grad, kf.grad, vf.grad)
-        del s, out
+    for (b, h, n, d) in SHAPES:
+        (q, k, v, do), lse2, delta, ref = make_case(b, h, n, d)
         base = {"b": b, "h": h, "n": n, "d": d}
         flops = 5 * 2 * b * h * n * n * d  # the five products of 2 N^2 D each
 
@@ -340,23 +329,10 @@ def main():
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             rows.append(row)
             print(row, flush=True)
-        del q, k, v, do, ref, qg, kg, vg, o, oc, qf, kf, vf
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__, "git_sha": os.environ.get("GIT_SHA", "")}
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "gluon_fused_bwd_probe.json"), "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"\nTriton {triton.__version__}, {meta['gpu']}: backward, bf16, non-causal; ms "
-          "(the fused kernel's time includes zeroing dQ's fp32 sum, not its final scaling)")
-    for r in rows:
-        shape = f"B{r['b']} H{r['h']} N{r['n']} D{r['d']}"
-        if "error" in r:
-            print(f"{shape:22} {r['impl']:26} {r['error']}")
-        else:
-            errs = "".join(f"  {x} err {r['rel_err_' + x]:.2e}" for x in ("dq", "dk", "dv")
-                           if "rel_err_" + x in r)
-            print(f"{shape:22} {r['impl']:26} {r['ms']:7.3f}{errs}")
+        del q, k, v, do, ref, qg, kg, vg, o, oc
+    report(rows, args.out, "gluon_fused_bwd_probe",
+           "backward, bf16, non-causal; ms (the fused kernel's includes zeroing dQ's fp32 sum, "
+           "not its final scaling)")
 
 
 if __name__ == "__main__":
