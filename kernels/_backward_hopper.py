@@ -20,10 +20,10 @@ Triton dK/dV kernel, B1 H16 N16384 D64 4.49 against 4.73; at BERT's shape (N512)
 (4.13 ms at D128). attention_backward checks `eligible` before the Triton kernel.
 """
 
-import json
 import os
 
-from ._hopper import AVAILABLE, descriptor, plain_call, tma_ok
+from . import _common
+from ._hopper import AVAILABLE, config_from_env, descriptor, plain_call, tma_ok
 
 if AVAILABLE:
     from ._hopper import (fence_async_shared, gl, gluon, mbarrier, tma, tma_load, tma_store,
@@ -39,8 +39,7 @@ BLOCK_M = 64  # query rows per tile. 128 spills (S^T and dP^T would take 64 regi
 # the worker partitions (consumer group 1, producer) by setmaxnreg; group 0 takes what is left.
 CONFIG = {"NUM_BUF": 2, "WORKER_REGS": (240, 24)}
 # HF_FLASH_HOPPER_BWD_CONFIG='{"NUM_BUF": 3}' replaces entries (experiments).
-CONFIG.update({k: tuple(v) if isinstance(v, list) else v
-               for k, v in json.loads(os.environ.get("HF_FLASH_HOPPER_BWD_CONFIG", "{}")).items()})
+CONFIG = config_from_env(CONFIG, "HF_FLASH_HOPPER_BWD_CONFIG")
 
 # The shortest sequence (queries and keys) this kernel takes, per (head dim, causal): from the
 # probe's three shapes (module docstring), where it was slower at N512. Every length it served
@@ -231,6 +230,6 @@ def dkdv(q, k, v, do, dk, dv, stats, delta, causal, causal_offset, scale, config
     _dkdv_hopper_kernel[grid](
         descriptor(q, BLOCK_M), descriptor(k, GROUP_N), descriptor(v, GROUP_N),
         descriptor(do, BLOCK_M), descriptor(dk, GROUP_N), descriptor(dv, GROUP_N), rows,
-        H, H // H_KV, N_Q, n_pad, N_K, causal_offset, scale * 1.4426950408889634, scale,
+        H, H // H_KV, N_Q, n_pad, N_K, causal_offset, scale * _common.LOG2E, scale,
         BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, D=D, IS_CAUSAL=bool(causal), NUM_BUF=cfg["NUM_BUF"],
         WORKER_REGS=cfg["WORKER_REGS"], num_warps=4)

@@ -21,13 +21,12 @@ to be the faster (MIN_LENGTH); everything else goes to _forward.py. It writes th
 tests compile it for sm_90, the GPU tests run it.
 """
 
-import json
 import os
 
 import torch
 
 from . import _common
-from ._hopper import AVAILABLE, descriptor, plain_call, tma_ok
+from ._hopper import AVAILABLE, config_from_env, descriptor, plain_call, tma_ok
 
 if AVAILABLE:
     from ._hopper import (fence_async_shared, gl, gluon, mbarrier, tma, tma_load, tma_store,
@@ -46,8 +45,7 @@ GROUP_M = BLOCK_M // 2
 CONFIG = {"BLOCK_N": 128, "NUM_BUF": 3, "WORKER_REGS": (240, 24), "maxnreg": None}
 # HF_FLASH_HOPPER_CONFIG='{"BLOCK_N": 64, ...}' replaces entries (experiments: the GPU tests run
 # under it, so a config is checked before it is timed or kept).
-CONFIG.update({k: tuple(v) if isinstance(v, list) else v
-               for k, v in json.loads(os.environ.get("HF_FLASH_HOPPER_CONFIG", "{}")).items()})
+CONFIG = config_from_env(CONFIG, "HF_FLASH_HOPPER_CONFIG")
 
 # The shortest sequence (queries and keys) this kernel takes, per (head dim, causal): below it
 # _forward.py is faster. Measured on an H200, bf16 forwards, the sweep of 16M-token batches

@@ -8,6 +8,8 @@ tests compile these kernels for sm_90, the GPU tests run them.
 """
 
 import functools
+import json
+import os
 
 import torch
 
@@ -27,6 +29,13 @@ except ImportError:  # a Triton without Gluon (before 3.5): the Triton kernels s
     AVAILABLE = False
 
 from . import _common
+
+
+def config_from_env(defaults: dict, variable: str) -> dict:
+    """`defaults` with the entries of the JSON object in environment variable `variable` put over
+    them (lists become tuples), for experiments with a kernel's launch config."""
+    given = json.loads(os.environ.get(variable, "{}"))
+    return {**defaults, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}}
 
 
 def tma_ok(t: torch.Tensor) -> bool:
