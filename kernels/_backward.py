@@ -371,20 +371,31 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
     dq_tensors = (q, k, v, o, do, dq, stats, delta, dlse if dlse is not None else stats, mask_t,
                   kpm_t, lo_t, hi_t, seed_t, cu_t)
     dkdv_tensors = (q, k, v, do, dk, dv, stats, delta, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t)
-    # dK/dV from the Gluon kernel (_backward_hopper.py) or Triton's: part of the signature, as
-    # its switches (ENABLED, MIN_LENGTH) may change between calls.
-    gluon_dkdv = _backward_hopper.eligible(q, k, v, do, dk, dv, mask, kpm, dropout_p, varlen,
-                                           causal, causal_offset, scale)
+    # On Hopper, part or all of the backward may be _backward_hopper.py's Gluon kernel: which is
+    # part of the signature, as its switches (ENABLED, FUSED, the length floors, deterministic
+    # mode) may change between calls.
+    hopper = _backward_hopper.route(q, k, v, o, do, dk, dv, mask, kpm, dropout_p, varlen, causal,
+                                    causal_offset, scale)
     # As in attention_forward, with what only the backward takes (dO; the saved o and stats).
     sig = ("bwd", call_signature(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, seed, cu_seqlens,
                                  max_seqlen, causal, causal_offset, scale, dropout_p),
            o.stride(), do.dtype, do.stride(), stats.shape, stats.stride(),
-           None if dlse is None else dlse.shape, gluon_dkdv)
+           None if dlse is None else dlse.shape, hopper)
     everything = (*dq_tensors, dk, dv)
     plan = _tuning.planned(sig, everything)
     if plan is not None:
-        plan[0](dq_tensors)
-        plan[1](dkdv_tensors)
+        plan[0](dq_tensors, dkdv_tensors)
+        return dq, dk, dv
+    if hopper == "fused":
+        # dQ, dK and dV from one Gluon kernel.
+        has_dlse = dlse is not None
+
+        def go(dq_t, dkdv_t):
+            q, k, v, o, do, dq, stats, _, dlse_t = dq_t[:9]
+            _backward_hopper.backward(q, k, v, o, do, dq, dkdv_t[4], dkdv_t[5], stats,
+                                      dlse_t if has_dlse else None, causal, causal_offset, scale)
+        go(dq_tensors, dkdv_tensors)
+        _tuning.remember(sig, everything, (go,))
         return dq, dk, dv
     n_batch = cu_seqlens.numel() - 1 if varlen else B
     rows_q, rows_k = (max_seqlen, max_seqlen) if varlen else (N_Q, N_K)
@@ -410,7 +421,7 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
         (*strides, *row_strides(o, varlen), *row_strides(do, varlen), *row_strides(dq, varlen),
          *mask_strides, *kpm_strides, *scalars),
         {**constexprs, "HAS_DLSE": dlse is not None}, outputs=(5, 7))  # dq, delta
-    if gluon_dkdv:
+    if hopper == "dkdv":
         # From the delta the dQ kernel has just written.
         def go_dkdv(t):
             _backward_hopper.dkdv(*t[:8], causal, causal_offset, scale)
@@ -422,5 +433,8 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
             (*strides, *row_strides(do, varlen), *row_strides(dk, varlen),
              *row_strides(dv, varlen), *mask_strides, *kpm_strides, *scalars), constexprs,
             outputs=(4, 5))  # dk, dv
-    _tuning.remember(sig, everything, (go_dq, go_dkdv))
+    # The plan's one launcher takes both kernels' tensors (as the fused route's does).
+    both = (None if go_dq is None or go_dkdv is None
+            else lambda dq_t, dkdv_t: (go_dq(dq_t), go_dkdv(dkdv_t)))
+    _tuning.remember(sig, everything, (both,))
     return dq, dk, dv

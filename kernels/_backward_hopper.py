@@ -22,34 +22,48 @@ Triton dK/dV kernel, B1 H16 N16384 D64 4.49 against 4.73; at BERT's shape (N512)
 
 import os
 
+import torch
+import triton
+import triton.language as tl
+
 from . import _common
-from ._hopper import AVAILABLE, config_from_env, descriptor, plain_call, tma_ok
+from ._hopper import AVAILABLE, HAS_TMA_ADD, config_from_env, descriptor, plain_call, tma_ok
 
 if AVAILABLE:
-    from ._hopper import (fence_async_shared, gl, gluon, mbarrier, tma, tma_load, tma_store,
-                          warpgroup_mma, warpgroup_mma_wait)
+    from ._hopper import (fence_async_shared, gl, gluon, mbarrier, tma, tma_add, tma_load,
+                          tma_store, warpgroup_mma, warpgroup_mma_wait)
 
 # HF_FLASH_HOPPER_BWD=0 sends every dK/dV to _backward.py (for comparisons and bisection).
 ENABLED = os.environ.get("HF_FLASH_HOPPER_BWD", "1") != "0"
+
+# How the kernel gets dQ (constexpr DQ): not at all (Triton's dQ kernel runs first), or summed
+# into an fp32 buffer by TMA bulk reductions (Triton >= 3.9: tma.async_atomic_add) or, where
+# Gluon lacks those, by element atomics from registers.
+DQ_NONE, DQ_TMA, DQ_ATOMIC = 0, 1, 2
 
 BLOCK_N = 128  # keys per program: two consumer groups of 64
 GROUP_N = BLOCK_N // 2
 BLOCK_M = 64  # query rows per tile. 128 spills (S^T and dP^T would take 64 registers each)
 # NUM_BUF: query/dO buffers (tile i in use, i + 1 loading). WORKER_REGS: registers per thread of
 # the worker partitions (consumer group 1, producer) by setmaxnreg; group 0 takes what is left.
-CONFIG = {"NUM_BUF": 2, "WORKER_REGS": (240, 24)}
+# DQ_ADD (the fused route): "tma" where Gluon has TMA reductions, else "atomic"; or either.
+CONFIG = {"NUM_BUF": 2, "WORKER_REGS": (240, 24), "DQ_ADD": "tma" if HAS_TMA_ADD else "atomic"}
 # HF_FLASH_HOPPER_BWD_CONFIG='{"NUM_BUF": 3}' replaces entries (experiments).
 CONFIG = config_from_env(CONFIG, "HF_FLASH_HOPPER_BWD_CONFIG")
 
-# The shortest sequence (queries and keys) this kernel takes, per (head dim, causal): from the
-# probe's three shapes (module docstring), where it was slower at N512. Every length it served
-# in the sweep of 16M-token batches came out faster (H200, bf16, backward in ms, this kernel
-# with Triton's dQ / Triton's two kernels;
-# benchmarks/results/h200/experiments/ops_sweep_*_bwd_hopper_{on,off}_*.csv):
-#   D64:  n=8192 7.51/8.02, 16384 15.14/16.01; causal 8192 4.01/4.35, 16384 7.75/8.47
-#   D128: n=2048 1.75/1.96, 4096 3.31/3.75;    causal 2048 1.05/1.11, 4096 1.90/2.01
-# Shorter lengths were not timed.
-MIN_LENGTH = {(64, False): 8192, (64, True): 8192, (128, False): 2048, (128, True): 2048}
+# HF_FLASH_HOPPER_BWD_FUSED=0 keeps dQ in Triton's kernel (the deterministic route).
+FUSED = os.environ.get("HF_FLASH_HOPPER_BWD_FUSED", "1") != "0"
+
+# The shortest sequence (queries and keys) each route takes, per (head dim, causal). dK/dV after
+# Triton's dQ ("dkdv"): H200, bf16, backward in ms, this kernel / Triton's two kernels
+# (benchmarks/results/h200/experiments/ops_sweep_*_bwd_min0_{on,off}_0c39220.csv,
+# ops_sweep_*_bwd_hopper_{on,off}_70df10c.csv):
+#   D64:  n=1024 1.11/1.11, 2048 2.05/2.08, 4096 3.91/4.14, 8192 7.51/8.02
+#         causal 1024 0.71/0.70, 2048 1.17/1.25, 4096 2.20/2.25, 8192 4.01/4.35
+#   D128: n=1024 0.98/1.08, 2048 1.80/2.01, 4096 3.44/3.96
+#         causal 1024 0.63/0.65, 2048 1.07/1.15, 4096 1.95/2.11
+MIN_LENGTH = {(64, False): 2048, (64, True): 2048, (128, False): 1024, (128, True): 1024}
+FUSED_MIN_LENGTH = {(64, False): 512, (64, True): 512, (128, False): 512, (128, True): 512}
 
 
 if AVAILABLE:
@@ -73,12 +87,30 @@ if AVAILABLE:
                          do_smem.index(buf))
 
     @gluon.jit
-    def _tile(i, dk, dv, k, v, q_smem, do_smem, ready, free, lse_ptr, delta_ptr, start_m, keys,
-              offs_m, s_zero, qk_scale, CAUSAL: gl.constexpr,
-              BLOCK_M: gl.constexpr, D: gl.constexpr, NUM_BUF: gl.constexpr,
-              a_layout: gl.constexpr):
+    def _add_dq(dq, dq_desc, dq_ptr, dq_smem, off_b, head, row, col, N_Q, DQ: gl.constexpr,
+                D: gl.constexpr):
+        """Add a (BLOCK_M, DQ_N) tile of dQ into the fp32 sum at (row, col) of a head."""
+        if DQ == 1:  # DQ_TMA: the copy engine adds a shared-memory tile, near L2
+            tma.store_wait(pendings=0)  # the last reduction has read dq_smem
+            dq_smem.reshape(dq.shape).store(dq)
+            fence_async_shared()
+            tma_add(dq_desc, [off_b, head, row, col], dq_smem)
+        else:  # DQ_ATOMIC: dq_ptr is the head's (N_Q, D) fp32 sum
+            r = row + gl.arange(0, dq.shape[0], layout=gl.SliceLayout(1, dq.type.layout))
+            c = col + gl.arange(0, dq.shape[1], layout=gl.SliceLayout(0, dq.type.layout))
+            ptrs = dq_ptr + gl.expand_dims(r * D, 1) + gl.expand_dims(c, 0)
+            gl.atomic_add(ptrs, dq, mask=gl.expand_dims(r < N_Q, 1) & gl.expand_dims(c < D, 0),
+                          sem="relaxed")
+
+    @gluon.jit
+    def _tile(i, dk, dv, k, v, kq0, kq1, q_smem, do_smem, ds_smem, dq_smem, ready, free,
+              ds_ready, lse_ptr, delta_ptr, dq_desc, dq_ptr, off_b, head, N_Q, start_m, keys,
+              offs_m, s_zero, dq_zero, qk_scale, ds_scale, CAUSAL: gl.constexpr,
+              DQ: gl.constexpr, G: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr,
+              DQ_N: gl.constexpr, NUM_BUF: gl.constexpr, a_layout: gl.constexpr):
         """One query tile against this group's keys, on transposed tiles (keys x queries) so that
-        P^T and dS^T are the A operands of dV's and dK's products. CAUSAL: mask the scores."""
+        P^T and dS^T are the A operands of dV's and dK's products. CAUSAL: mask the scores. With
+        DQ, also this tile's share of dQ (see _consumer)."""
         buf = i % NUM_BUF
         mbarrier.wait(ready.index(buf), phase=(i // NUM_BUF) & 1)
         q = q_smem.index(buf).reshape([BLOCK_M, D])
@@ -97,19 +129,64 @@ if AVAILABLE:
             st = gl.where(seen, st, float("-inf"))
         pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
         dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt,))
-        dst = pt * (dpt - gl.expand_dims(delta, 0))
-        dv = warpgroup_mma(gl.convert_layout(pt.to(k.dtype), a_layout), do, dv, is_async=True)
-        dk = warpgroup_mma(gl.convert_layout(dst.to(k.dtype), a_layout), q, dk, is_async=True)
-        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
-        mbarrier.arrive(free.index(buf))
+        if DQ == 0:
+            dst = pt * (dpt - gl.expand_dims(delta, 0))
+            dv = warpgroup_mma(gl.convert_layout(pt.to(k.dtype), a_layout), do, dv,
+                               is_async=True)
+            dk = warpgroup_mma(gl.convert_layout(dst.to(k.dtype), a_layout), q, dk,
+                               is_async=True)
+            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+            mbarrier.arrive(free.index(buf))
+        else:
+            # dS^T, scaled (dQ and dK both want sm_scale), to shared memory: dK's A operand
+            # there, and with the other group's tile, dQ's. Two buffers: a group writes tile
+            # i + 2's only after the meet of tile i + 1, which the other group reaches after
+            # its tile-i products.
+            dst = pt * ((dpt - gl.expand_dims(delta, 0)) * ds_scale)
+            dsb = i % 2
+            ds_mine = ds_smem.index(dsb * 2 + G)
+            ds_mine.store(dst.to(k.dtype))
+            fence_async_shared()
+            mbarrier.arrive(ds_ready.index(dsb))
+            dv = warpgroup_mma(gl.convert_layout(pt.to(k.dtype), a_layout), do, dv,
+                               is_async=True)
+            dk = warpgroup_mma(ds_mine, q, dk, is_async=True)
+            mbarrier.wait(ds_ready.index(dsb), phase=(i // 2) & 1)
+            # dQ_tile = dS K over the block's 128 keys: both groups' dS^T tiles, transposed
+            # (an MN-major A operand from shared memory), against the two K halves.
+            if DQ_N < D:
+                # Head dim 128: this group's half of dQ's columns, every tile.
+                dq = warpgroup_mma(ds_smem.index(dsb * 2).permute((1, 0)), kq0, dq_zero,
+                                   use_acc=False, is_async=True)
+                dq = warpgroup_mma(ds_smem.index(dsb * 2 + 1).permute((1, 0)), kq1, dq,
+                                   is_async=True)
+                dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
+                mbarrier.arrive(free.index(buf))
+                _add_dq(dq, dq_desc, dq_ptr, dq_smem, off_b, head, start_m, G * DQ_N, N_Q, DQ,
+                        D)
+            else:
+                # Head dim 64 (32-column halves would cut the 128-byte swizzle rows): the groups
+                # take turns, each the whole tile of every other query tile. A branch taken at
+                # run time cannot keep products in flight across it: dK and dV first.
+                dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+                mbarrier.arrive(free.index(buf))
+                if (i % 2) == G:
+                    dq = warpgroup_mma(ds_smem.index(dsb * 2).permute((1, 0)), kq0, dq_zero,
+                                       use_acc=False, is_async=True)
+                    dq = warpgroup_mma(ds_smem.index(dsb * 2 + 1).permute((1, 0)), kq1, dq,
+                                       is_async=True)
+                    dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
+                    _add_dq(dq, dq_desc, dq_ptr, dq_smem, off_b, head, start_m, 0, N_Q, DQ, D)
         return dk, dv
 
     @gluon.jit
-    def _consumer(dk_desc, dv_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, free, ROWS,
-                  off_b, off_hk, first_head, H, GROUP, key0, n_pad, q_lo, n_tiles,
-                  causal_offset, qk_scale, sm_scale, IS_CAUSAL: gl.constexpr,
+    def _consumer(dk_desc, dv_desc, dq_desc, DQ_ACC, k_smem, v_smem, q_smem, do_smem, ds_smem,
+                  dq_smem, kv_bar, ready, free, ds_ready, ROWS, off_b, off_hk, first_head, H,
+                  GROUP, N_Q, key0, n_pad, q_lo, n_tiles, causal_offset, qk_scale, sm_scale,
+                  IS_CAUSAL: gl.constexpr, DQ: gl.constexpr, G: gl.constexpr,
                   GROUP_N: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr,
-                  NUM_BUF: gl.constexpr):
+                  DQ_N: gl.constexpr, NUM_BUF: gl.constexpr):
+        """Consumer group G: keys key0 .. key0 + GROUP_N of the block, K and V half G."""
         dtype: gl.constexpr = dk_desc.dtype
         # One warp group: 4 warps x 16 key rows.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -117,44 +194,68 @@ if AVAILABLE:
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0],
                                                              warps_per_cta=[4, 1],
                                                              instr_shape=[16, D, 16])
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, DQ_N, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout,
                                                      k_width=2)
         s_zero = gl.zeros([GROUP_N, BLOCK_M], gl.float32, layout=s_layout)
+        dq_zero = gl.zeros([BLOCK_M, DQ_N], gl.float32, layout=dq_layout)
         dk = gl.zeros([GROUP_N, D], gl.float32, layout=acc_layout)
         dv = gl.zeros([GROUP_N, D], gl.float32, layout=acc_layout)
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
         keys = key0 - causal_offset + gl.arange(0, GROUP_N,
                                                 layout=gl.SliceLayout(1, s_layout))
-        k = k_smem.reshape([GROUP_N, D])
-        v = v_smem.reshape([GROUP_N, D])
+        k = k_smem.index(G).reshape([GROUP_N, D])
+        v = v_smem.index(G).reshape([GROUP_N, D])
+        # dQ's B operands: both K halves, at head dim 128 only this group's DQ_N columns.
+        kq0 = k_smem.index(0).reshape([GROUP_N, D]).slice(G * (D - DQ_N), DQ_N, dim=1)
+        kq1 = k_smem.index(1).reshape([GROUP_N, D]).slice(G * (D - DQ_N), DQ_N, dim=1)
+        dq_mine = dq_smem.index(G)
+        # With dQ, dS^T leaves with sm_scale in it; otherwise dK takes it at the end.
+        ds_scale = sm_scale
+        dk_scale = 1.0
+        if DQ == 0:
+            ds_scale = 1.0
+            dk_scale = sm_scale
         mbarrier.wait(kv_bar, phase=0)
         for g in range(0, GROUP):
             bh = (off_b * H + first_head + g).to(gl.int64)
             lse_ptr = ROWS + bh * 2 * n_pad  # (B, H, 2, n_pad): lse (base 2), delta
             delta_ptr = lse_ptr + n_pad
+            dq_ptr = DQ_ACC + bh * N_Q * D
             # One loop, with the causal mask on every tile (a compare and a select per score):
             # a second loop for just the tiles the diagonal crosses made ptxas spill 80-216
             # bytes per thread at head dim 128.
             for t in range(0, n_tiles):
-                dk, dv = _tile(g * n_tiles + t, dk, dv, k, v, q_smem, do_smem, ready, free,
-                               lse_ptr, delta_ptr, q_lo + t * BLOCK_M, keys, offs_m, s_zero,
-                               qk_scale, IS_CAUSAL, BLOCK_M, D, NUM_BUF, a_layout)
+                dk, dv = _tile(g * n_tiles + t, dk, dv, k, v, kq0, kq1, q_smem, do_smem, ds_smem,
+                               dq_mine, ready, free, ds_ready, lse_ptr, delta_ptr, dq_desc,
+                               dq_ptr, off_b, first_head + g, N_Q, q_lo + t * BLOCK_M, keys,
+                               offs_m, s_zero, dq_zero, qk_scale, ds_scale, IS_CAUSAL, DQ, G,
+                               BLOCK_M, D, DQ_N, NUM_BUF, a_layout)
+        if DQ != 0:
+            tma.store_wait(pendings=0)
+            # The other group may still read this group's K half for its last dQ: meet once
+            # more before K's buffer is overwritten.
+            last = GROUP * n_tiles
+            mbarrier.arrive(ds_ready.index(last % 2))
+            mbarrier.wait(ds_ready.index(last % 2), phase=(last // 2) & 1)
         # K's and V's buffers stage dK and dV for the TMA stores, which write only the rows
         # inside this head's N_K (keys past it were zeros and got gradients of their own).
-        k.store((dk * sm_scale).to(dtype))
+        k.store((dk * dk_scale).to(dtype))
         v.store(dv.to(dtype))
         fence_async_shared()
-        tma_store(dk_desc, [off_b, off_hk, key0, 0], k_smem)
-        tma_store(dv_desc, [off_b, off_hk, key0, 0], v_smem)
+        tma_store(dk_desc, [off_b, off_hk, key0, 0], k_smem.index(G))
+        tma_store(dv_desc, [off_b, off_hk, key0, 0], v_smem.index(G))
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _dkdv_hopper_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, ROWS, H,
-                            GROUP, N_Q, N_PAD, N_K, causal_offset, qk_scale, sm_scale,
+    def _dkdv_hopper_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, DQ_ACC,
+                            ROWS, H, GROUP, N_Q, N_PAD, N_K, causal_offset, qk_scale, sm_scale,
                             BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr,
-                            IS_CAUSAL: gl.constexpr, NUM_BUF: gl.constexpr,
+                            IS_CAUSAL: gl.constexpr, DQ: gl.constexpr, NUM_BUF: gl.constexpr,
                             WORKER_REGS: gl.constexpr, num_warps: gl.constexpr):
         GROUP_N: gl.constexpr = BLOCK_N // 2
+        DQ_N: gl.constexpr = D // 2 if D == 128 else D  # dQ columns a group computes per tile
         dtype: gl.constexpr = q_desc.dtype
         start_n = gl.program_id(0) * BLOCK_N
         bhk = gl.program_id(1)
@@ -173,51 +274,114 @@ if AVAILABLE:
         v_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, GROUP_N, D], v_desc.layout)
         q_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, 1, 1, BLOCK_M, D], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, 1, 1, BLOCK_M, D], do_desc.layout)
+        # dQ's buffers (unused without DQ): dS^T per (tile parity, group), a dQ tile per group.
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([GROUP_N, BLOCK_M], dtype)
+        ds_smem = gl.allocate_shared_memory(dtype, [4, GROUP_N, BLOCK_M], ds_layout)
+        dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_M, DQ_N],
+                                                                       gl.float32)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, BLOCK_M, DQ_N], dq_layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
         for j in gl.static_range(NUM_BUF):
             mbarrier.init(ready.index(j), count=1)
             mbarrier.init(free.index(j), count=2)  # both groups release a buffer
+        for j in gl.static_range(2):
+            mbarrier.init(ds_ready.index(j), count=2)  # both groups' dS^T of a tile
         fence_async_shared()
         mbarrier.expect(kv_bar, 2 * BLOCK_N * D * dtype.primitive_bitwidth // 8)
         for j in gl.static_range(2):
             tma_load(k_desc, [off_b, off_hk, start_n + j * GROUP_N, 0], kv_bar, k_smem.index(j))
             tma_load(v_desc, [off_b, off_hk, start_n + j * GROUP_N, 0], kv_bar, v_smem.index(j))
         gl.warp_specialize([
-            (_consumer, (dk_desc, dv_desc, k_smem.index(0), v_smem.index(0), q_smem, do_smem,
-                         kv_bar, ready, free, ROWS, off_b, off_hk, first_head, H, GROUP,
-                         start_n, N_PAD, q_lo, n_tiles, causal_offset, qk_scale,
-                         sm_scale, IS_CAUSAL, GROUP_N, BLOCK_M, D, NUM_BUF)),
-            (_consumer, (dk_desc, dv_desc, k_smem.index(1), v_smem.index(1), q_smem, do_smem,
-                         kv_bar, ready, free, ROWS, off_b, off_hk, first_head, H, GROUP,
-                         start_n + GROUP_N, N_PAD, q_lo, n_tiles, causal_offset,
-                         qk_scale, sm_scale, IS_CAUSAL, GROUP_N, BLOCK_M, D, NUM_BUF)),
+            (_consumer, (dk_desc, dv_desc, dq_desc, DQ_ACC, k_smem, v_smem, q_smem, do_smem,
+                         ds_smem, dq_smem, kv_bar, ready, free, ds_ready, ROWS, off_b, off_hk,
+                         first_head, H, GROUP, N_Q, start_n, N_PAD, q_lo, n_tiles,
+                         causal_offset, qk_scale, sm_scale, IS_CAUSAL, DQ, 0, GROUP_N, BLOCK_M,
+                         D, DQ_N, NUM_BUF)),
+            (_consumer, (dk_desc, dv_desc, dq_desc, DQ_ACC, k_smem, v_smem, q_smem, do_smem,
+                         ds_smem, dq_smem, kv_bar, ready, free, ds_ready, ROWS, off_b, off_hk,
+                         first_head, H, GROUP, N_Q, start_n + GROUP_N, N_PAD, q_lo, n_tiles,
+                         causal_offset, qk_scale, sm_scale, IS_CAUSAL, DQ, 1, GROUP_N, BLOCK_M,
+                         D, DQ_N, NUM_BUF)),
             (_producer, (q_desc, do_desc, q_smem, do_smem, ready, free, off_b, first_head, GROUP,
                          q_lo, n_tiles, BLOCK_M, D, NUM_BUF)),
         ], [4, 1], WORKER_REGS)
 
 
-def eligible(q, k, v, do, dk, dv, mask, kpm, dropout_p, varlen, causal, causal_offset,
-             scale) -> bool:
-    """Whether this kernel computes dK and dV for the call; otherwise _backward.py does."""
-    # The length first, as in _forward_hopper.eligible.
+@triton.jit
+def _prep_kernel(O, DO, STATS, DLSE, ROWS, DQ_ACC, stride_ob, stride_oh, stride_om, stride_dob,
+                 stride_doh, stride_dom, stride_sb, stride_sh, H, N_Q, N_PAD,
+                 D: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """For the kernel with dQ: the padded per-row terms (as dkdv() builds them), with delta =
+    rowsum(dO * O) - dlse log2(e), the form known before any key is seen; and dQ's fp32 sum
+    zeroed."""
+    bh = tl.program_id(1)
+    off_b = (bh // H).to(tl.int64)
+    off_h = (bh % H).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < N_Q
+    cols = tl.arange(0, D)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om
+                + cols[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dom
+                 + cols[None, :], mask=ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + bh.to(tl.int64) * N_Q + rows, mask=ok, other=0.0) * 1.4426950408889634
+    lse = tl.load(STATS + off_b * stride_sb + off_h * stride_sh + rows, mask=ok,
+                  other=float("inf"))
+    out = ROWS + bh.to(tl.int64) * 2 * N_PAD + rows
+    tl.store(out, lse)
+    tl.store(out + N_PAD, tl.where(ok, delta, 0.0))
+    tl.store(DQ_ACC + bh.to(tl.int64) * N_Q * D + rows[:, None] * D + cols[None, :],
+             tl.zeros([BLOCK, D], tl.float32), mask=ok[:, None])
+
+
+def route(q, k, v, o, do, dk, dv, mask, kpm, dropout_p, varlen, causal, causal_offset,
+          scale) -> str:
+    """Which backward serves the call: "fused" (this kernel computes dQ, dK and dV: backward()),
+    "dkdv" (Triton's dQ kernel, then this kernel's dK and dV: dkdv()) or "" (_backward.py's two
+    Triton kernels)."""
+    # The lengths first, as in _forward_hopper.eligible: short calls pay nothing more.
+    n = min(q.shape[2], k.shape[2])
     floor = MIN_LENGTH.get((q.shape[3], bool(causal)))
-    if not ENABLED or floor is None or min(q.shape[2], k.shape[2]) < floor:
-        return False
+    fused_floor = FUSED_MIN_LENGTH.get((q.shape[3], bool(causal)))
+    fused = FUSED and fused_floor is not None and n >= fused_floor
+    if not ENABLED or not (fused or (floor is not None and n >= floor)):
+        return ""
     if do.dtype != q.dtype or not (tma_ok(do) and tma_ok(dk) and tma_ok(dv)):
-        return False
-    return plain_call(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, scale)
+        return ""
+    if not plain_call(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, scale):
+        return ""
+    # The fused kernel's dQ is a sum of atomic adds in no fixed order: not under
+    # torch.use_deterministic_algorithms(True).
+    if fused and o.stride(3) == 1 and not torch.are_deterministic_algorithms_enabled():
+        return "fused"
+    return "dkdv" if floor is not None and n >= floor else ""
+
+
+def _launch(q, k, v, do, dk, dv, dq_desc, dq_acc, rows, n_pad, causal, causal_offset, scale,
+            dq_kind, config):
+    cfg = {**CONFIG, **(config or {})}
+    B, H, N_Q, D = q.shape
+    H_KV, N_K = k.shape[1], k.shape[2]
+    grid = (-(-N_K // BLOCK_N), B * H_KV)
+    _dkdv_hopper_kernel[grid](
+        descriptor(q, BLOCK_M), descriptor(k, GROUP_N), descriptor(v, GROUP_N),
+        descriptor(do, BLOCK_M), descriptor(dk, GROUP_N), descriptor(dv, GROUP_N), dq_desc,
+        dq_acc, rows, H, H // H_KV, N_Q, n_pad, N_K, causal_offset, scale * _common.LOG2E, scale,
+        BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, D=D, IS_CAUSAL=bool(causal), DQ=dq_kind,
+        NUM_BUF=cfg["NUM_BUF"], WORKER_REGS=cfg["WORKER_REGS"], num_warps=4)
 
 
 def dkdv(q, k, v, do, dk, dv, stats, delta, causal, causal_offset, scale, config=None):
     """Write dK and dV into `dk`, `dv` (k's and v's shapes, TMA-readable strides), given the
     forward's `stats` (fp32 (B, H, 3, N_Q)) and the dQ kernel's `delta` (fp32 (B, H, N_Q)).
     `config` (for experiments) replaces entries of CONFIG."""
-    cfg = {**CONFIG, **(config or {})}
     B, H, N_Q, D = q.shape
-    H_KV, N_K = k.shape[1], k.shape[2]
     # The kernel's per-row terms, padded to whole query tiles: rows past the end read an lse of
     # +inf (P = 0; their Q and dO rows are zeros too) and a delta of 0.
     n_pad = -(-N_Q // BLOCK_M) * BLOCK_M
@@ -226,10 +390,27 @@ def dkdv(q, k, v, do, dk, dv, stats, delta, causal, causal_offset, scale, config
     rows[:, :, 1, :N_Q] = delta
     rows[:, :, 0, N_Q:] = float("inf")
     rows[:, :, 1, N_Q:] = 0.0
-    grid = (-(-N_K // BLOCK_N), B * H_KV)
-    _dkdv_hopper_kernel[grid](
-        descriptor(q, BLOCK_M), descriptor(k, GROUP_N), descriptor(v, GROUP_N),
-        descriptor(do, BLOCK_M), descriptor(dk, GROUP_N), descriptor(dv, GROUP_N), rows,
-        H, H // H_KV, N_Q, n_pad, N_K, causal_offset, scale * _common.LOG2E, scale,
-        BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, D=D, IS_CAUSAL=bool(causal), NUM_BUF=cfg["NUM_BUF"],
-        WORKER_REGS=cfg["WORKER_REGS"], num_warps=4)
+    _launch(q, k, v, do, dk, dv, rows, rows, rows, n_pad, causal, causal_offset, scale, DQ_NONE,
+            config)
+
+
+def backward(q, k, v, o, do, dq, dk, dv, stats, dlse, causal, causal_offset, scale,
+             config=None):
+    """The whole backward in this kernel: write dQ, dK, dV into `dq`, `dk`, `dv` (q's, k's, v's
+    shapes; dk, dv TMA-readable), given the forward's output `o` and `stats`, and `dlse` (fp32
+    (B, H, N_Q), contiguous) or None. `config` as for dkdv()."""
+    B, H, N_Q, D = q.shape
+    n_pad = -(-N_Q // BLOCK_M) * BLOCK_M
+    rows = stats.new_empty((B, H, 2, n_pad))
+    dq_acc = torch.empty((B, H, N_Q, D), device=q.device, dtype=torch.float32)
+    _prep_kernel[(n_pad // BLOCK_M, B * H)](
+        o, do, stats, dlse if dlse is not None else stats, rows, dq_acc, *o.stride()[:3],
+        *do.stride()[:3], stats.stride(0), stats.stride(1), H, N_Q, n_pad, D=D, BLOCK=BLOCK_M,
+        HAS_DLSE=dlse is not None)
+    if {**CONFIG, **(config or {})}["DQ_ADD"] == "tma":
+        dq_kind, dq_desc = DQ_TMA, descriptor(dq_acc, BLOCK_M, D // 2 if D == 128 else D)
+    else:
+        dq_kind, dq_desc = DQ_ATOMIC, dq_acc
+    _launch(q, k, v, do, dk, dv, dq_desc, dq_acc, rows, n_pad, causal, causal_offset, scale,
+            dq_kind, config)
+    dq.copy_(dq_acc)  # dS carried sm_scale: this only rounds

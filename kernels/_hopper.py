@@ -25,8 +25,18 @@ try:
     # async_store, earlier releases async_copy_global_to_shared / _shared_to_global.
     tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
     tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_shared_to_global
+    # TMA reductions (a bulk add of a shared-memory tile into global memory) came with 3.9. The
+    # stand-in keeps a kernel that names it in a branch it never compiles valid under older
+    # releases, whose JIT resolves every name a kernel mentions.
+    HAS_TMA_ADD = hasattr(tma, "async_atomic_add")
+    if HAS_TMA_ADD:
+        tma_add = tma.async_atomic_add
+    else:
+        @gluon.jit
+        def tma_add(desc, coord, src):
+            gl.static_assert(False, "this Triton's Gluon has no TMA reductions (3.9 has)")
 except ImportError:  # a Triton without Gluon (before 3.5): the Triton kernels serve every call
-    AVAILABLE = False
+    AVAILABLE = HAS_TMA_ADD = False
 
 from . import _common
 
@@ -74,10 +84,12 @@ def plain_call(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, sca
     return tma_ok(q) and tma_ok(k) and tma_ok(v)
 
 
-def descriptor(t: torch.Tensor, rows: int) -> "TensorDescriptor":
-    """A TMA descriptor over the whole (B, H, N, D) tensor, one (1, 1, rows, D) box per copy: its
-    bounds are per head, so a tile past a head's last row reads zeros (or, storing, is cut)."""
-    block = [1, 1, rows, t.shape[3]]
-    gl_dtype = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
+def descriptor(t: torch.Tensor, rows: int, cols: int = 0) -> "TensorDescriptor":
+    """A TMA descriptor over the whole (B, H, N, D) tensor, one (1, 1, rows, cols or D) box per
+    copy: its bounds are per head, so a tile past a head's last row reads zeros (or, storing, is
+    cut)."""
+    block = [1, 1, rows, cols or t.shape[3]]
+    gl_dtype = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16,
+                torch.float32: gl.float32}[t.dtype]
     layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)

@@ -268,25 +268,29 @@ def build_hopper_forward(d: int, causal: bool, dtype: str, target=None, config=N
     return triton.compile(src, target=target or GPUTarget("cuda", 90, 32), options=options)
 
 
-def build_hopper_backward(d: int, causal: bool, dtype: str, target=None, config=None):
-    """Compile _backward_hopper's Gluon dK/dV kernel as its dkdv() launches it, for sm_90, with
-    `config` replacing entries of its CONFIG; returns the compiled kernel."""
+def build_hopper_backward(d: int, causal: bool, dtype: str, target=None, config=None,
+                          dq: int = 0):
+    """Compile _backward_hopper's Gluon kernel as its dkdv() (dq 0) or backward() (dq: DQ_TMA or
+    DQ_ATOMIC) launches it, for sm_90, with `config` replacing entries of its CONFIG; returns the
+    compiled kernel."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
     from hf_flash.kernels import _backward_hopper as hop
     g = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
     cfg = {**hop.CONFIG, **(config or {})}
 
-    def desc(rows):
-        layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, d], g)
-        return f"tensordesc<{dtype}[1,1,{rows},{d}],{layout!r}>"
+    def desc(rows, cols=d, el=g, ty=dtype):
+        layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, cols], el)
+        return f"tensordesc<{ty}[1,1,{rows},{cols}],{layout!r}>"
 
+    dq_desc = (desc(hop.BLOCK_M, d // 2 if d == 128 else d, gl.float32, "fp32")
+               if dq == hop.DQ_TMA else "*fp32")
     sig = {"q_desc": desc(hop.BLOCK_M), "k_desc": desc(hop.GROUP_N), "v_desc": desc(hop.GROUP_N),
            "do_desc": desc(hop.BLOCK_M), "dk_desc": desc(hop.GROUP_N),
-           "dv_desc": desc(hop.GROUP_N), "ROWS": "*fp32", "H": "i32", "GROUP": "i32",
-           "N_Q": "i32", "N_PAD": "i32", "N_K": "i32", "causal_offset": "i32",
-           "qk_scale": "fp32", "sm_scale": "fp32"}
-    cx = {"BLOCK_N": hop.BLOCK_N, "BLOCK_M": hop.BLOCK_M, "D": d, "IS_CAUSAL": causal,
+           "dv_desc": desc(hop.GROUP_N), "dq_desc": dq_desc, "DQ_ACC": "*fp32", "ROWS": "*fp32",
+           "H": "i32", "GROUP": "i32", "N_Q": "i32", "N_PAD": "i32", "N_K": "i32",
+           "causal_offset": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
+    cx = {"BLOCK_N": hop.BLOCK_N, "BLOCK_M": hop.BLOCK_M, "D": d, "IS_CAUSAL": causal, "DQ": dq,
           "NUM_BUF": cfg["NUM_BUF"], "WORKER_REGS": cfg["WORKER_REGS"], "num_warps": 4}
     sig.update({k: "constexpr" for k in cx})
     names = list(sig)
@@ -297,10 +301,17 @@ def build_hopper_backward(d: int, causal: bool, dtype: str, target=None, config=
 
 
 def compile_hopper(target):
-    for name, build in (("_fwd_hopper_kernel", build_hopper_forward),
-                        ("_dkdv_hopper_kernel", build_hopper_backward)):
+    from hf_flash.kernels import _backward_hopper as hop
+    builds = [("_fwd_hopper_kernel", build_hopper_forward, {}),
+              ("_dkdv_hopper_kernel", build_hopper_backward, {})]
+    # The fused backward, with the dQ sum this Triton supports (both where it has TMA
+    # reductions).
+    for kind in ([hop.DQ_TMA] if hop.HAS_TMA_ADD else []) + [hop.DQ_ATOMIC]:
+        name = f"_dkdv_hopper_kernel DQ={'tma' if kind == hop.DQ_TMA else 'atomic'}"
+        builds.append((name, build_hopper_backward, {"dq": kind}))
+    for name, build, kw in builds:
         for d, causal, dtype in itertools.product([64, 128], [False, True], ["bf16", "fp16"]):
-            c = build(d, causal, dtype, target)
+            c = build(d, causal, dtype, target, **kw)
             ptx = c.asm["ptx"]
             print(f"{name} {dtype} D{d} causal={causal}: registers / spill / SASS "
                   f"{usage(registers(c), c)}, setmaxnreg={'setmaxnreg' in ptx}, "

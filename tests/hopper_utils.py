@@ -23,8 +23,8 @@ _COMPILE = r"""
 import json, sys
 sys.path.insert(0, "scripts")
 import compile_kernels as ck
-builder, d, causal, dtype = json.loads(sys.argv[1])
-c = getattr(ck, builder)(d, causal, dtype)
+builder, d, causal, dtype, kw = json.loads(sys.argv[1])
+c = getattr(ck, builder)(d, causal, dtype, **kw)
 ptx = c.asm["ptx"]
 print(json.dumps({"setmaxnreg": "setmaxnreg" in ptx, "wgmma": "wgmma.mma_async" in ptx,
                   "tma": "cp.async.bulk.tensor" in ptx, "local": ".local" in ptx,
@@ -32,15 +32,17 @@ print(json.dumps({"setmaxnreg": "setmaxnreg" in ptx, "wgmma": "wgmma.mma_async" 
 """
 
 
-def check_compiles_for_sm90(builder: str, d: int, causal: bool, dtype: str, max_stack: int = 0):
+def check_compiles_for_sm90(builder: str, d: int, causal: bool, dtype: str, max_stack: int = 0,
+                            **kw):
     """Compile with scripts/compile_kernels.py's `builder` for sm_90 and check the code: register
     resizing (setmaxnreg: the registers moved between partitions are what keeps the tiles in
     registers), wgmma and TMA present, no local memory in the PTX, and at most `max_stack` bytes
-    of stack (spills) per thread where cuobjdump is there to tell."""
+    of stack (spills) per thread where cuobjdump is there to tell. `kw` goes to the builder."""
     # In a process of its own without TRITON_INTERPRET: under the interpreter Triton's library
     # functions (gl.max, ...) are interpreted objects a compilation cannot reference.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps([builder, d, causal, dtype])],
+    args = json.dumps([builder, d, causal, dtype, kw])
+    res = subprocess.run([sys.executable, "-c", _COMPILE, args],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])

@@ -1,10 +1,12 @@
-"""The Gluon dK/dV kernel for Hopper (kernels/_backward_hopper.py).
+"""The Gluon backward for Hopper (kernels/_backward_hopper.py), on both of its routes: dK/dV
+after Triton's dQ kernel ("dkdv"), and dQ, dK and dV from the one kernel ("fused").
 
 As for the Gluon forward (test_hopper_forward.py): on the CPU the kernel is compiled for sm_90 by
-the installed Triton, which catches API drift and register spills; on an sm_90 GPU it must serve
-exactly the calls it is built for, and its dK and dV must hold the ratio rule against the float64
-reference (with the lse of either forward, and with a gradient through the lse) and agree with
-the Triton dK/dV kernel's.
+the installed Triton, in each of its dQ forms, which catches API drift and register spills; on an
+sm_90 GPU each route must serve exactly the calls it is built for, and its gradients must hold
+the ratio rule against the float64 reference (with the lse of either forward, and with a gradient
+through the lse) and agree with the Triton kernels'. Deterministic mode must take the dkdv route
+and give the same bits twice.
 """
 
 import pytest
@@ -27,35 +29,58 @@ def poison_outputs():
     _common.POISON_OUTPUTS = False
 
 
+ROUTES = ["dkdv", "fused"]
+
+
 @pytest.fixture
 def any_length(monkeypatch):
     # Both Gluon kernels at every length (their floors are speed choices): partial and single
     # tiles, in both directions.
     for mod in (_forward_hopper, _backward_hopper):
         monkeypatch.setattr(mod, "MIN_LENGTH", dict.fromkeys(mod.MIN_LENGTH, 1))
+    monkeypatch.setattr(_backward_hopper, "FUSED_MIN_LENGTH",
+                        dict.fromkeys(_backward_hopper.FUSED_MIN_LENGTH, 1))
+
+
+_DQ_KINDS = ([("tma", _backward_hopper.DQ_TMA)] if _backward_hopper.HAS_TMA_ADD else []) + [
+    ("atomic", _backward_hopper.DQ_ATOMIC)]
 
 
 @needs_gluon
+@pytest.mark.parametrize("dq", [("none", _backward_hopper.DQ_NONE)] + _DQ_KINDS,
+                         ids=lambda x: x[0])
 @pytest.mark.parametrize("d,causal,dtype", [(64, True, "bf16"), (128, True, "bf16"),
                                             (128, False, "fp16")])
-def test_compiles_for_sm90_without_spills(d, causal, dtype):
-    # Triton 3.9 compiles it without a stack. Triton 3.6's ptxas keeps 32-40 bytes of loop
-    # scalars (counters, offsets) on the stack at head dim 128, a few loads per tile; the H200
-    # timings of docs/perf-notes.md are of that build. A tile spilled (a second loop for the
-    # causal diagonal made 80-400 bytes) would exceed the bound.
-    check_compiles_for_sm90("build_hopper_backward", d, causal, dtype, max_stack=64)
+def test_compiles_for_sm90_without_spills(d, causal, dtype, dq):
+    # Triton 3.9 builds the dkdv route without a stack, and the fused one with 40-48 bytes at
+    # head dim 128 (loop scalars: counters, offsets). Triton 3.6's ptxas keeps 32-40 bytes at
+    # head dim 128 on the dkdv route; its fused route (element atomics: 3.6 has no TMA
+    # reductions) up to 104. A tile spilled (a second loop for the causal diagonal made 80-400
+    # bytes on the dkdv route) would exceed the bound.
+    check_compiles_for_sm90("build_hopper_backward", d, causal, dtype,
+                            max_stack=128 if dq[0] == "atomic" else 64, dq=dq[1])
 
 
-def _spy(monkeypatch):
-    """Counts the backward calls whose dK/dV the Gluon kernel computed."""
-    return Spy(monkeypatch, _backward_hopper, "dkdv")
+class _Routes:
+    """Counts the backward calls each route served."""
+
+    def __init__(self, monkeypatch):
+        self.spies = {"dkdv": Spy(monkeypatch, _backward_hopper, "dkdv"),
+                      "fused": Spy(monkeypatch, _backward_hopper, "backward")}
+
+    def counts(self):
+        return {name: spy.calls for name, spy in self.spies.items()}
+
+
+def _take_route(monkeypatch, route):
+    monkeypatch.setattr(_backward_hopper, "FUSED", route == "fused")
 
 
 @pytest.mark.gpu
 @on_sm90
 @needs_gluon
 def test_serves_exactly_the_calls_it_is_built_for(monkeypatch):
-    spy = _spy(monkeypatch)
+    routes = _Routes(monkeypatch)
     dev = "cuda"
 
     def call(n_q=200, n_k=300, D=64, dtype=torch.bfloat16, **kw):
@@ -63,29 +88,44 @@ def test_serves_exactly_the_calls_it_is_built_for(monkeypatch):
         q = torch.randn(2, 4, n_q, D, device=dev, dtype=dtype, requires_grad=True)
         k, v = (torch.randn(2, h_kv, n_k, D, device=dev, dtype=dtype, requires_grad=True)
                 for _ in range(2))
-        before = spy.calls
+        before = routes.counts()
         hf_flash.flash_attention(q, k, v, enable_gqa=h_kv != 4, **kw).sum().backward()
-        return spy.calls - before
+        after = routes.counts()
+        served = [name for name in after if after[name] != before[name]]
+        assert len(served) <= 1 and all(after[n] - before[n] == 1 for n in served)
+        return served[0] if served else ""
 
-    assert call(n_q=8192, n_k=8192) == 1
-    assert call(n_q=2048, n_k=3000, D=128, dtype=torch.float16, is_causal=True) == 1
-    assert call(n_q=2100, n_k=2300, D=128, h_kv=2) == 1
-    # Shorter than MIN_LENGTH: the Triton kernel is the faster there.
-    assert call(n_q=512, n_k=512, D=64) == 0
-    assert call(n_q=1, n_k=4096, D=128) == 0
-    monkeypatch.setattr(_backward_hopper, "MIN_LENGTH",
-                        dict.fromkeys(_backward_hopper.MIN_LENGTH, 1))
-    assert call() == 1
-    # Everything else goes to the Triton kernel.
-    assert call(dtype=torch.float32) == 0
-    assert call(D=80) == 0
-    assert call(dropout_p=0.1) == 0
-    assert call(key_padding_mask=torch.rand(2, 300, device=dev) > 0.5) == 0
-    assert call(attn_mask=torch.rand(2, 1, 200, 300, device=dev) > 0.5) == 0
-    assert call(n_q=300, n_k=200, is_causal=True, causal_alignment="bottom_right") == 0
-    assert call(scale=-0.3) == 0
+    assert call(n_q=8192, n_k=8192) == "fused"
+    assert call(n_q=2048, n_k=3000, D=128, dtype=torch.float16, is_causal=True) == "fused"
+    assert call(n_q=2100, n_k=2300, D=128, h_kv=2) == "fused"
+    # Shorter than the floors: the Triton kernels are the faster there.
+    assert call(n_q=256, n_k=256, D=64) == ""
+    assert call(n_q=1, n_k=4096, D=128) == ""
+    # Without the fused route, or in deterministic mode, the dkdv route from its own floor.
+    monkeypatch.setattr(_backward_hopper, "FUSED", False)
+    assert call(n_q=2048, n_k=2048, D=64) == "dkdv"
+    assert call(n_q=1024, n_k=1024, D=64) == ""
+    monkeypatch.setattr(_backward_hopper, "FUSED", True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert call(n_q=2048, n_k=2048, D=64) == "dkdv"
+        assert call(n_q=1024, n_k=1024, D=64) == ""
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for mod_attr in ("MIN_LENGTH", "FUSED_MIN_LENGTH"):
+        floors = getattr(_backward_hopper, mod_attr)
+        monkeypatch.setattr(_backward_hopper, mod_attr, dict.fromkeys(floors, 1))
+    assert call() == "fused"
+    # Everything else goes to the Triton kernels.
+    assert call(dtype=torch.float32) == ""
+    assert call(D=80) == ""
+    assert call(dropout_p=0.1) == ""
+    assert call(key_padding_mask=torch.rand(2, 300, device=dev) > 0.5) == ""
+    assert call(attn_mask=torch.rand(2, 1, 200, 300, device=dev) > 0.5) == ""
+    assert call(n_q=300, n_k=200, is_causal=True, causal_alignment="bottom_right") == ""
+    assert call(scale=-0.3) == ""
     monkeypatch.setattr(_backward_hopper, "ENABLED", False)
-    assert call() == 0
+    assert call() == ""
 
 
 _EDGE = [
@@ -103,17 +143,19 @@ def _grads(q, k, v, do, w, fa, gqa):
         t.grad = None
     out, lse = hf_flash.flash_attention(q, k, v, enable_gqa=gqa, return_lse=True, **fa)
     ((out * do).sum() + (lse * w).sum()).backward()
-    return k.grad.clone(), v.grad.clone()
+    return q.grad.clone(), k.grad.clone(), v.grad.clone()
 
 
 @pytest.mark.gpu
 @on_sm90
 @needs_gluon
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n_q,n_k,causal", _EDGE)
-def test_matches_the_reference(monkeypatch, any_length, n_q, n_k, causal, dtype, D):
-    spy = _spy(monkeypatch)
+def test_matches_the_reference(monkeypatch, any_length, n_q, n_k, causal, dtype, D, route):
+    routes = _Routes(monkeypatch)
+    _take_route(monkeypatch, route)
     torch.manual_seed(n_q * 7 + n_k + D + causal)
     gqa = n_q % 2 == 1  # odd lengths also take grouped heads and HF's transposed layout
     q, k, v = make_qkv(2, 4, 2 if gqa else 4, n_q, n_k, D, dtype, DEVICE,
@@ -125,28 +167,31 @@ def test_matches_the_reference(monkeypatch, any_length, n_q, n_k, causal, dtype,
     # The lse it rebuilds P from, from either forward.
     for gluon_forward in (True, False):
         monkeypatch.setattr(_forward_hopper, "ENABLED", gluon_forward)
-        before = spy.calls
-        dk, dv = _grads(q, k, v, do, w, fa, gqa)
-        assert spy.calls == before + 1
+        before = routes.counts()[route]
+        grads = _grads(q, k, v, do, w, fa, gqa)
+        assert routes.counts()[route] == before + 1
         refs = []
         for ref_dtype in (torch.float64, dtype):
             leaves = [t.detach().to(ref_dtype).requires_grad_() for t in (q, k, v)]
             o, lse = hf_flash.kernels.reference_attention(*leaves, causal=causal)
             ((o * do.to(ref_dtype)).sum() + (lse * w.to(ref_dtype)).sum()).backward()
-            refs.append([t.grad for t in leaves[1:]])
-        for name, got, r64, r_lo in zip(("dk", "dv"), (dk, dv), refs[0], refs[1]):
+            refs.append([t.grad for t in leaves])
+        for name, got, r64, r_lo in zip(("dq", "dk", "dv"), grads, refs[0], refs[1]):
             check_ratio(name, got, r64, r_lo, GRAD_RATIO, dtype)
 
 
 @pytest.mark.gpu
 @on_sm90
 @needs_gluon
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("causal", [C_NONE, C_TL, C_BR])
-def test_agrees_with_the_triton_kernel(monkeypatch, any_length, causal):
-    # Same inputs, dQ and delta alike: both kernels round P^T and dS^T to bf16 and sum the tiles
-    # in fp32, in another order, so a gradient may differ by a rounding step of the terms it sums
-    # (at most about its row's largest entry).
-    spy = _spy(monkeypatch)
+def test_agrees_with_the_triton_kernels(monkeypatch, any_length, causal, route):
+    # Same inputs: the kernels round P^T and dS^T to bf16 and sum the tiles in fp32, in another
+    # order (the fused route's delta also takes its other form, rowsum(dO * O)), so a gradient
+    # may differ by a rounding step of the terms it sums (at most about its row's largest
+    # entry).
+    routes = _Routes(monkeypatch)
+    _take_route(monkeypatch, route)
     torch.manual_seed(5 + causal)
     q = torch.randn(2, 8, 1500, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(2, 4, 1700, 128, device="cuda", dtype=torch.bfloat16,
@@ -156,11 +201,35 @@ def test_agrees_with_the_triton_kernel(monkeypatch, any_length, causal):
     fa = {"is_causal": causal != C_NONE,
           "causal_alignment": "bottom_right" if causal == C_BR else "top_left"}
     got = _grads(q, k, v, do, w, fa, True)
-    assert spy.calls == 1
+    assert routes.counts()[route] == 1
     monkeypatch.setattr(_backward_hopper, "ENABLED", False)
     want = _grads(q, k, v, do, w, fa, True)
-    assert spy.calls == 1
-    for name, a, b in zip(("dk", "dv"), got, want):
+    assert routes.counts()[route] == 1
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
         row_scale = b.float().abs().amax(-1, keepdim=True).clamp_min(1e-6)
         worst = ((a.float() - b.float()).abs() / row_scale).max().item()
         assert worst <= 2.0 ** -6, f"{name} differs by {worst:.2e} of its row's largest entry"
+
+
+@pytest.mark.gpu
+@on_sm90
+@needs_gluon
+def test_deterministic_mode_repeats_bits(monkeypatch):
+    # The fused route adds dQ up in no fixed order; under torch.use_deterministic_algorithms
+    # the dkdv route serves, and two backwards give the same bits.
+    routes = _Routes(monkeypatch)
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 2048, 64, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    w = torch.zeros(1, 4, 2048, device="cuda")
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = (_grads(q, k, v, do, w, {}, False) for _ in range(2))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert routes.counts() == {"dkdv": 2, "fused": 0}
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    _grads(q, k, v, do, w, {}, False)
+    assert routes.counts()["fused"] == 1
