@@ -54,16 +54,30 @@ CONFIG = config_from_env(CONFIG, "HF_FLASH_HOPPER_BWD_CONFIG")
 # HF_FLASH_HOPPER_BWD_FUSED=0 keeps dQ in Triton's kernel (the deterministic route).
 FUSED = os.environ.get("HF_FLASH_HOPPER_BWD_FUSED", "1") != "0"
 
-# The shortest sequence (queries and keys) each route takes, per (head dim, causal). dK/dV after
-# Triton's dQ ("dkdv"): H200, bf16, backward in ms, this kernel / Triton's two kernels
-# (benchmarks/results/h200/experiments/ops_sweep_*_bwd_min0_{on,off}_0c39220.csv,
-# ops_sweep_*_bwd_hopper_{on,off}_70df10c.csv):
-#   D64:  n=1024 1.11/1.11, 2048 2.05/2.08, 4096 3.91/4.14, 8192 7.51/8.02
-#         causal 1024 0.71/0.70, 2048 1.17/1.25, 4096 2.20/2.25, 8192 4.01/4.35
-#   D128: n=1024 0.98/1.08, 2048 1.80/2.01, 4096 3.44/3.96
-#         causal 1024 0.63/0.65, 2048 1.07/1.15, 4096 1.95/2.11
+# The shortest sequence (queries and keys) each route takes, per (head dim, causal); H200, bf16,
+# backward in ms at 16M-token batches (benchmarks/results/h200/experiments/ops_sweep_*_bwd_*:
+# min0_{on,off}_0c39220, fused_{tma,atomic}_996f229, unfused_996f229,
+# hopper_{on,off}_70df10c).
+#                    n=   512   1024   2048   4096  16384
+#   D64   Triton only   0.60   1.11   2.08   4.14  16.01
+#         dkdv             -   1.11   2.05   3.91  15.14
+#         fused, TMA    0.63   0.97   1.70   3.20  12.25
+#         fused, atomic 0.71   1.14   2.00   3.71  14.11
+#   D64 causal          0.44   0.70   1.25   2.25   8.47    (dkdv 0.71 1.17 2.20 7.75)
+#         fused, TMA    0.48   0.67   1.07   1.85   6.60    (atomic 0.62 0.74 1.19 2.09 7.34)
+#   D128  Triton only   0.60   1.08   2.01   3.96      -    (dkdv 0.98 1.80 3.44)
+#         fused, TMA    0.67   0.82   1.44   2.70  10.35    (atomic 0.65 1.09 1.89 3.51 13.97)
+#   D128 causal         0.42   0.65   1.15   2.11      -    (dkdv 0.63 1.07 1.95)
+#         fused, TMA    0.55   0.68   0.88   1.53   5.33    (atomic 0.52 0.77 1.24 2.17 7.52)
+# Below 1024 the fused route's extra passes (delta, zeroing dQ's fp32 sum, rounding it: ~0.1 ms
+# at 16M tokens) cost more than its products save. Element atomics (Triton before 3.9) only pay
+# at head dim 64 from 4096.
 MIN_LENGTH = {(64, False): 2048, (64, True): 2048, (128, False): 1024, (128, True): 1024}
-FUSED_MIN_LENGTH = {(64, False): 512, (64, True): 512, (128, False): 512, (128, True): 512}
+_FUSED_FLOORS = {
+    "tma": {(64, False): 1024, (64, True): 1024, (128, False): 1024, (128, True): 2048},
+    "atomic": {(64, False): 4096, (64, True): 4096},
+}
+FUSED_MIN_LENGTH = _FUSED_FLOORS[CONFIG["DQ_ADD"]]
 
 
 if AVAILABLE:
