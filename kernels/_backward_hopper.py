@@ -71,10 +71,12 @@ FUSED = os.environ.get("HF_FLASH_HOPPER_BWD_FUSED", "1") != "0"
 #         fused, TMA    0.55   0.68   0.88   1.53   5.33    (atomic 0.52 0.77 1.24 2.17 7.52)
 # Below 1024 the fused route's extra passes (delta, zeroing dQ's fp32 sum, rounding it: ~0.1 ms
 # at 16M tokens) cost more than its products save. Element atomics (Triton before 3.9) only pay
-# at head dim 64 from 4096.
+# at head dim 64 from 4096. The floors start at 2048, not 1024: the route's host time (seven TMA
+# descriptors, three launches) made GPT-2's backward (B16 H16 N1024 causal) host-bound under
+# Triton 3.9, 0.90 ms against 0.36 by Triton's kernels (ops_bar_fused_triton39_479c863).
 MIN_LENGTH = {(64, False): 2048, (64, True): 2048, (128, False): 1024, (128, True): 1024}
 _FUSED_FLOORS = {
-    "tma": {(64, False): 1024, (64, True): 1024, (128, False): 1024, (128, True): 2048},
+    "tma": {(64, False): 2048, (64, True): 2048, (128, False): 2048, (128, True): 2048},
     "atomic": {(64, False): 4096, (64, True): 4096},
 }
 FUSED_MIN_LENGTH = _FUSED_FLOORS[CONFIG["DQ_ADD"]]

@@ -38,8 +38,9 @@ def any_length(monkeypatch):
     # tiles, in both directions.
     for mod in (_forward_hopper, _backward_hopper):
         monkeypatch.setattr(mod, "MIN_LENGTH", dict.fromkeys(mod.MIN_LENGTH, 1))
+    # (Every head dim, including those the fused route's floors leave out.)
     monkeypatch.setattr(_backward_hopper, "FUSED_MIN_LENGTH",
-                        dict.fromkeys(_backward_hopper.FUSED_MIN_LENGTH, 1))
+                        dict.fromkeys(_backward_hopper.MIN_LENGTH, 1))
 
 
 _DQ_KINDS = ([("tma", _backward_hopper.DQ_TMA)] if _backward_hopper.HAS_TMA_ADD else []) + [
@@ -103,7 +104,7 @@ def test_serves_exactly_the_calls_it_is_built_for(monkeypatch):
     assert call(n_q=2048, n_k=3000, D=128, dtype=torch.float16, is_causal=True) == "fused"
     assert call(n_q=2100, n_k=2300, D=128, h_kv=2) == "fused"
     assert call(n_q=1024, n_k=4000, D=128) == "dkdv"
-    assert call(n_q=3000, n_k=1500, is_causal=True, causal_alignment="bottom_right") == "dkdv"
+    assert call(n_q=1500, n_k=3000, is_causal=True, causal_alignment="bottom_right") == "dkdv"
     assert call(n_q=1000, n_k=1000, D=64) == ""
     assert call(n_q=1, n_k=4096, D=128) == ""
     # Without the fused route, or in deterministic mode, the dkdv route from its own floor.
