@@ -6,8 +6,10 @@ Two kernels, no atomics, so gradients are bit-for-bit deterministic:
 - `_bwd_dkdv_kernel`: one program per (key block, batch x K/V head); it walks every query block
   of every query head in its group, so grouped-query gradients are summed in a fixed order.
 Both rebuild P = exp2(S - lse) tile by tile; nothing of size (q_len x k_len) is ever stored.
-On an H100/H200, long unmasked and causal calls take their dK/dV from the Gluon kernel of
-_backward_hopper.py instead (also deterministic), after this dQ kernel.
+On an H100/H200, long unmasked and causal calls go to the Gluon kernel of _backward_hopper.py
+instead (`route`): either for dK/dV alone, after this dQ kernel (deterministic too), or for the
+whole backward, dQ summed by atomic adds (not bit-for-bit repeatable; not taken under
+torch.use_deterministic_algorithms(True)).
 """
 
 import torch

@@ -1,6 +1,6 @@
-"""dK and dV for Hopper (sm_90) in Gluon, for the unmasked and causal cases.
+"""The backward for Hopper (sm_90) in Gluon, for the unmasked and causal cases.
 
-_backward.py's dK/dV kernel, compiled by Triton for sm_90, waits for each product before the
+_backward.py's kernels, compiled by Triton for sm_90, wait for each product before the
 elementwise work that follows it. Here the schedule is written out, in the forward's shape
 (_forward_hopper.py):
 
@@ -9,15 +9,27 @@ elementwise work that follows it. Here the schedule is written out, in the forwa
 - two consumer warp groups each own 64 of the program's 128 keys, holding their K and V tiles and
   their dK, dV accumulators. Per query tile a group issues S^T = K Q^T and dP^T = V dO^T
   together, rebuilds P^T = exp2(S^T c - lse) while dP^T is still on the tensor cores, forms
-  dS^T = P^T (dP^T - delta), and issues dV += P^T dO and dK += dS^T Q from registers. The two
-  groups run unsynchronised, so one group's exponentials overlap the other's products.
+  dS^T = P^T (dP^T - delta), and issues dV += P^T dO and dK += dS^T Q. The two groups run
+  unsynchronised, so one group's exponentials overlap the other's products.
 
-It rebuilds P from the lse that either forward saved (plane 0 of stats) and reads the delta that
-_backward.py's dQ kernel writes, which runs first; the dQ kernel stays Triton's. Probed on an
-H200 (bf16; benchmarks/gluon_bwd_probe.py): B4 H32 N4096 D128 in 3.79 ms against 4.20 for the
-Triton dK/dV kernel, B1 H16 N16384 D64 4.49 against 4.73; at BERT's shape (N512) it was slower,
-0.216 against 0.173 ms. A ping-pong between the groups, as the forward has, was slower here
-(4.13 ms at D128). attention_backward checks `eligible` before the Triton kernel.
+Two routes (`route`):
+- "dkdv": _backward.py's dQ kernel runs first and writes delta (in its exact form, the row sums
+  of P * dP); this kernel computes dK and dV. Four products per tile pair here and three in the
+  dQ kernel, which recomputes S and dP. Deterministic.
+- "fused": this kernel computes dQ as well, five products in all, as FlashAttention-3 and cudnn
+  do. Each group writes its dS^T tile to shared memory (dK's operand there); the groups meet at
+  an mbarrier per tile, and dQ_tile = dS K over the block's 128 keys is added into an fp32 sum
+  in global memory: by TMA bulk reductions (tma.async_atomic_add, Triton >= 3.9) or element
+  atomics. A small Triton kernel first writes delta in its other form, rowsum(dO * O), and zeroes
+  the sum; dS carries sm_scale, so the last step only rounds dQ. The adds land in any order, so
+  dQ may differ in its last bit from run to run: under torch.use_deterministic_algorithms(True)
+  the dkdv route serves.
+
+Measured on an H200 (bf16, benchmarks/results/h200/experiments/): the dK/dV probe ran B4 H32
+N4096 D128 in 3.79 ms against 4.20 for the Triton dK/dV kernel; the fused backward in 5.31 ms
+against 6.73 for the dkdv route and 5.29 for cudnn (ops_bar_fused_triton{39,36}_479c863).
+Below the floors (MIN_LENGTH, FUSED_MIN_LENGTH) Triton's kernels are the faster.
+attention_backward asks `route` before anything else.
 """
 
 import os
@@ -33,7 +45,7 @@ if AVAILABLE:
     from ._hopper import (fence_async_shared, gl, gluon, mbarrier, tma, tma_add, tma_load,
                           tma_store, warpgroup_mma, warpgroup_mma_wait)
 
-# HF_FLASH_HOPPER_BWD=0 sends every dK/dV to _backward.py (for comparisons and bisection).
+# HF_FLASH_HOPPER_BWD=0 sends every backward to _backward.py (for comparisons and bisection).
 ENABLED = os.environ.get("HF_FLASH_HOPPER_BWD", "1") != "0"
 
 # How the kernel gets dQ (constexpr DQ): not at all (Triton's dQ kernel runs first), or summed
@@ -47,7 +59,8 @@ BLOCK_M = 64  # query rows per tile. 128 spills (S^T and dP^T would take 64 regi
 # NUM_BUF: query/dO buffers (tile i in use, i + 1 loading). WORKER_REGS: registers per thread of
 # the worker partitions (consumer group 1, producer) by setmaxnreg; group 0 takes what is left.
 # DQ_ADD (the fused route): "tma" where Gluon has TMA reductions, else "atomic"; or either.
-CONFIG = {"NUM_BUF": 2, "WORKER_REGS": (240, 24), "DQ_ADD": "tma" if HAS_TMA_ADD else "atomic"}
+CONFIG = {"NUM_BUF": 2, "WORKER_REGS": (240, 24),
+          "DQ_ADD": "tma" if HAS_TMA_ADD else "atomic"}
 # HF_FLASH_HOPPER_BWD_CONFIG='{"NUM_BUF": 3}' replaces entries (experiments).
 CONFIG = config_from_env(CONFIG, "HF_FLASH_HOPPER_BWD_CONFIG")
 
@@ -346,7 +359,9 @@ def _prep_kernel(O, DO, STATS, DLSE, ROWS, DQ_ACC, stride_ob, stride_oh, stride_
                  + cols[None, :], mask=ok[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
-        delta -= tl.load(DLSE + bh.to(tl.int64) * N_Q + rows, mask=ok, other=0.0) * 1.4426950408889634
+        # As _backward.py's dQ kernel: the lse's own gradient, in base 2.
+        dlse = tl.load(DLSE + bh.to(tl.int64) * N_Q + rows, mask=ok, other=0.0)
+        delta -= dlse * 1.4426950408889634
     lse = tl.load(STATS + off_b * stride_sb + off_h * stride_sh + rows, mask=ok,
                   other=float("inf"))
     out = ROWS + bh.to(tl.int64) * 2 * N_PAD + rows
@@ -410,19 +425,28 @@ def dkdv(q, k, v, do, dk, dv, stats, delta, causal, causal_offset, scale, config
             config)
 
 
+def prepare(o, do, stats, dlse):
+    """The fused route's first pass (_prep_kernel): returns the padded per-row terms, fp32
+    (B, H, 2, N_Q rounded up to BLOCK_M), and dQ's zeroed fp32 sum, (B, H, N_Q, D)."""
+    B, H, N_Q, D = o.shape
+    n_pad = -(-N_Q // BLOCK_M) * BLOCK_M
+    rows = stats.new_empty((B, H, 2, n_pad))
+    dq_acc = torch.empty((B, H, N_Q, D), device=o.device, dtype=torch.float32)
+    _prep_kernel[(n_pad // BLOCK_M, B * H)](
+        o, do, stats, dlse if dlse is not None else stats, rows, dq_acc, *o.stride()[:3],
+        *do.stride()[:3], stats.stride(0), stats.stride(1), H, N_Q, n_pad, D=D, BLOCK=BLOCK_M,
+        HAS_DLSE=dlse is not None)
+    return rows, dq_acc
+
+
 def backward(q, k, v, o, do, dq, dk, dv, stats, dlse, causal, causal_offset, scale,
              config=None):
     """The whole backward in this kernel: write dQ, dK, dV into `dq`, `dk`, `dv` (q's, k's, v's
     shapes; dk, dv TMA-readable), given the forward's output `o` and `stats`, and `dlse` (fp32
     (B, H, N_Q), contiguous) or None. `config` as for dkdv()."""
-    B, H, N_Q, D = q.shape
-    n_pad = -(-N_Q // BLOCK_M) * BLOCK_M
-    rows = stats.new_empty((B, H, 2, n_pad))
-    dq_acc = torch.empty((B, H, N_Q, D), device=q.device, dtype=torch.float32)
-    _prep_kernel[(n_pad // BLOCK_M, B * H)](
-        o, do, stats, dlse if dlse is not None else stats, rows, dq_acc, *o.stride()[:3],
-        *do.stride()[:3], stats.stride(0), stats.stride(1), H, N_Q, n_pad, D=D, BLOCK=BLOCK_M,
-        HAS_DLSE=dlse is not None)
+    D = q.shape[3]
+    rows, dq_acc = prepare(o, do, stats, dlse)
+    n_pad = rows.shape[3]
     if {**CONFIG, **(config or {})}["DQ_ADD"] == "tma":
         dq_kind, dq_desc = DQ_TMA, descriptor(dq_acc, BLOCK_M, D // 2 if D == 128 else D)
     else:

@@ -36,7 +36,9 @@ def _fwd_bwd(q, k, v, do, **kw):
 def test_offsets_past_2_31_elements_match_the_same_head_alone():
     # B16 H32 N32768 D128: 2^31 elements per tensor, so the last heads start past 2^31 elements
     # (4 GiB) and any 32-bit offset wraps. The last (batch, head) is computed again as a tensor of
-    # its own, with small offsets; the kernels are deterministic, so the two must agree bit for bit.
+    # its own, with small offsets. The output, dK and dV must agree bit for bit. dQ too where the
+    # backward is deterministic; on Hopper's fused route (kernels/_backward_hopper.py) dQ is an
+    # fp32 sum of atomic adds in no fixed order, rounded to bf16 once: within a rounding step.
     B, H, N, D = 16, 32, 32768, 128
     if _free_gib() < 40:
         pytest.skip("needs ~36 GiB of free GPU memory")
@@ -56,6 +58,11 @@ def test_offsets_past_2_31_elements_match_the_same_head_alone():
     small = [out_s[0], small_in[0].grad[0], small_in[1].grad[0], small_in[2].grad[0]]
     for name, a, b in zip(("out", "dq", "dk", "dv"), big, small):
         assert torch.isfinite(a).all(), name
+        if name == "dq" and not torch.are_deterministic_algorithms_enabled():
+            scale = b.float().abs().amax(-1, keepdim=True).clamp_min(1e-6)
+            worst = ((a.float() - b.float()).abs() / scale).max().item()
+            assert worst <= 2.0 ** -7, f"dq of the last heads differs by {worst:.2e}"
+            continue
         assert torch.equal(a, b), f"{name} of the last heads differs from the same heads alone"
 
 

@@ -240,3 +240,31 @@ def test_deterministic_mode_repeats_bits(monkeypatch, any_length):
         assert torch.equal(a, b)
     _grads(q, k, v, do, w, {}, False)
     assert routes.counts()["fused"] == 1
+
+
+@pytest.mark.parametrize("n_q,layout,with_dlse", [(1, "bhnd", True), (100, "bnhd", False),
+                                                  (128, "bhnd", False), (130, "bnhd", True)])
+def test_prepare_writes_the_fused_routes_row_terms(n_q, layout, with_dlse):
+    # The fused route's first pass (a Triton kernel: it runs under the interpreter too): per row
+    # lse and delta = rowsum(dO * O) - dlse log2(e), padded to whole query tiles with +inf and 0
+    # (P = 0 there), and dQ's fp32 sum zeroed; O and dO in either layout.
+    torch.manual_seed(n_q)
+    B, H, D = 2, 3, 64
+
+    def tensor():
+        t = torch.randn(B, n_q, H, D, device=DEVICE, dtype=torch.float16)
+        return t.transpose(1, 2) if layout == "bnhd" else t.transpose(1, 2).contiguous()
+    o, do = tensor(), tensor()
+    stats = torch.randn(B, H, 3, n_q, device=DEVICE)
+    dlse = torch.randn(B, H, n_q, device=DEVICE) if with_dlse else None
+    rows, dq_acc = _backward_hopper.prepare(o, do, stats, dlse)
+    n_pad = -(-n_q // _backward_hopper.BLOCK_M) * _backward_hopper.BLOCK_M
+    assert rows.shape == (B, H, 2, n_pad) and dq_acc.shape == (B, H, n_q, D)
+    delta = (o.float() * do.float()).sum(-1)
+    if with_dlse:
+        delta = delta - dlse * _common.LOG2E
+    torch.testing.assert_close(rows[:, :, 0, :n_q], stats[:, :, 0], rtol=0, atol=0)
+    torch.testing.assert_close(rows[:, :, 1, :n_q], delta, rtol=1e-5, atol=1e-5)
+    assert torch.all(rows[:, :, 0, n_q:] == float("inf"))
+    assert torch.all(rows[:, :, 1, n_q:] == 0)
+    assert torch.all(dq_acc == 0)
