@@ -84,12 +84,19 @@ def plain_call(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, sca
     return tma_ok(q) and tma_ok(k) and tma_ok(v)
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_layout(block: tuple, dtype: torch.dtype):
+    # Computing the swizzled layout takes ~7 us of Python, the descriptor itself ~3: a backward
+    # on the fused route builds seven descriptors a call, and the layouts never change.
+    gl_dtype = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16,
+                torch.float32: gl.float32}[dtype]
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl_dtype)
+
+
 def descriptor(t: torch.Tensor, rows: int, cols: int = 0) -> "TensorDescriptor":
     """A TMA descriptor over the whole (B, H, N, D) tensor, one (1, 1, rows, cols or D) box per
     copy: its bounds are per head, so a tile past a head's last row reads zeros (or, storing, is
     cut)."""
-    block = [1, 1, rows, cols or t.shape[3]]
-    gl_dtype = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16,
-                torch.float32: gl.float32}[t.dtype]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+    block = (1, 1, rows, cols or t.shape[3])
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block),
+                            _smem_layout(block, t.dtype))
