@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _backward_hopper
+from . import _backward_hopper, _hopper
 from . import _common
 from . import _tuning
 from ._common import (AUTOTUNE, bucket, call_signature, cdiv, cfg, default_config,
@@ -389,13 +389,15 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
         plan[0](dq_tensors, dkdv_tensors)
         return dq, dk, dv
     if hopper == "fused":
-        # dQ, dK and dV from one Gluon kernel.
+        # dQ, dK and dV from one Gluon kernel. The plan keeps its compiled launches.
         has_dlse = dlse is not None
+        launches = _hopper.Launches()
 
         def go(dq_t, dkdv_t):
             q, k, v, o, do, dq, stats, _, dlse_t = dq_t[:9]
             _backward_hopper.backward(q, k, v, o, do, dq, dkdv_t[4], dkdv_t[5], stats,
-                                      dlse_t if has_dlse else None, causal, causal_offset, scale)
+                                      dlse_t if has_dlse else None, causal, causal_offset, scale,
+                                      launches=launches)
         go(dq_tensors, dkdv_tensors)
         _tuning.remember(sig, everything, (go,))
         return dq, dk, dv
@@ -425,8 +427,10 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
         {**constexprs, "HAS_DLSE": dlse is not None}, outputs=(5, 7))  # dq, delta
     if hopper == "dkdv":
         # From the delta the dQ kernel has just written.
+        launches = _hopper.Launches()
+
         def go_dkdv(t):
-            _backward_hopper.dkdv(*t[:8], causal, causal_offset, scale)
+            _backward_hopper.dkdv(*t[:8], causal, causal_offset, scale, launches=launches)
         go_dkdv(dkdv_tensors)
     else:
         go_dkdv = _tuning.launch(

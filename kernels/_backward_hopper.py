@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._hopper import AVAILABLE, HAS_TMA_ADD, config_from_env, descriptor, plain_call, tma_ok
+from ._hopper import AVAILABLE, HAS_TMA_ADD, ONCE, config_from_env, plain_call, tma_ok
 
 if AVAILABLE:
     from ._hopper import (fence_async_shared, gl, gluon, mbarrier, tma, tma_add, tma_load,
@@ -395,23 +395,28 @@ def route(q, k, v, o, do, dk, dv, mask, kpm, dropout_p, varlen, causal, causal_o
 
 
 def _launch(q, k, v, do, dk, dv, dq_desc, dq_acc, rows, n_pad, causal, causal_offset, scale,
-            dq_kind, config):
+            dq_kind, config, launches):
     cfg = {**CONFIG, **(config or {})}
     B, H, N_Q, D = q.shape
     H_KV, N_K = k.shape[1], k.shape[2]
-    grid = (-(-N_K // BLOCK_N), B * H_KV)
-    _dkdv_hopper_kernel[grid](
-        descriptor(q, BLOCK_M), descriptor(k, GROUP_N), descriptor(v, GROUP_N),
-        descriptor(do, BLOCK_M), descriptor(dk, GROUP_N), descriptor(dv, GROUP_N), dq_desc,
-        dq_acc, rows, H, H // H_KV, N_Q, n_pad, N_K, causal_offset, scale * _common.LOG2E, scale,
-        BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, D=D, IS_CAUSAL=bool(causal), DQ=dq_kind,
-        NUM_BUF=cfg["NUM_BUF"], WORKER_REGS=cfg["WORKER_REGS"], num_warps=4)
+    launches(
+        "main", _dkdv_hopper_kernel, (-(-N_K // BLOCK_N), B * H_KV),
+        (launches.descriptor("q", q, BLOCK_M), launches.descriptor("k", k, GROUP_N),
+         launches.descriptor("v", v, GROUP_N), launches.descriptor("do", do, BLOCK_M),
+         launches.descriptor("dk", dk, GROUP_N), launches.descriptor("dv", dv, GROUP_N), dq_desc,
+         dq_acc, rows, H, H // H_KV, N_Q, n_pad, N_K, causal_offset, scale * _common.LOG2E,
+         scale),
+        dict(BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, D=D, IS_CAUSAL=bool(causal), DQ=dq_kind,
+             NUM_BUF=cfg["NUM_BUF"], WORKER_REGS=cfg["WORKER_REGS"], num_warps=4,
+             enable_fp_fusion=_common.fp_fusion(q.dtype)))
 
 
-def dkdv(q, k, v, do, dk, dv, stats, delta, causal, causal_offset, scale, config=None):
+def dkdv(q, k, v, do, dk, dv, stats, delta, causal, causal_offset, scale, config=None,
+         launches=ONCE):
     """Write dK and dV into `dk`, `dv` (k's and v's shapes, TMA-readable strides), given the
     forward's `stats` (fp32 (B, H, 3, N_Q)) and the dQ kernel's `delta` (fp32 (B, H, N_Q)).
-    `config` (for experiments) replaces entries of CONFIG."""
+    `config` (for experiments) replaces entries of CONFIG. `launches`: a plan's (_hopper.Launches),
+    for calls of one signature."""
     B, H, N_Q, D = q.shape
     # The kernel's per-row terms, padded to whole query tiles: rows past the end read an lse of
     # +inf (P = 0; their Q and dO rows are zeros too) and a delta of 0.
@@ -422,35 +427,39 @@ def dkdv(q, k, v, do, dk, dv, stats, delta, causal, causal_offset, scale, config
     rows[:, :, 0, N_Q:] = float("inf")
     rows[:, :, 1, N_Q:] = 0.0
     _launch(q, k, v, do, dk, dv, rows, rows, rows, n_pad, causal, causal_offset, scale, DQ_NONE,
-            config)
+            config, launches)
 
 
-def prepare(o, do, stats, dlse):
+def prepare(o, do, stats, dlse, launches=ONCE):
     """The fused route's first pass (_prep_kernel): returns the padded per-row terms, fp32
     (B, H, 2, N_Q rounded up to BLOCK_M), and dQ's zeroed fp32 sum, (B, H, N_Q, D)."""
     B, H, N_Q, D = o.shape
     n_pad = -(-N_Q // BLOCK_M) * BLOCK_M
     rows = stats.new_empty((B, H, 2, n_pad))
     dq_acc = torch.empty((B, H, N_Q, D), device=o.device, dtype=torch.float32)
-    _prep_kernel[(n_pad // BLOCK_M, B * H)](
-        o, do, stats, dlse if dlse is not None else stats, rows, dq_acc, *o.stride()[:3],
-        *do.stride()[:3], stats.stride(0), stats.stride(1), H, N_Q, n_pad, D=D, BLOCK=BLOCK_M,
-        HAS_DLSE=dlse is not None)
+    # Fusion named, as for every launch (_common.fp_fusion): Triton 3.9 warns where it is left
+    # to its default, which 3.10 turns off.
+    launches("prep", _prep_kernel, (n_pad // BLOCK_M, B * H),
+             (o, do, stats, dlse if dlse is not None else stats, rows, dq_acc, *o.stride()[:3],
+              *do.stride()[:3], stats.stride(0), stats.stride(1), H, N_Q, n_pad),
+             dict(D=D, BLOCK=BLOCK_M, HAS_DLSE=dlse is not None,
+                  enable_fp_fusion=_common.fp_fusion(o.dtype)))
     return rows, dq_acc
 
 
 def backward(q, k, v, o, do, dq, dk, dv, stats, dlse, causal, causal_offset, scale,
-             config=None):
+             config=None, launches=ONCE):
     """The whole backward in this kernel: write dQ, dK, dV into `dq`, `dk`, `dv` (q's, k's, v's
     shapes; dk, dv TMA-readable), given the forward's output `o` and `stats`, and `dlse` (fp32
-    (B, H, N_Q), contiguous) or None. `config` as for dkdv()."""
+    (B, H, N_Q), contiguous) or None. `config`, `launches` as for dkdv()."""
     D = q.shape[3]
-    rows, dq_acc = prepare(o, do, stats, dlse)
+    rows, dq_acc = prepare(o, do, stats, dlse, launches)
     n_pad = rows.shape[3]
     if {**CONFIG, **(config or {})}["DQ_ADD"] == "tma":
-        dq_kind, dq_desc = DQ_TMA, descriptor(dq_acc, BLOCK_M, D // 2 if D == 128 else D)
+        dq_kind, dq_desc = DQ_TMA, launches.descriptor("dq", dq_acc, BLOCK_M,
+                                                       D // 2 if D == 128 else D)
     else:
         dq_kind, dq_desc = DQ_ATOMIC, dq_acc
     _launch(q, k, v, do, dk, dv, dq_desc, dq_acc, rows, n_pad, causal, causal_offset, scale,
-            dq_kind, config)
+            dq_kind, config, launches)
     dq.copy_(dq_acc)  # dS carried sm_scale: this only rounds

@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from . import _forward_hopper
+from . import _forward_hopper, _hopper
 from . import _tuning
 from ._common import (AUTOTUNE, bucket, call_signature, cdiv, cfg, default_config,
                       dot_precision, forward_outputs, fp_fusion, key_range, length_args,
@@ -170,9 +170,21 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
     With `cu_seqlens` (int32, n + 1 cumulative lengths) q, k, v are (1, H, total, D): n sequences
     packed along the rows, the longest `max_seqlen` long, each attending only within itself."""
     varlen = cu_seqlens is not None
-    if _forward_hopper.eligible(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset,
-                                scale):
-        return _forward_hopper.attention_forward(q, k, v, causal, causal_offset, scale)
+    gluon = _forward_hopper.eligible(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset,
+                                     scale)
+    # A call with the same signature repeats these launches (_tuning's plans). Which kernel
+    # serves is part of it: its switches and floors may change between calls.
+    sig = ("fwd", call_signature(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, seed, cu_seqlens,
+                                 max_seqlen, causal, causal_offset, scale, dropout_p), gluon)
+    if gluon:
+        # The Gluon forward makes its own outputs; its plan keeps the compiled launch.
+        plan = _tuning.planned(sig, (q, k, v))
+        launches = plan[0] if plan is not None else _hopper.Launches()
+        out = _forward_hopper.attention_forward(q, k, v, causal, causal_offset, scale,
+                                                launches=launches)
+        if plan is None:
+            _tuning.remember(sig, (q, k, v), (launches,))
+        return out
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     o, stats = forward_outputs(q, torch.empty_like(q))
@@ -185,9 +197,6 @@ def attention_forward(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, causal, causa
     seed_t = seed if seed is not None else stats
     cu_t = cu_seqlens if varlen else stats
     tensors = (q, k, v, o, stats, mask_t, kpm_t, lo_t, hi_t, seed_t, cu_t)
-    # A call with the same signature repeats these launches (_tuning's plans).
-    sig = ("fwd", call_signature(q, k, v, mask, mask_kind, kpm, kv_lo, kv_hi, seed, cu_seqlens,
-                                 max_seqlen, causal, causal_offset, scale, dropout_p))
     plan = _tuning.planned(sig, tensors)
     if plan is not None:
         plan[0](tensors)

@@ -26,7 +26,7 @@ import os
 import torch
 
 from . import _common
-from ._hopper import AVAILABLE, config_from_env, descriptor, plain_call, tma_ok
+from ._hopper import AVAILABLE, ONCE, config_from_env, plain_call, tma_ok
 
 if AVAILABLE:
     from ._hopper import (fence_async_shared, gl, gluon, mbarrier, tma, tma_load, tma_store,
@@ -246,9 +246,10 @@ def eligible(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, scale
     return plain_call(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, scale)
 
 
-def attention_forward(q, k, v, causal, causal_offset, scale, config=None):
+def attention_forward(q, k, v, causal, causal_offset, scale, config=None, launches=ONCE):
     """(O with q's layout, stats fp32 (B, H, 3, N_Q)) as _forward.attention_forward returns them.
-    `config` (for experiments) replaces entries of CONFIG."""
+    `config` (for experiments) replaces entries of CONFIG. `launches`: a plan's
+    (_hopper.Launches), for calls of one signature."""
     cfg = {**CONFIG, **(config or {})}
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
@@ -256,13 +257,14 @@ def attention_forward(q, k, v, causal, causal_offset, scale, config=None):
     if not tma_ok(o):  # empty_like keeps q's strides, but not those of an overlapping q
         o = torch.empty((B, H, N_Q, D), device=q.device, dtype=q.dtype)
     o, stats = _common.forward_outputs(q, o)
-    grid = (-(-N_Q // BLOCK_M), B * H)
     block_n = cfg["BLOCK_N"]
     extra = {} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}
-    _fwd_hopper_kernel[grid](
-        descriptor(q, GROUP_M), descriptor(k, block_n), descriptor(v, block_n),
-        descriptor(o, GROUP_M), stats, H, H // k.shape[1], N_Q, N_K, causal_offset,
-        scale * _common.LOG2E,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, D=D, IS_CAUSAL=bool(causal), NUM_BUF=cfg["NUM_BUF"],
-        WORKER_REGS=cfg["WORKER_REGS"], num_warps=4, **extra)
+    launches(
+        "main", _fwd_hopper_kernel, (-(-N_Q // BLOCK_M), B * H),
+        (launches.descriptor("q", q, GROUP_M), launches.descriptor("k", k, block_n),
+         launches.descriptor("v", v, block_n), launches.descriptor("o", o, GROUP_M), stats, H,
+         H // k.shape[1], N_Q, N_K, causal_offset, scale * _common.LOG2E),
+        dict(BLOCK_M=BLOCK_M, BLOCK_N=block_n, D=D, IS_CAUSAL=bool(causal),
+             NUM_BUF=cfg["NUM_BUF"], WORKER_REGS=cfg["WORKER_REGS"], num_warps=4,
+             enable_fp_fusion=_common.fp_fusion(q.dtype), **extra))
     return o, stats

@@ -12,6 +12,7 @@ import json
 import os
 
 import torch
+import triton
 
 try:
     from triton.experimental import gluon
@@ -38,7 +39,7 @@ try:
 except ImportError:  # a Triton without Gluon (before 3.5): the Triton kernels serve every call
     AVAILABLE = HAS_TMA_ADD = False
 
-from . import _common
+from . import _common, _tuning
 
 
 def config_from_env(defaults: dict, variable: str) -> dict:
@@ -100,3 +101,57 @@ def descriptor(t: torch.Tensor, rows: int, cols: int = 0) -> "TensorDescriptor":
     block = (1, 1, rows, cols or t.shape[3])
     return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block),
                             _smem_layout(block, t.dtype))
+
+
+class Launches:
+    """The launches of one call signature, kept after its first call: a plan (_tuning.planned)
+    holds one, so that its later calls skip what only the first needs to do.
+    - Triton's dispatch: binding and specialising every argument, a cache key built from the
+      descriptors' types. Later launches go straight to the compiled kernel's launcher
+      (_tuning._Direct), as the Triton kernels' plans do.
+    - The descriptors' checks (Triton 3.9 validates each TensorDescriptor as it is made): what
+      they read is the same for every call of a signature, the base's alignment aside, which a
+      plan checks. Later descriptors copy the first's fields with the new tensor as their base.
+    Together ~35 us of host time off a Gluon forward or fused backward on the CPU machine
+    (docs/perf-notes.md, "Gluon launches in plans").
+
+    A Launches is only reused for calls of one signature (everything the grid, scalars and
+    specialisation derive from), so each launch differs from the first only in its tensors'
+    addresses. It keeps no tensor. `ONCE` keeps nothing: every launch goes through Triton."""
+
+    __slots__ = ("direct", "fields", "keep")
+
+    def __init__(self, keep: bool = True):
+        self.direct, self.fields, self.keep = {}, {}, keep
+
+    def descriptor(self, slot, t, rows, cols=0):
+        """descriptor(t, rows, cols) for the kernel argument `slot`."""
+        fields = self.fields.get(slot)
+        if fields is None:
+            d = descriptor(t, rows, cols)
+            if self.keep:
+                self.fields[slot] = {**vars(d), "base": None}
+            return d
+        d = TensorDescriptor.__new__(TensorDescriptor)
+        d.__dict__.update(fields)
+        d.base = t
+        return d
+
+    def __call__(self, name, kernel, grid, args, constexprs):
+        """kernel[grid](*args, **constexprs): `args` (tensors, descriptors, scalars) in the
+        kernel's parameter order, then its constexprs (and compile options) by name."""
+        direct = self.direct.get(name)
+        if direct is not None:
+            direct(args)
+            return
+        compiled = kernel[grid](*args, **constexprs)
+        if (not self.keep or _common.INTERPRET or compiled is None or _tuning._hooks_active()
+                or torch.compiler.is_compiling()):
+            return
+        # The compiled launcher takes every parameter, constexprs included (it skips them).
+        tail = tuple(constexprs[n] for n in kernel.arg_names[len(args):])
+        device = triton.runtime.driver.active.get_current_device()
+        self.direct[name] = _tuning._Direct((compiled, tail), grid, device, ())
+
+
+ONCE = Launches(keep=False)
