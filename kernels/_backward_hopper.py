@@ -86,7 +86,9 @@ FUSED = os.environ.get("HF_FLASH_HOPPER_BWD_FUSED", "1") != "0"
 # at 16M tokens) cost more than its products save. Element atomics (Triton before 3.9) only pay
 # at head dim 64 from 4096. The floors start at 2048, not 1024: the route's host time (seven TMA
 # descriptors, three launches) made GPT-2's backward (B16 H16 N1024 causal) host-bound under
-# Triton 3.9, 0.90 ms against 0.36 by Triton's kernels (ops_bar_fused_triton39_479c863).
+# Triton 3.9, 0.90 ms against 0.36 by Triton's kernels (ops_bar_fused_triton39_479c863). A
+# plan's calls have since skipped Triton's dispatch and the descriptors' checks (_hopper.Launches);
+# whether 1024 pays now is for the GPU to say.
 MIN_LENGTH = {(64, False): 2048, (64, True): 2048, (128, False): 1024, (128, True): 1024}
 _FUSED_FLOORS = {
     "tma": {(64, False): 2048, (64, True): 2048, (128, False): 2048, (128, True): 2048},

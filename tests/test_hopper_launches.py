@@ -4,7 +4,8 @@ a stand-in driver (scripts/fake_sm90.py) that records what each launch gives the
 A plan's later calls launch through kernels/_hopper.Launches: straight to the compiled kernel,
 with descriptors copied from the first call's. They must hand the launcher exactly what Triton's
 own dispatch would for the same tensors: grid, scalars, constexprs, every tensor and every
-descriptor's fields. The GPU tests check the results those launches compute.
+descriptor's fields. On an sm_90 GPU, a plan's call must also compute what the same call without
+plans does.
 """
 
 import json
@@ -13,8 +14,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from hopper_utils import ROOT, needs_gluon
+import hf_flash
+from hf_flash.kernels import _backward_hopper, _forward_hopper, _tuning
+from hopper_utils import ROOT, needs_gluon, on_sm90
 
 _SCRIPT = r"""
 import gc, json, sys, warnings, weakref
@@ -75,3 +79,49 @@ def test_a_plans_gluon_launches_hand_the_launcher_what_tritons_dispatch_does():
         assert r["direct"] == dict.fromkeys(expected[name], 1), (name, r["direct"])
         assert r["same"], (name, r["planned"], r["dispatched"])
         assert not r["kept_a_tensor"], name
+
+
+@pytest.mark.gpu
+@on_sm90
+@needs_gluon
+@pytest.mark.parametrize("route", ["fused", "dkdv"])
+def test_a_plans_gluon_launches_compute_what_a_call_without_plans_does(monkeypatch, route):
+    # The Gluon kernels at this length (their floors are speed choices), on the route asked for.
+    for mod in (_forward_hopper, _backward_hopper):
+        monkeypatch.setattr(mod, "MIN_LENGTH", dict.fromkeys(mod.MIN_LENGTH, 1))
+    monkeypatch.setattr(_backward_hopper, "FUSED", route == "fused")
+    monkeypatch.setattr(_backward_hopper, "FUSED_MIN_LENGTH",
+                        dict.fromkeys(_backward_hopper.MIN_LENGTH, 1))
+    # Triton's dispatch of each Gluon (and prepare) launch, counted.
+    dispatched = []
+    for kernel in (_forward_hopper._fwd_hopper_kernel, _backward_hopper._dkdv_hopper_kernel,
+                   _backward_hopper._prep_kernel):
+        def counted(*args, _real=kernel.run, **kwargs):
+            dispatched.append(1)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(kernel, "run", counted)
+
+    def call(seed):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        q, k, v, do = (torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16,
+                                   generator=gen) for _ in range(4))
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        out = hf_flash.flash_attention(q, k, v, is_causal=True)
+        out.backward(do)
+        return out, q.grad, k.grad, v.grad
+
+    call(1)  # makes the plans
+    assert dispatched, "the Gluon kernels did not serve"
+    dispatched.clear()
+    planned = call(2)
+    assert not dispatched, "a plan's call went through Triton's dispatch"
+    monkeypatch.setattr(_tuning, "USE_PLANS", False)
+    unplanned = call(2)
+    assert dispatched
+    for name, a, b in zip(("out", "dq", "dk", "dv"), planned, unplanned):
+        if name == "dq" and route == "fused":
+            # Its fp32 sum's adds land in any order: a rounding step of the largest entry.
+            assert (a.float() - b.float()).abs().max() <= b.float().abs().max() * 2 ** -7, name
+        else:
+            assert torch.equal(a, b), name
