@@ -294,8 +294,11 @@ def build_hopper_backward(d: int, causal: bool, dtype: str, target=None, config=
           "NUM_BUF": cfg["NUM_BUF"], "WORKER_REGS": cfg["WORKER_REGS"], "num_warps": 4}
     sig.update({k: "constexpr" for k in cx})
     names = list(sig)
+    # The pointers are fresh allocations, 16-byte aligned, which the launch specialises on
+    # (it decides whether dQ's atomics can be 16-byte ones).
+    aligned = {(names.index(k),): [["tt.divisibility", 16]] for k in ("DQ_ACC", "ROWS")}
     src = GluonASTSource(hop._dkdv_hopper_kernel, signature=sig,
-                         constexprs={(names.index(k),): v for k, v in cx.items()}, attrs={})
+                         constexprs={(names.index(k),): v for k, v in cx.items()}, attrs=aligned)
     return triton.compile(src, target=target or GPUTarget("cuda", 90, 32),
                           options={"num_warps": 4, "enable_fp_fusion": True})
 

@@ -53,11 +53,11 @@ _DQ_KINDS = ([("tma", _backward_hopper.DQ_TMA)] if _backward_hopper.HAS_TMA_ADD 
 @pytest.mark.parametrize("d,causal,dtype", [(64, True, "bf16"), (128, True, "bf16"),
                                             (128, False, "fp16")])
 def test_compiles_for_sm90_without_spills(d, causal, dtype, dq):
-    # Triton 3.9 builds the dkdv route without a stack, and the fused one with 40-48 bytes at
-    # head dim 128 (loop scalars: counters, offsets). Triton 3.6's ptxas keeps 32-40 bytes at
-    # head dim 128 on the dkdv route; its fused route (element atomics: 3.6 has no TMA
-    # reductions) up to 104. A tile spilled (a second loop for the causal diagonal made 80-400
-    # bytes on the dkdv route) would exceed the bound.
+    # Compiled as launched (aligned pointers): Triton 3.9 builds the dkdv route without a
+    # stack, and the fused one with 40-64 bytes at head dim 128 (loop scalars: counters,
+    # offsets). Triton 3.6's ptxas keeps 40-48 bytes at head dim 128 on the dkdv route; its
+    # fused route (element atomics: 3.6 has no TMA reductions) 80-88. A tile spilled (a second
+    # loop for the causal diagonal made 80-400 bytes on the dkdv route) would exceed the bound.
     check_compiles_for_sm90("build_hopper_backward", d, causal, dtype,
                             max_stack=128 if dq[0] == "atomic" else 64, dq=dq[1])
 
