@@ -126,11 +126,14 @@ class Launches:
 
     def descriptor(self, slot, t, rows, cols=0):
         """descriptor(t, rows, cols) for the kernel argument `slot`."""
-        fields = self.fields.get(slot)
+        # The box is part of the key: a kernel's CONFIG (its tiles) may change between calls
+        # of one signature, in experiments.
+        key = (slot, rows, cols)
+        fields = self.fields.get(key)
         if fields is None:
             d = descriptor(t, rows, cols)
             if self.keep:
-                self.fields[slot] = {**vars(d), "base": None}
+                self.fields[key] = {**vars(d), "base": None}
             return d
         d = TensorDescriptor.__new__(TensorDescriptor)
         d.__dict__.update(fields)
@@ -140,7 +143,9 @@ class Launches:
     def __call__(self, name, kernel, grid, args, constexprs):
         """kernel[grid](*args, **constexprs): `args` (tensors, descriptors, scalars) in the
         kernel's parameter order, then its constexprs (and compile options) by name."""
-        direct = self.direct.get(name)
+        # The constexprs are part of the key for the same reason: each set is its own kernel.
+        key = (name, *constexprs.values())
+        direct = self.direct.get(key)
         if direct is not None:
             direct(args)
             return
@@ -151,7 +156,7 @@ class Launches:
         # The compiled launcher takes every parameter, constexprs included (it skips them).
         tail = tuple(constexprs[n] for n in kernel.arg_names[len(args):])
         device = triton.runtime.driver.active.get_current_device()
-        self.direct[name] = _tuning._Direct((compiled, tail), grid, device, ())
+        self.direct[key] = _tuning._Direct((compiled, tail), grid, device, ())
 
 
 ONCE = Launches(keep=False)

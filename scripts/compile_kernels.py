@@ -260,8 +260,10 @@ def build_hopper_forward(d: int, causal: bool, dtype: str, target=None, config=N
           "NUM_BUF": cfg["NUM_BUF"], "WORKER_REGS": cfg["WORKER_REGS"], "num_warps": 4}
     sig.update({k: "constexpr" for k in cx})
     names = list(sig)
+    # STATS is a fresh allocation, 16-byte aligned, which the launch specialises on.
     src = GluonASTSource(hop._fwd_hopper_kernel, signature=sig,
-                         constexprs={(names.index(k),): v for k, v in cx.items()}, attrs={})
+                         constexprs={(names.index(k),): v for k, v in cx.items()},
+                         attrs={(names.index("STATS"),): [["tt.divisibility", 16]]})
     options = {"num_warps": 4, "enable_fp_fusion": True}  # as the launch names it (16-bit)
     if cfg["maxnreg"] is not None:
         options["maxnreg"] = cfg["maxnreg"]

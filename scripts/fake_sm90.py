@@ -1,23 +1,31 @@
 """Launch the Gluon kernels for Hopper on a machine without a GPU: Triton compiles them for sm_90
 as on an H100, and a stand-in driver takes the launches instead of the GPU.
 
-    python scripts/fake_sm90.py          # host time of each Gluon launch: Triton's dispatch
-                                         # against a plan's direct launch (~1 minute, 2 cores)
+    python scripts/fake_sm90.py             # host time of each Gluon route's call: Triton's
+                                            # dispatch against a plan's (~1 minute, 2 cores)
+    python scripts/fake_sm90.py --launcher  # the same through Triton's own launcher, C included,
+                                            # against a libcuda whose functions do nothing
 
 What it is for: the host path of a launch (argument binding, specialisation, the cache key,
 the launcher's arguments) is Python and runs here exactly as on a GPU host; only the launch
 itself is replaced. tests/test_hopper_launches.py records the arguments each launch hands the
 launcher, through Triton's dispatch and through a plan (kernels/_hopper.Launches), and checks
-that they agree. The timings leave out what both paths share (the launcher's C code and the
-driver's launch), and are this machine's, not a GPU host's.
+that they agree. The timings leave out what both paths share (by default the whole launcher;
+with --launcher only the driver's own work), and are this machine's, not a GPU host's.
+--launcher needs a C compiler and Python's headers (Triton builds its launcher with them).
 
 Do not set TRITON_INTERPRET: the interpreter replaces the kernels this needs compiled. CPU
 tensors stand in for the GPU's; nothing reads or writes them.
 """
 
 import argparse
+import ctypes
+import os
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -93,12 +101,47 @@ class FakeSM90Driver:
         return ty
 
 
-def install():
+def stub_libcuda(folder):
+    """Build, in `folder`, a libcuda.so.1 whose every function that Triton's NVIDIA driver code
+    names does nothing and returns success, and point Triton at it."""
+    from triton.backends.nvidia import driver
+    here = os.path.dirname(driver.__file__)
+    text = "".join(open(os.path.join(here, n)).read() for n in ("driver.c", "driver.py"))
+    names = sorted(set(re.findall(r"\b(cu[A-Z][A-Za-z0-9]*)\b", text)) - {"cuGetErrorString"})
+    src = ['int cuGetErrorString(int e, const char **s) { *s = "stub"; return 0; }']
+    src += [f"int {n}(void) {{ return 0; }}" for n in names if not n.endswith("_t")]
+    with open(os.path.join(folder, "stub.c"), "w") as f:
+        f.write("\n".join(src) + "\n")
+    lib = os.path.join(folder, "libcuda.so.1")
+    subprocess.run(["cc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", lib,
+                    os.path.join(folder, "stub.c")], check=True)
+    os.environ["TRITON_LIBCUDA_PATH"] = folder  # where Triton links its launcher against
+    ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)  # and what the loader finds when it loads it
+
+
+class _WithTritonsLauncher(_Utils):
+    """Triton's own C utilities (launch, TMA descriptor fill), built against stub_libcuda."""
+
+    def __init__(self):
+        from triton.backends.nvidia import driver
+        self.real = driver.CudaUtils()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def install(launcher=False):
     """Make the stand-in Triton's active driver, and the stream a plan's launcher asks for a
-    constant (a CPU build of torch has no CUDA streams)."""
+    constant (a CPU build of torch has no CUDA streams). With `launcher`, launches go through
+    Triton's own launcher, into a libcuda that does nothing (stub_libcuda)."""
     from hf_flash.kernels import _common, _tuning
     assert not _common.INTERPRET, "unset TRITON_INTERPRET: the kernels must compile for sm_90"
-    triton.runtime.driver.set_active(FakeSM90Driver())
+    fake = FakeSM90Driver()
+    if launcher:
+        from triton.backends.nvidia import driver
+        stub_libcuda(tempfile.mkdtemp())
+        fake.utils, fake.launcher_cls = _WithTritonsLauncher(), driver.CudaLauncher
+    triton.runtime.driver.set_active(fake)
     _tuning._current_stream = lambda device: 0
 
 
@@ -118,7 +161,8 @@ def normalised(log, names):
             return ("tensor", name(a), a.dtype, tuple(a.shape), a.stride())
         if hasattr(a, "base") and hasattr(a, "block_shape"):  # a TensorDescriptor
             return ("descriptor", name(a.base), a.base.dtype, tuple(a.shape), tuple(a.strides),
-                    tuple(a.block_shape), repr(a.layout))
+                    tuple(a.block_shape), repr(a.layout), a.padding,
+                    getattr(a, "round_f32_to_tf32", None))
         return a
 
     return [(kernel, grid, tuple(one(a) for a in args)) for kernel, grid, args in log]
@@ -173,15 +217,21 @@ def _us(fn, n=300, reps=7):
 
 
 def main():
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
-    install()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--launcher", action="store_true",
+                   help="through Triton's own launcher (C included), into a libcuda that does "
+                        "nothing")
+    args = p.parse_args()
+    install(launcher=args.launcher)
     from hf_flash.kernels import _hopper
     Recorder.log = None
     # Small tensors: the host path does not depend on their size, but the CPU would do the
     # PyTorch ops between launches (dQ's rounding copy, dkdv's row padding) itself.
     t = inputs(b=2, h=4, h_kv=4, n_q=256, n_k=256)
     print(f"host time of one call, us (min / median of 7 rounds of 300), Triton "
-          f"{triton.__version__}, B2 H4 N256 D64 bf16, launches stubbed")
+          f"{triton.__version__}, B2 H4 N256 D64 bf16, launches "
+          + ("through Triton's launcher into a do-nothing libcuda" if args.launcher
+             else "recorded by a stand-in launcher"))
     print(f"{'route':28s} {'dispatch':>15s} {'plan (direct)':>15s}")
     for name, call in calls().items():
         plan = _hopper.Launches()

@@ -39,8 +39,8 @@ with warnings.catch_warnings(record=True) as caught:
         # Which launches the plan's second call makes through it (not through Triton).
         direct = {}
         for key, go in list(plan.direct.items()):
-            def counted(args, go=go, key=key):
-                direct[key] = direct.get(key, 0) + 1
+            def counted(args, go=go, name=key[0]):
+                direct[name] = direct.get(name, 0) + 1
                 go(args)
             plan.direct[key] = counted
         f.Recorder.log = []
@@ -56,6 +56,20 @@ with warnings.catch_warnings(record=True) as caught:
         out[name] = {"launches": jit_first, "direct": direct, "same": planned == dispatched,
                      "planned": repr(planned)[:3000], "dispatched": repr(dispatched)[:3000],
                      "kept_a_tensor": alive() is not None}
+    # A kernel's config changed between two calls of one plan (as experiments do) is another
+    # kernel: the plan must not launch the first one's.
+    calls = f.calls()
+    if "fused backward, atomics" in calls:
+        t = f.inputs(seed=3, d=64)
+        names = {x.data_ptr(): k for k, x in t.items()}
+        plan = _hopper.Launches()
+        calls["fused backward"](t, plan)
+        f.Recorder.log = []
+        calls["fused backward, atomics"](t, plan)
+        planned = f.normalised(f.Recorder.log, names)
+        f.Recorder.log = []
+        calls["fused backward, atomics"](t, _hopper.ONCE)
+        out["config changed"] = planned == f.normalised(f.Recorder.log, names)
 out["warnings"] = [str(w.message) for w in caught if "FP_FUSION" in str(w.message)]
 print(json.dumps(out))
 """
@@ -71,6 +85,7 @@ def test_a_plans_gluon_launches_hand_the_launcher_what_tritons_dispatch_does():
     # Every launch names its multiply-add fusion: Triton 3.9 warns where one leaves it to the
     # default, which 3.10 changes.
     assert got.pop("warnings") == []
+    assert got.pop("config changed", True)
     expected = {"forward": {"main"}, "dkdv backward": {"main"},
                 "fused backward": {"prep", "main"}, "fused backward, atomics": {"prep", "main"}}
     assert set(got) <= set(expected) and {"forward", "dkdv backward", "fused backward"} <= set(got)
@@ -101,6 +116,8 @@ def test_a_plans_gluon_launches_compute_what_a_call_without_plans_does(monkeypat
             return _real(*args, **kwargs)
         monkeypatch.setattr(kernel, "run", counted)
 
+    monkeypatch.setattr(_tuning, "_PLANS", {})  # plans of this test's own making
+
     def call(seed):
         gen = torch.Generator(device="cuda").manual_seed(seed)
         q, k, v, do = (torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16,
@@ -111,7 +128,9 @@ def test_a_plans_gluon_launches_compute_what_a_call_without_plans_does(monkeypat
         out.backward(do)
         return out, q.grad, k.grad, v.grad
 
-    call(1)  # makes the plans
+    # Makes the plans. Its tensors stay alive, so that the next calls' cannot take their
+    # addresses: a plan launching on its first call's tensors would then read the wrong ones.
+    first = call(1)
     assert dispatched, "the Gluon kernels did not serve"
     dispatched.clear()
     planned = call(2)
@@ -119,6 +138,7 @@ def test_a_plans_gluon_launches_compute_what_a_call_without_plans_does(monkeypat
     monkeypatch.setattr(_tuning, "USE_PLANS", False)
     unplanned = call(2)
     assert dispatched
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(first, planned))
     for name, a, b in zip(("out", "dq", "dk", "dv"), planned, unplanned):
         if name == "dq" and route == "fused":
             # Its fp32 sum's adds land in any order: a rounding step of the largest entry.
