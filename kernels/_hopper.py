@@ -117,7 +117,9 @@ class Launches:
 
     A Launches is only reused for calls of one signature (everything the grid, scalars and
     specialisation derive from), so each launch differs from the first only in its tensors'
-    addresses. It keeps no tensor. `ONCE` keeps nothing: every launch goes through Triton."""
+    addresses; a kernel's CONFIG, which experiments change at run time, is not in the signature,
+    so launches are kept per set of constexprs and descriptors per box. It keeps no tensor.
+    `ONCE` keeps nothing: every launch goes through Triton."""
 
     __slots__ = ("direct", "fields", "keep")
 
