@@ -168,11 +168,22 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--host-profile", type=int, default=0, metavar="N",
                    help="print where hf_flash's fwd+bwd host time goes (cProfile over N calls)")
+    p.add_argument("--hopper-floors", default="", metavar="ROUTE=N,...",
+                   help="set the shortest length each Gluon route serves, for every head dim and "
+                        "causal setting, for this run (routes: fwd, dkdv, fused); e.g. "
+                        "fused=1024 to time the fused backward on GPT-2's row")
     p.add_argument("--tag", default="", help="appended to the output file names, e.g. a kernel version")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU plumbing test: smallest cases, hf_flash under TRITON_INTERPRET=1 vs "
                         "SDPA math; timings are meaningless")
     args = p.parse_args(argv)
+    try:
+        args.floors = {k.strip(): int(v) for k, v in
+                       (item.split("=") for item in _csv_list(args.hopper_floors))}
+    except ValueError:
+        p.error(f"--hopper-floors takes ROUTE=N,...; got {args.hopper_floors!r}")
+    if set(args.floors) - {"fwd", "dkdv", "fused"}:
+        p.error(f"--hopper-floors: routes are fwd, dkdv, fused; got {sorted(args.floors)}")
     unknown = [v for v in _csv_list(args.variants) if v not in SWEEP_VARIANTS]
     if unknown:  # it would otherwise run as a plain case under the unknown name
         p.error(f"unknown sweep variant(s) {', '.join(unknown)}; known: {', '.join(SWEEP_VARIANTS)}")
@@ -729,6 +740,31 @@ def _rejected_configs() -> list:
     return _tuning.rejected_configs()
 
 
+def _floor_tables():
+    from hf_flash.kernels import _backward_hopper, _forward_hopper
+    return {"fwd": (_forward_hopper, "MIN_LENGTH"), "dkdv": (_backward_hopper, "MIN_LENGTH"),
+            "fused": (_backward_hopper, "FUSED_MIN_LENGTH")}
+
+
+def set_hopper_floors(floors: dict):
+    """Every (head dim, causal) entry of each named route's length floor set to the value."""
+    for route, n in floors.items():
+        mod, name = _floor_tables()[route]
+        keys = set(getattr(mod, name)) | set(_backward_hopper_keys())
+        setattr(mod, name, dict.fromkeys(keys, n))
+
+
+def _backward_hopper_keys():
+    from hf_flash.kernels import _backward_hopper
+    return _backward_hopper.MIN_LENGTH  # every (head dim, causal) a Gluon route may serve
+
+
+def hopper_floors() -> dict:
+    """The floors this run used, for its metadata."""
+    return {route: {f"d{d}{' causal' if c else ''}": n for (d, c), n in getattr(mod, name).items()}
+            for route, (mod, name) in _floor_tables().items()}
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.dry_run:
@@ -744,6 +780,7 @@ def main(argv=None):
         sys.exit(f"bench_ops: cannot import hf_flash ({e}); from the repository root run "
                  f"`python -m pip install --no-deps --no-build-isolation -e .` first")
 
+    set_hopper_floors(args.floors)
     args.backends_list = [b for b in _csv_list(args.backends) if b in BACKENDS]
     args.modes_list = [m for m in _csv_list(args.modes) if m in MODES]
     if args.dry_run:
@@ -754,6 +791,7 @@ def main(argv=None):
         sys.exit("bench_ops: no case selected")
     runner = Runner(args)
     meta = run_metadata(args)
+    meta["hopper_floors"] = hopper_floors()
     meta["timing"] = dict(warmup_ms=runner.warmup, rep_ms=runner.rep, statistic="median",
                           l2="flushed by do_bench before each timed call",
                           flops="4*B*H*N*N*D, x0.5 causal; bwd x2.5, fwd+bwd x3.5")
