@@ -112,8 +112,8 @@ class Launches:
     - The descriptors' checks (Triton 3.9 validates each TensorDescriptor as it is made): what
       they read is the same for every call of a signature, the base's alignment aside, which a
       plan checks. Later descriptors copy the first's fields with the new tensor as their base.
-    Together ~35 us of host time off a Gluon forward or fused backward on the CPU machine
-    (docs/perf-notes.md, "Gluon launches in plans").
+    Together 28 us of host time off a Gluon forward and 50-57 off a fused backward on the CPU
+    machine (docs/perf-notes.md, "Gluon launches in plans").
 
     A Launches is only reused for calls of one signature (everything the grid, scalars and
     specialisation derive from), so each launch differs from the first only in its tensors'
