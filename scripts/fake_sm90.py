@@ -22,11 +22,9 @@ import argparse
 import ctypes
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 import triton
@@ -204,18 +202,6 @@ def calls():
     return out
 
 
-def _us(fn, n=300, reps=7):
-    for _ in range(20):
-        fn()
-    out = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        out.append((time.perf_counter() - start) / n * 1e6)
-    return min(out), statistics.median(out)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--launcher", action="store_true",
@@ -224,6 +210,8 @@ def main():
     args = p.parse_args()
     install(launcher=args.launcher)
     from hf_flash.kernels import _hopper
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+    from profile_host import rounds_us
     Recorder.log = None
     # Small tensors: the host path does not depend on their size, but the CPU would do the
     # PyTorch ops between launches (dQ's rounding copy, dkdv's row padding) itself.
@@ -236,8 +224,8 @@ def main():
     for name, call in calls().items():
         plan = _hopper.Launches()
         call(t, plan)  # compiles (or loads from Triton's cache)
-        jit = _us(lambda: call(t, _hopper.ONCE))
-        direct = _us(lambda: call(t, plan))
+        jit = rounds_us(lambda: call(t, _hopper.ONCE), sync=lambda: None, n=300)
+        direct = rounds_us(lambda: call(t, plan), sync=lambda: None, n=300)
         print(f"{name:28s} {jit[0]:7.1f} / {jit[1]:5.1f} {direct[0]:7.1f} / {direct[1]:5.1f}")
 
 
