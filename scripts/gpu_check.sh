@@ -43,7 +43,8 @@ echo "HF_FLASH_TEST_SALT=$HF_FLASH_TEST_SALT" | tee -a "$OUT/summary.txt"
 # of their own, and ten took 60-110 s per test.
 want tests && part tests "${TESTS_S:-400}" env HF_FLASH_AUTOTUNE=0 HF_FLASH_PROPERTY_EXAMPLES=3 \
     python3 -m pytest -q -p no:cacheprovider --tb=short -rf -n "${WORKERS:-16}" -k "not long_seq" \
-    tests/test_kernel.py tests/test_hopper_forward.py tests/test_hopper_backward.py tests/test_patch_gpu.py \
+    tests/test_kernel.py tests/test_hopper_forward.py tests/test_hopper_backward.py \
+    tests/test_hopper_launches.py tests/test_patch_gpu.py \
     tests/test_reliability.py tests/test_patch_models.py
 # The three model-shaped bar cases (each ~40-70 s with its tuning); the long ones take bench_ops alone.
 want ops && part ops "${OPS_S:-200}" python3 benchmarks/bench_ops.py --suite bar --quick --cases bert,gpt2 \
