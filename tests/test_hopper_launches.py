@@ -1,5 +1,7 @@
-"""The host side of the Gluon kernels' launches, on any machine: compiled for sm_90 and handed to
-a stand-in driver (scripts/fake_sm90.py) that records what each launch gives the launcher.
+"""The host side of the kernels' launches, on any machine: compiled for sm_90 and handed to a
+stand-in driver (scripts/fake_sm90.py) that records what each launch gives the launcher. (The
+rest of the CPU suite runs the kernels under Triton's interpreter, whose plans repeat Triton's
+own launch: the direct launches every GPU call makes are checked here.)
 
 A plan's later calls launch through kernels/_hopper.Launches: straight to the compiled kernel,
 with descriptors copied from the first call's. They must hand the launcher exactly what Triton's
@@ -94,6 +96,84 @@ def test_a_plans_gluon_launches_hand_the_launcher_what_tritons_dispatch_does():
         assert r["direct"] == dict.fromkeys(expected[name], 1), (name, r["direct"])
         assert r["same"], (name, r["planned"], r["dispatched"])
         assert not r["kept_a_tensor"], name
+
+
+_TRITON_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, "scripts")
+import fake_sm90 as f
+f.install()
+import torch
+torch.cuda.current_device = lambda: 0  # what _tuning asks; the stand-in's device
+from hf_flash.kernels import _backward, _forward, _op, _tuning
+
+def make(seed, case):
+    g = torch.Generator().manual_seed(seed)
+    b, h, h_kv, n_q, n_k, d = case["shape"]
+    r = lambda *s, dt=torch.float16: torch.randn(*s, generator=g).to(dt)
+    t = dict(q=r(b, h, n_q, d), k=r(b, h_kv, n_k, d), v=r(b, h_kv, n_k, d), do=r(b, h, n_q, d),
+             o=r(b, h, n_q, d), stats=r(b, h, 3, n_q, dt=torch.float32))
+    if case.get("kpm"):
+        t["kpm"] = torch.rand(b, n_k, generator=g) > 0.3
+    if case.get("mask"):
+        t["mask"] = r(1, h, n_q, n_k, dt=torch.float32)
+    if case.get("dropout"):
+        t["seed"] = torch.randint(0, 2**62, (1,), generator=g, dtype=torch.int64)
+    return t
+
+def run(t, case):
+    args = (t.get("mask"), t.get("kpm"), case.get("causal", 0), 0.125, case.get("dropout", 0.0),
+            t.get("seed"), None, 0)
+    _op._attention_forward_op(t["q"], t["k"], t["v"], *args)
+    _op._attention_backward_op(t["do"], t["q"], t["k"], t["v"], t["o"], t["stats"], None, *args)
+
+# Triton's dispatch of each kernel, counted.
+dispatched = []
+for kernel in (_forward._fwd_kernel, _backward._bwd_dq_kernel, _backward._bwd_dkdv_kernel):
+    def counted(*a, _real=kernel.run, **kw):
+        dispatched.append(1)
+        return _real(*a, **kw)
+    kernel.run = counted
+
+CASES = {"key padding + dropout": dict(shape=(2, 4, 4, 70, 70, 64), kpm=True, dropout=0.1),
+         "causal bottom-right, grouped": dict(shape=(2, 4, 2, 33, 70, 64), causal=2),
+         "float mask": dict(shape=(1, 2, 2, 40, 50, 32), mask=True)}
+out = {}
+for name, case in CASES.items():
+    first, second = make(1, case), make(2, case)
+    names = {x.data_ptr(): k for k, x in second.items()}
+    run(first, case)  # compiles; makes the plans
+    dispatched.clear()
+    f.Recorder.log = []
+    run(second, case)
+    planned, n_dispatched = f.normalised(f.Recorder.log, names), len(dispatched)
+    # The same call by Triton's dispatch: no plan, no compiled kernel kept.
+    _tuning._PLANS.clear()
+    _tuning._COMPILED.clear()
+    f.Recorder.log = []
+    run(second, case)
+    dispatched_log = f.normalised(f.Recorder.log, names)
+    out[name] = {"launches": len(planned), "dispatched": n_dispatched,
+                 "same": planned == dispatched_log, "planned": repr(planned)[:3000],
+                 "by dispatch": repr(dispatched_log)[:3000]}
+print(json.dumps(out))
+"""
+
+
+def test_a_plans_triton_launches_hand_the_launcher_what_tritons_dispatch_does():
+    pytest.importorskip("triton.backends.nvidia", reason="compiling for sm_90 needs it")
+    # Autotuning off: its timing runs need a GPU.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["HF_FLASH_AUTOTUNE"] = "0"
+    res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(got) == 3
+    for name, r in got.items():
+        assert r["launches"] == 3, (name, r["launches"])  # forward, dQ, dK/dV
+        assert r["dispatched"] == 0, name  # the plan's call went by the direct launchers
+        assert r["same"], (name, r["planned"], r["by dispatch"])
 
 
 @pytest.mark.gpu
