@@ -119,11 +119,14 @@ def make(seed, case):
         t["mask"] = r(1, h, n_q, n_k, dt=torch.float32)
     if case.get("dropout"):
         t["seed"] = torch.randint(0, 2**62, (1,), generator=g, dtype=torch.int64)
+    if case.get("packed"):
+        t["cu"] = torch.tensor(case["packed"], dtype=torch.int32)
     return t
 
 def run(t, case):
+    cu = case.get("packed")
     args = (t.get("mask"), t.get("kpm"), case.get("causal", 0), 0.125, case.get("dropout", 0.0),
-            t.get("seed"), None, 0)
+            t.get("seed"), t.get("cu"), max(b - a for a, b in zip(cu, cu[1:])) if cu else 0)
     _op._attention_forward_op(t["q"], t["k"], t["v"], *args)
     _op._attention_backward_op(t["do"], t["q"], t["k"], t["v"], t["o"], t["stats"], None, *args)
 
@@ -137,7 +140,9 @@ for kernel in (_forward._fwd_kernel, _backward._bwd_dq_kernel, _backward._bwd_dk
 
 CASES = {"key padding + dropout": dict(shape=(2, 4, 4, 70, 70, 64), kpm=True, dropout=0.1),
          "causal bottom-right, grouped": dict(shape=(2, 4, 2, 33, 70, 64), causal=2),
-         "float mask": dict(shape=(1, 2, 2, 40, 50, 32), mask=True)}
+         "float mask": dict(shape=(1, 2, 2, 40, 50, 32), mask=True),
+         "packed, causal, dropout": dict(shape=(1, 4, 4, 90, 90, 64), packed=[0, 30, 90],
+                                         causal=1, dropout=0.1)}
 out = {}
 for name, case in CASES.items():
     first, second = make(1, case), make(2, case)
@@ -169,7 +174,7 @@ def test_a_plans_triton_launches_hand_the_launcher_what_tritons_dispatch_does():
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(got) == 3
+    assert len(got) == 4
     for name, r in got.items():
         assert r["launches"] == 3, (name, r["launches"])  # forward, dQ, dK/dV
         assert r["dispatched"] == 0, name  # the plan's call went by the direct launchers
