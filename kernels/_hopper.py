@@ -62,11 +62,17 @@ def _capability(index: int) -> tuple:
     return torch.cuda.get_device_capability(index)
 
 
+def on_sm90(t: torch.Tensor) -> bool:
+    """Whether `t` is on an sm_90 GPU (H100/H200). (Tests that launch into a stand-in driver on
+    the CPU, scripts/fake_sm90.py, replace it.)"""
+    return t.is_cuda and _capability(t.get_device()) == (9, 0)
+
+
 def plain_call(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, scale) -> bool:
     """Whether a call is one the Gluon kernels are built for, lengths aside: an sm_90 GPU,
     fp16/bf16 at head dim 64 or 128, no mask, key padding, dropout or packing, causal only where
     every query row sees a key, a positive scale, and inputs TMA can read."""
-    if not AVAILABLE or _common.INTERPRET or not q.is_cuda:
+    if not AVAILABLE or _common.INTERPRET:
         return False
     if mask is not None or kpm is not None or dropout_p > 0 or varlen:
         return False
@@ -80,9 +86,7 @@ def plain_call(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, sca
     # Rows with no key to see would need the empty-row handling of the Triton kernels.
     if q.shape[2] == 0 or k.shape[2] == 0 or (causal and causal_offset < 0):
         return False
-    if _capability(q.get_device()) != (9, 0):
-        return False
-    return tma_ok(q) and tma_ok(k) and tma_ok(v)
+    return on_sm90(q) and tma_ok(q) and tma_ok(k) and tma_ok(v)
 
 
 @functools.lru_cache(maxsize=None)

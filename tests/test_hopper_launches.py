@@ -181,6 +181,82 @@ def test_a_plans_triton_launches_hand_the_launcher_what_tritons_dispatch_does():
         assert r["same"], (name, r["planned"], r["by dispatch"])
 
 
+_ROUTES_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, "scripts")
+import fake_sm90 as f
+f.install()
+import torch
+torch.cuda.current_device = lambda: 0
+from hf_flash.kernels import (_backward, _backward_hopper as bh, _forward, _forward_hopper as fh,
+                              _hopper, _op, _tuning)
+_hopper.on_sm90 = lambda t: True  # the stand-in is an sm_90
+for mod in (fh, bh):  # every length (the floors are speed choices)
+    mod.MIN_LENGTH = dict.fromkeys(mod.MIN_LENGTH, 1)
+bh.FUSED_MIN_LENGTH = dict.fromkeys(bh.MIN_LENGTH, 1)
+
+def make(seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, dt=torch.bfloat16: torch.randn(*s, generator=g).to(dt)
+    return dict(q=r(2, 4, 200, 64), k=r(2, 2, 300, 64), v=r(2, 2, 300, 64), do=r(2, 4, 200, 64))
+
+def run(t):
+    args = (None, None, 1, 0.125, 0.0, None, None, 0)  # causal, grouped heads
+    o, stats = _op._attention_forward_op(t["q"], t["k"], t["v"], *args)
+    _op._attention_backward_op(t["do"], t["q"], t["k"], t["v"], o, stats, None, *args)
+
+def kernels():
+    return [name for name, _, _ in f.Recorder.log]
+
+out = {}
+for route in ("fused", "dkdv"):
+    bh.FUSED = route == "fused"
+    _tuning._PLANS.clear()
+    f.Recorder.log = []
+    run(make(1))
+    made = kernels()
+    second = make(2)
+    names = {x.data_ptr(): k for k, x in second.items()}
+    f.Recorder.log = []
+    run(second)
+    planned = f.normalised(f.Recorder.log, names)
+    _tuning._PLANS.clear()
+    _tuning._COMPILED.clear()
+    f.Recorder.log = []
+    run(second)
+    out[route] = {"kernels": made, "same": planned == f.normalised(f.Recorder.log, names)}
+# Switches flipped after the plans were made: the next calls must follow them.
+f.Recorder.log = []
+fh.ENABLED = False
+run(make(3))
+out["forward switched off"] = kernels()
+bh.ENABLED = False
+f.Recorder.log = []
+run(make(3))
+out["both switched off"] = kernels()
+print(json.dumps(out))
+"""
+
+
+@needs_gluon
+def test_the_gluon_routes_plans_follow_their_switches_and_repeat_their_launches():
+    """The Gluon routes end to end through hf_flash's launch functions, on the stand-in sm_90:
+    which kernels each route launches, that a plan's call repeats them exactly, and that
+    switching a route off after its plans were made takes effect (the signature holds it)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["HF_FLASH_AUTOTUNE"] = "0"
+    res = subprocess.run([sys.executable, "-c", _ROUTES_SCRIPT], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    gluon_fwd, gluon_bwd, prep = "_fwd_hopper_kernel", "_dkdv_hopper_kernel", "_prep_kernel"
+    assert got["fused"]["kernels"] == [gluon_fwd, prep, gluon_bwd]
+    assert got["dkdv"]["kernels"] == [gluon_fwd, "_bwd_dq_kernel", gluon_bwd]
+    assert got["fused"]["same"] and got["dkdv"]["same"]
+    assert got["forward switched off"] == ["_fwd_kernel", "_bwd_dq_kernel", gluon_bwd]
+    assert got["both switched off"] == ["_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"]
+
+
 @pytest.mark.gpu
 @on_sm90
 @needs_gluon
