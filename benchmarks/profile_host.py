@@ -3,6 +3,7 @@
     python benchmarks/profile_host.py                    # on a GPU: small fwd and fwd+bwd calls
     python benchmarks/profile_host.py --decode           # on a GPU: a decode step's layer call
     python benchmarks/profile_host.py [--decode] --stub-launch   # any machine, no GPU needed
+    python benchmarks/profile_host.py --gluon            # on an H100/H200: a call the Gluon kernels serve
 
 The small case prints microseconds per call for the public function, for a bare
 autograd.Function that launches nothing (the floor of any Python autograd op) and for SDPA, then
@@ -12,6 +13,10 @@ the top host functions of fwd+bwd by own time (cProfile, after warm-up so compil
 (the attention-interface function, hf_flash_attention): one query row per sequence as a
 transposed view, 16 query heads on 4 KV heads, a 603-key cache with a 2-D key padding mask,
 bottom-right causal, under no_grad; the shape of examples/generation_speed.py's decode.
+
+--gluon times a fwd+bwd long enough for the Gluon kernels (B1 H1 N4096 D64, bf16: the Gluon
+forward, and the fused or dkdv backward by the installed Triton), whose GPU work (~40 us) stays
+under its host time; with and without plans, as the small case.
 
 --stub-launch runs either case on the CPU under Triton's interpreter with the kernel launch replaced by
 what the direct launch path does before it hands the arguments to Triton's compiled launcher
@@ -105,6 +110,8 @@ def main():
     p.add_argument("--decode", action="store_true", help="a decode step's per-layer call")
     p.add_argument("--stub-launch", action="store_true",
                    help="CPU, Triton's interpreter, kernel launch stubbed: the Python path only")
+    p.add_argument("--gluon", action="store_true",
+                   help="on an sm_90 GPU: a fwd+bwd the Gluon kernels serve (B1 H1 N4096 D64)")
     p.add_argument("--profile", action="store_true", help="also print the top functions (cProfile)")
     args = p.parse_args()
     if args.stub_launch:
@@ -128,9 +135,17 @@ def main():
         hot = call
     else:
         dtype = torch.float32 if args.stub_launch else torch.bfloat16
-        q, k, v = (torch.randn(1, 1, 128, 64, device=device, dtype=dtype, requires_grad=True)
+        n = 4096 if args.gluon else 128
+        q, k, v = (torch.randn(1, 1, n, 64, device=device, dtype=dtype, requires_grad=True)
                    for _ in range(3))
         do = torch.randn_like(q)
+        if args.gluon:
+            from hf_flash.kernels import _backward_hopper, _forward_hopper
+            fwd_gluon = _forward_hopper.eligible(q, k, v, None, None, 0.0, False, False, 0, 0.125)
+            bwd = _backward_hopper.route(q, k, v, q, do, k, v, None, None, 0.0, False, False, 0,
+                                         0.125)
+            print(f"Gluon forward: {'yes' if fwd_gluon else 'no'}; backward route: "
+                  f"{bwd or 'Triton kernels'}")
 
         def fwd():
             with torch.no_grad():
