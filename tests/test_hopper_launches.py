@@ -22,6 +22,17 @@ import hf_flash
 from hf_flash.kernels import _backward_hopper, _forward_hopper, _tuning
 from hopper_utils import ROOT, needs_gluon, on_sm90
 
+def _on_the_stand_in(script: str) -> dict:
+    """Run `script` in a process of its own, compiling for sm_90 (no interpreter; autotuning off,
+    its timing runs need a GPU), and return the JSON its last line prints."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["HF_FLASH_AUTOTUNE"] = "0"
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 _SCRIPT = r"""
 import gc, json, sys, warnings, weakref
 sys.path.insert(0, "scripts")
@@ -79,11 +90,7 @@ print(json.dumps(out))
 
 @needs_gluon
 def test_a_plans_gluon_launches_hand_the_launcher_what_tritons_dispatch_does():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    got = _on_the_stand_in(_SCRIPT)
     # Every launch names its multiply-add fusion: Triton 3.9 warns where one leaves it to the
     # default, which 3.10 changes.
     assert got.pop("warnings") == []
@@ -167,13 +174,7 @@ print(json.dumps(out))
 
 def test_a_plans_triton_launches_hand_the_launcher_what_tritons_dispatch_does():
     pytest.importorskip("triton.backends.nvidia", reason="compiling for sm_90 needs it")
-    # Autotuning off: its timing runs need a GPU.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["HF_FLASH_AUTOTUNE"] = "0"
-    res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    got = _on_the_stand_in(_TRITON_SCRIPT)
     assert len(got) == 4
     for name, r in got.items():
         assert r["launches"] == 3, (name, r["launches"])  # forward, dQ, dK/dV
@@ -243,12 +244,7 @@ def test_the_gluon_routes_plans_follow_their_switches_and_repeat_their_launches(
     """The Gluon routes end to end through hf_flash's launch functions, on the stand-in sm_90:
     which kernels each route launches, that a plan's call repeats them exactly, and that
     switching a route off after its plans were made takes effect (the signature holds it)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["HF_FLASH_AUTOTUNE"] = "0"
-    res = subprocess.run([sys.executable, "-c", _ROUTES_SCRIPT], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    got = _on_the_stand_in(_ROUTES_SCRIPT)
     gluon_fwd, gluon_bwd, prep = "_fwd_hopper_kernel", "_dkdv_hopper_kernel", "_prep_kernel"
     assert got["fused"]["kernels"] == [gluon_fwd, prep, gluon_bwd]
     assert got["dkdv"]["kernels"] == [gluon_fwd, "_bwd_dq_kernel", gluon_bwd]
