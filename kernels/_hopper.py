@@ -159,8 +159,7 @@ class Launches:
         if (not self.keep or _common.INTERPRET or compiled is None or _tuning._hooks_active()
                 or torch.compiler.is_compiling()):
             return
-        # The compiled launcher takes every parameter, constexprs included (it skips them).
-        tail = tuple(constexprs[n] for n in kernel.arg_names[len(args):])
+        tail = _tuning.constexpr_tail(kernel, len(args), constexprs)
         device = triton.runtime.driver.active.get_current_device()
         self.direct[key] = _tuning._Direct((compiled, tail), grid, device, ())
 

@@ -179,15 +179,19 @@ def launch(kernel, name, key, candidates, grid, tensors, scalars, constexprs, ou
         compiled = kernel[g](*args, **constexprs, **cfg)
         if spec is None:
             return None
-        # The launcher takes every parameter in signature order, constexprs included (it
-        # skips them), so their values are appended in the kernel's own parameter order.
-        names = kernel.arg_names[len(args):]
-        merged = {**constexprs, **cfg}
-        hit = _COMPILED[cache_key] = (compiled, tuple(merged[n] for n in names))
+        hit = _COMPILED[cache_key] = (compiled, constexpr_tail(kernel, len(args),
+                                                                {**constexprs, **cfg}))
         return None if _hooks_active() else _Direct(hit, g, device, scalars)
     direct = _Direct(hit, g, device, scalars)
     direct(tensors)
     return direct
+
+
+def constexpr_tail(kernel, n_args: int, constexprs: dict) -> tuple:
+    """What a compiled launcher takes after a launch's `n_args` arguments: it takes every
+    parameter in signature order, constexprs included (it skips them), so their values follow
+    in the kernel's own parameter order. (Compile options in `constexprs` are not parameters.)"""
+    return tuple(constexprs[n] for n in kernel.arg_names[n_args:])
 
 
 class _Direct:
