@@ -397,7 +397,8 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
             q, k, v, o, do, dq, stats, _, dlse_t = dq_t[:9]
             _backward_hopper.backward(q, k, v, o, do, dq, dkdv_t[4], dkdv_t[5], stats,
                                       dlse_t if has_dlse else None, causal, causal_offset, scale,
-                                      launches=launches)
+                                      launches=launches, dropout_p=dropout_p,
+                                      seed=dkdv_t[12])
         go(dq_tensors, dkdv_tensors)
         _tuning.remember(sig, everything, (go,))
         return dq, dk, dv

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import _common
+from ._dropout import PHILOX_ROUNDS, dropout_scale, dropout_threshold
 from ._hopper import AVAILABLE, HAS_TMA_ADD, ONCE, config_from_env, plain_call, tma_ok
 
 if AVAILABLE:
@@ -66,6 +67,14 @@ CONFIG = config_from_env(CONFIG, "HF_FLASH_HOPPER_BWD_CONFIG")
 
 # HF_FLASH_HOPPER_BWD_FUSED=0 keeps dQ in Triton's kernel (the deterministic route).
 FUSED = os.environ.get("HF_FLASH_HOPPER_BWD_FUSED", "1") != "0"
+
+# HF_FLASH_HOPPER_DROPOUT=1 lets the fused route take attention dropout too. Off by default: it
+# compiles for sm_90 (scripts/compile_kernels.py --hopper) but has not yet run on a GPU, where
+# tests/test_hopper_backward.py checks it against Triton's kernels, which draw the same mask.
+DROPOUT = os.environ.get("HF_FLASH_HOPPER_DROPOUT", "0") == "1"
+# Head dims it takes dropout at. At 128 the drawn tile made ptxas spill 170-450 bytes per thread
+# (64: none with TMA reductions, 8-56 bytes with element atomics; compile_kernels.py --hopper).
+DROPOUT_HEAD_DIMS = (64,)
 
 # The shortest sequence (queries and keys) each route takes, per (head dim, causal); H200, bf16,
 # backward in ms at 16M-token batches (benchmarks/results/h200/experiments/ops_sweep_*_bwd_*:
@@ -118,6 +127,53 @@ if AVAILABLE:
                          do_smem.index(buf))
 
     @gluon.jit
+    def _philox(k0, k1, c0, c1, c2, c3, N_ROUNDS: gl.constexpr):
+        """Philox4x32 (Salmon et al., SC'11) with key (k0, k1): the same rounds, constants and
+        word order as Triton's tl.philox, which _dropout.dropout_keep calls, so both kernels
+        draw the same bits."""
+        for _ in gl.static_range(N_ROUNDS):
+            a0 = c0
+            a2 = c2
+            c0 = gl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
+            c2 = gl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
+            c1 = a2 * 0xCD9E8D57
+            c3 = a0 * 0xD2511F53
+            k0 = k0 + 0x9E3779B9
+            k1 = k1 + 0xBB67AE85
+        return c0, c1, c2, c3
+
+    @gluon.jit
+    def _keep_t(seed, bh, start_m, start_n, threshold, s_layout: gl.constexpr,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """_dropout.dropout_keep's tile for queries start_m.. and keys start_n.., transposed
+        (keys x queries) and in `s_layout`, the layout of this kernel's S^T. The same counters
+        and the same joins, permutes and reshape, so the same bits in the same places. One
+        Philox call serves eight keys of one query row, which S^T's layout spreads over four
+        threads: each thread draws whole calls in a layout of its own (4 calls a thread for a
+        64 x 64 tile), and the decisions reach S^T's layout through shared memory (4 KiB)."""
+        calls: gl.constexpr = gl.BlockedLayout([1, BLOCK_N // 32, 1], [8, 1, 4], [4, 1, 1],
+                                               [2, 1, 0])
+        rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, gl.SliceLayout(2, calls)))
+        groups = start_n // 32 + gl.arange(0, BLOCK_N // 32,
+                                           layout=gl.SliceLayout(0, gl.SliceLayout(2, calls)))
+        lanes = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, calls)))
+        r3 = gl.expand_dims(gl.expand_dims(rows, 1), 2)
+        g3 = gl.expand_dims(gl.expand_dims(groups, 0), 2)
+        l3 = gl.expand_dims(gl.expand_dims(lanes, 0), 1)
+        c0 = (g3 * 4 + l3 + r3 * 0).to(gl.uint32)
+        c1 = (r3 + c0 * 0).to(gl.uint32)
+        c2 = (c0 * 0 + bh).to(gl.uint32)
+        s64 = seed.to(gl.uint64)
+        k0 = (s64 & 0xFFFFFFFF).to(gl.uint32)
+        k1 = ((s64 >> 32) & 0xFFFFFFFF).to(gl.uint32)
+        r0, r1, r2, r3 = _philox(k0, k1, c0, c1, c2, c0 * 0, PHILOX_ROUNDS)
+        words = gl.join(gl.join(r0, r2), gl.join(r1, r3))  # [query, group, lane, a, b]
+        draws = gl.join(words & 0xFFFF, words >> 16)
+        keep = draws >= threshold.to(gl.uint32)
+        keep = gl.reshape(gl.permute(keep, (0, 1, 3, 4, 2, 5)), (BLOCK_M, BLOCK_N))
+        return gl.convert_layout(gl.permute(keep, (1, 0)), s_layout)
+
+    @gluon.jit
     def _add_dq(dq, dq_desc, dq_ptr, dq_smem, off_b, head, row, col, N_Q, DQ: gl.constexpr,
                 D: gl.constexpr):
         """Add a (BLOCK_M, DQ_N) tile of dQ into the fp32 sum at (row, col) of a head."""
@@ -136,18 +192,24 @@ if AVAILABLE:
     @gluon.jit
     def _tile(i, dk, dv, k, v, kq0, kq1, q_smem, do_smem, ds_smem, dq_smem, ready, free,
               ds_ready, lse_ptr, delta_ptr, dq_desc, dq_ptr, off_b, head, N_Q, start_m, keys,
-              offs_m, s_zero, dq_zero, qk_scale, ds_scale, CAUSAL: gl.constexpr,
-              DQ: gl.constexpr, G: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr,
-              DQ_N: gl.constexpr, NUM_BUF: gl.constexpr, a_layout: gl.constexpr):
+              offs_m, s_zero, dq_zero, qk_scale, ds_scale, seed, bh, key0, drop_threshold,
+              CAUSAL: gl.constexpr, DQ: gl.constexpr, DROPOUT: gl.constexpr, G: gl.constexpr,
+              BLOCK_M: gl.constexpr, D: gl.constexpr, DQ_N: gl.constexpr, NUM_BUF: gl.constexpr,
+              a_layout: gl.constexpr, s_layout: gl.constexpr):
         """One query tile against this group's keys, on transposed tiles (keys x queries) so that
         P^T and dS^T are the A operands of dV's and dK's products. CAUSAL: mask the scores. With
-        DQ, also this tile's share of dQ (see _consumer)."""
+        DQ, also this tile's share of dQ (see _consumer). DROPOUT: the forward's keep mask,
+        drawn again (dV and dS see only kept scores; delta comes in units of 1 / the dropout
+        scale, which dQ, dK and dV take once, as in _backward.py)."""
         buf = i % NUM_BUF
         mbarrier.wait(ready.index(buf), phase=(i // NUM_BUF) & 1)
         q = q_smem.index(buf).reshape([BLOCK_M, D])
         do = do_smem.index(buf).reshape([BLOCK_M, D])
         st = warpgroup_mma(k, q.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         dpt = warpgroup_mma(v, do.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        if DROPOUT:  # drawn while both products run
+            keep = _keep_t(seed, bh, start_m, key0, drop_threshold, s_layout, BLOCK_M,
+                           keys.shape[0])
         rows = start_m + offs_m
         # Padded to whole tiles (dkdv()): no load mask, whose registers head dim 128 lacks.
         lse = gl.load(lse_ptr + rows)
@@ -160,9 +222,13 @@ if AVAILABLE:
             st = gl.where(seen, st, float("-inf"))
         pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
         dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt,))
+        pt_used = pt
+        if DROPOUT:
+            pt_used = gl.where(keep, pt, 0.0)
+            dpt = gl.where(keep, dpt, 0.0)
         if DQ == 0:
             dst = pt * (dpt - gl.expand_dims(delta, 0))
-            dv = warpgroup_mma(gl.convert_layout(pt.to(k.dtype), a_layout), do, dv,
+            dv = warpgroup_mma(gl.convert_layout(pt_used.to(k.dtype), a_layout), do, dv,
                                is_async=True)
             dk = warpgroup_mma(gl.convert_layout(dst.to(k.dtype), a_layout), q, dk,
                                is_async=True)
@@ -179,7 +245,7 @@ if AVAILABLE:
             ds_mine.store(dst.to(k.dtype))
             fence_async_shared()
             mbarrier.arrive(ds_ready.index(dsb))
-            dv = warpgroup_mma(gl.convert_layout(pt.to(k.dtype), a_layout), do, dv,
+            dv = warpgroup_mma(gl.convert_layout(pt_used.to(k.dtype), a_layout), do, dv,
                                is_async=True)
             dk = warpgroup_mma(ds_mine, q, dk, is_async=True)
             mbarrier.wait(ds_ready.index(dsb), phase=(i // 2) & 1)
@@ -214,7 +280,8 @@ if AVAILABLE:
     def _consumer(dk_desc, dv_desc, dq_desc, DQ_ACC, k_smem, v_smem, q_smem, do_smem, ds_smem,
                   dq_smem, kv_bar, ready, free, ds_ready, ROWS, off_b, off_hk, first_head, H,
                   GROUP, N_Q, key0, n_pad, q_lo, n_tiles, causal_offset, qk_scale, sm_scale,
-                  IS_CAUSAL: gl.constexpr, DQ: gl.constexpr, G: gl.constexpr,
+                  SEED, drop_threshold, drop_scale, IS_CAUSAL: gl.constexpr, DQ: gl.constexpr,
+                  DROPOUT: gl.constexpr, G: gl.constexpr,
                   GROUP_N: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr,
                   DQ_N: gl.constexpr, NUM_BUF: gl.constexpr):
         """Consumer group G: keys key0 .. key0 + GROUP_N of the block, K and V half G."""
@@ -242,12 +309,21 @@ if AVAILABLE:
         kq0 = k_smem.index(0).reshape([GROUP_N, D]).slice(G * (D - DQ_N), DQ_N, dim=1)
         kq1 = k_smem.index(1).reshape([GROUP_N, D]).slice(G * (D - DQ_N), DQ_N, dim=1)
         dq_mine = dq_smem.index(G)
-        # With dQ, dS^T leaves with sm_scale in it; otherwise dK takes it at the end.
-        ds_scale = sm_scale
+        # dS^T wants sm_scale, and with dropout its scale too (delta came in units of 1 / it):
+        # with dQ it leaves with them in it (dQ and dK both want them); otherwise dK takes them
+        # at the end. dV takes dropout's scale at the end.
+        scale = sm_scale
+        dv_scale = 1.0
+        seed = 0
+        if DROPOUT:
+            seed = gl.load(SEED)
+            scale = sm_scale * drop_scale
+            dv_scale = drop_scale
+        ds_scale = scale
         dk_scale = 1.0
         if DQ == 0:
             ds_scale = 1.0
-            dk_scale = sm_scale
+            dk_scale = scale
         mbarrier.wait(kv_bar, phase=0)
         for g in range(0, GROUP):
             bh = (off_b * H + first_head + g).to(gl.int64)
@@ -261,8 +337,9 @@ if AVAILABLE:
                 dk, dv = _tile(g * n_tiles + t, dk, dv, k, v, kq0, kq1, q_smem, do_smem, ds_smem,
                                dq_mine, ready, free, ds_ready, lse_ptr, delta_ptr, dq_desc,
                                dq_ptr, off_b, first_head + g, N_Q, q_lo + t * BLOCK_M, keys,
-                               offs_m, s_zero, dq_zero, qk_scale, ds_scale, IS_CAUSAL, DQ, G,
-                               BLOCK_M, D, DQ_N, NUM_BUF, a_layout)
+                               offs_m, s_zero, dq_zero, qk_scale, ds_scale, seed, bh, key0,
+                               drop_threshold, IS_CAUSAL, DQ, DROPOUT, G, BLOCK_M, D, DQ_N,
+                               NUM_BUF, a_layout, s_layout)
         if DQ != 0:
             tma.store_wait(pendings=0)
             # The other group may still read this group's K half for its last dQ: meet once
@@ -273,7 +350,7 @@ if AVAILABLE:
         # K's and V's buffers stage dK and dV for the TMA stores, which write only the rows
         # inside this head's N_K (keys past it were zeros and got gradients of their own).
         k.store((dk * dk_scale).to(dtype))
-        v.store(dv.to(dtype))
+        v.store((dv * dv_scale).to(dtype))
         fence_async_shared()
         tma_store(dk_desc, [off_b, off_hk, key0, 0], k_smem.index(G))
         tma_store(dv_desc, [off_b, off_hk, key0, 0], v_smem.index(G))
@@ -281,10 +358,12 @@ if AVAILABLE:
 
     @gluon.jit
     def _dkdv_hopper_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, DQ_ACC,
-                            ROWS, H, GROUP, N_Q, N_PAD, N_K, causal_offset, qk_scale, sm_scale,
+                            ROWS, SEED, H, GROUP, N_Q, N_PAD, N_K, causal_offset, qk_scale,
+                            sm_scale, drop_threshold, drop_scale,
                             BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr,
-                            IS_CAUSAL: gl.constexpr, DQ: gl.constexpr, NUM_BUF: gl.constexpr,
-                            WORKER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                            IS_CAUSAL: gl.constexpr, DQ: gl.constexpr, DROPOUT: gl.constexpr,
+                            NUM_BUF: gl.constexpr, WORKER_REGS: gl.constexpr,
+                            num_warps: gl.constexpr):
         GROUP_N: gl.constexpr = BLOCK_N // 2
         DQ_N: gl.constexpr = D // 2 if D == 128 else D  # dQ columns a group computes per tile
         dtype: gl.constexpr = q_desc.dtype
@@ -330,13 +409,13 @@ if AVAILABLE:
             (_consumer, (dk_desc, dv_desc, dq_desc, DQ_ACC, k_smem, v_smem, q_smem, do_smem,
                          ds_smem, dq_smem, kv_bar, ready, free, ds_ready, ROWS, off_b, off_hk,
                          first_head, H, GROUP, N_Q, start_n, N_PAD, q_lo, n_tiles,
-                         causal_offset, qk_scale, sm_scale, IS_CAUSAL, DQ, 0, GROUP_N, BLOCK_M,
-                         D, DQ_N, NUM_BUF)),
+                         causal_offset, qk_scale, sm_scale, SEED, drop_threshold, drop_scale,
+                         IS_CAUSAL, DQ, DROPOUT, 0, GROUP_N, BLOCK_M, D, DQ_N, NUM_BUF)),
             (_consumer, (dk_desc, dv_desc, dq_desc, DQ_ACC, k_smem, v_smem, q_smem, do_smem,
                          ds_smem, dq_smem, kv_bar, ready, free, ds_ready, ROWS, off_b, off_hk,
                          first_head, H, GROUP, N_Q, start_n + GROUP_N, N_PAD, q_lo, n_tiles,
-                         causal_offset, qk_scale, sm_scale, IS_CAUSAL, DQ, 1, GROUP_N, BLOCK_M,
-                         D, DQ_N, NUM_BUF)),
+                         causal_offset, qk_scale, sm_scale, SEED, drop_threshold, drop_scale,
+                         IS_CAUSAL, DQ, DROPOUT, 1, GROUP_N, BLOCK_M, D, DQ_N, NUM_BUF)),
             (_producer, (q_desc, do_desc, q_smem, do_smem, ready, free, off_b, first_head, GROUP,
                          q_lo, n_tiles, BLOCK_M, D, NUM_BUF)),
         ], [4, 1], WORKER_REGS)
@@ -344,11 +423,11 @@ if AVAILABLE:
 
 @triton.jit
 def _prep_kernel(O, DO, STATS, DLSE, ROWS, DQ_ACC, stride_ob, stride_oh, stride_om, stride_dob,
-                 stride_doh, stride_dom, stride_sb, stride_sh, H, N_Q, N_PAD,
+                 stride_doh, stride_dom, stride_sb, stride_sh, H, N_Q, N_PAD, delta_unit,
                  D: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr):
     """For the kernel with dQ: the padded per-row terms (as dkdv() builds them), with delta =
-    rowsum(dO * O) - dlse log2(e), the form known before any key is seen; and dQ's fp32 sum
-    zeroed."""
+    (rowsum(dO * O) - dlse log2(e)) / delta_unit, the form known before any key is seen
+    (delta_unit: dropout's scale, else 1); and dQ's fp32 sum zeroed."""
     bh = tl.program_id(1)
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
@@ -364,6 +443,7 @@ def _prep_kernel(O, DO, STATS, DLSE, ROWS, DQ_ACC, stride_ob, stride_oh, stride_
         # As _backward.py's dQ kernel: the lse's own gradient, in base 2.
         dlse = tl.load(DLSE + bh.to(tl.int64) * N_Q + rows, mask=ok, other=0.0)
         delta -= dlse * 1.4426950408889634
+    delta = delta / delta_unit
     lse = tl.load(STATS + off_b * stride_sb + off_h * stride_sh + rows, mask=ok,
                   other=float("inf"))
     out = ROWS + bh.to(tl.int64) * 2 * N_PAD + rows
@@ -383,34 +463,42 @@ def route(q, k, v, o, do, dk, dv, mask, kpm, dropout_p, varlen, causal, causal_o
     floor = MIN_LENGTH.get((q.shape[3], bool(causal)))
     fused_floor = FUSED_MIN_LENGTH.get((q.shape[3], bool(causal)))
     fused = FUSED and fused_floor is not None and n >= fused_floor
+    # Dropout only on the fused route (DROPOUT), which draws the mask once: the dkdv route would
+    # draw it in Triton's dQ kernel and again here.
+    dropout = dropout_p > 0
+    if dropout and not (DROPOUT and fused and q.shape[3] in DROPOUT_HEAD_DIMS):
+        return ""
     if not ENABLED or not (fused or (floor is not None and n >= floor)):
         return ""
     if do.dtype != q.dtype or not (tma_ok(do) and tma_ok(dk) and tma_ok(dv)):
         return ""
-    if not plain_call(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, scale):
+    if not plain_call(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, scale,
+                      dropout=True):
         return ""
     # The fused kernel's dQ is a sum of atomic adds in no fixed order: not under
     # torch.use_deterministic_algorithms(True).
     if fused and o.stride(3) == 1 and not torch.are_deterministic_algorithms_enabled():
         return "fused"
-    return "dkdv" if floor is not None and n >= floor else ""
+    return "dkdv" if not dropout and floor is not None and n >= floor else ""
 
 
 def _launch(q, k, v, do, dk, dv, dq_desc, dq_acc, rows, n_pad, causal, causal_offset, scale,
-            dq_kind, config, launches):
+            dq_kind, config, launches, dropout_p=0.0, seed=None):
     cfg = {**CONFIG, **(config or {})}
     B, H, N_Q, D = q.shape
     H_KV, N_K = k.shape[1], k.shape[2]
+    dropout = dropout_p > 0
     launches(
         "main", _dkdv_hopper_kernel, (-(-N_K // BLOCK_N), B * H_KV),
         (launches.descriptor("q", q, BLOCK_M), launches.descriptor("k", k, GROUP_N),
          launches.descriptor("v", v, GROUP_N), launches.descriptor("do", do, BLOCK_M),
          launches.descriptor("dk", dk, GROUP_N), launches.descriptor("dv", dv, GROUP_N), dq_desc,
-         dq_acc, rows, H, H // H_KV, N_Q, n_pad, N_K, causal_offset, scale * _common.LOG2E,
-         scale),
+         dq_acc, rows, seed if dropout else rows, H, H // H_KV, N_Q, n_pad, N_K, causal_offset,
+         scale * _common.LOG2E, scale, float(dropout_threshold(dropout_p)),
+         dropout_scale(dropout_p)),
         dict(BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, D=D, IS_CAUSAL=bool(causal), DQ=dq_kind,
-             NUM_BUF=cfg["NUM_BUF"], WORKER_REGS=cfg["WORKER_REGS"], num_warps=4,
-             enable_fp_fusion=_common.fp_fusion(q.dtype)))
+             DROPOUT=dropout, NUM_BUF=cfg["NUM_BUF"], WORKER_REGS=cfg["WORKER_REGS"],
+             num_warps=4, enable_fp_fusion=_common.fp_fusion(q.dtype)))
 
 
 def dkdv(q, k, v, do, dk, dv, stats, delta, causal, causal_offset, scale, config=None,
@@ -432,7 +520,7 @@ def dkdv(q, k, v, do, dk, dv, stats, delta, causal, causal_offset, scale, config
             config, launches)
 
 
-def prepare(o, do, stats, dlse, launches=ONCE):
+def prepare(o, do, stats, dlse, launches=ONCE, dropout_p=0.0):
     """The fused route's first pass (_prep_kernel): returns the padded per-row terms, fp32
     (B, H, 2, N_Q rounded up to BLOCK_M), and dQ's zeroed fp32 sum, (B, H, N_Q, D)."""
     B, H, N_Q, D = o.shape
@@ -443,19 +531,21 @@ def prepare(o, do, stats, dlse, launches=ONCE):
     # to its default, which 3.10 turns off.
     launches("prep", _prep_kernel, (n_pad // BLOCK_M, B * H),
              (o, do, stats, dlse if dlse is not None else stats, rows, dq_acc, *o.stride()[:3],
-              *do.stride()[:3], stats.stride(0), stats.stride(1), H, N_Q, n_pad),
+              *do.stride()[:3], stats.stride(0), stats.stride(1), H, N_Q, n_pad,
+              dropout_scale(dropout_p)),
              dict(D=D, BLOCK=BLOCK_M, HAS_DLSE=dlse is not None,
                   enable_fp_fusion=_common.fp_fusion(o.dtype)))
     return rows, dq_acc
 
 
 def backward(q, k, v, o, do, dq, dk, dv, stats, dlse, causal, causal_offset, scale,
-             config=None, launches=ONCE):
+             config=None, launches=ONCE, dropout_p=0.0, seed=None):
     """The whole backward in this kernel: write dQ, dK, dV into `dq`, `dk`, `dv` (q's, k's, v's
     shapes; dk, dv TMA-readable), given the forward's output `o` and `stats`, and `dlse` (fp32
-    (B, H, N_Q), contiguous) or None. `config`, `launches` as for dkdv()."""
+    (B, H, N_Q), contiguous) or None; with `dropout_p` > 0, the forward's dropout from its
+    `seed` tensor. `config`, `launches` as for dkdv()."""
     D = q.shape[3]
-    rows, dq_acc = prepare(o, do, stats, dlse, launches)
+    rows, dq_acc = prepare(o, do, stats, dlse, launches, dropout_p)
     n_pad = rows.shape[3]
     if {**CONFIG, **(config or {})}["DQ_ADD"] == "tma":
         dq_kind, dq_desc = DQ_TMA, launches.descriptor("dq", dq_acc, BLOCK_M,
@@ -463,5 +553,5 @@ def backward(q, k, v, o, do, dq, dk, dv, stats, dlse, causal, causal_offset, sca
     else:
         dq_kind, dq_desc = DQ_ATOMIC, dq_acc
     _launch(q, k, v, do, dk, dv, dq_desc, dq_acc, rows, n_pad, causal, causal_offset, scale,
-            dq_kind, config, launches)
+            dq_kind, config, launches, dropout_p, seed)
     dq.copy_(dq_acc)  # dS carried sm_scale: this only rounds

@@ -15,7 +15,7 @@ import torch
 import hf_flash
 from hf_flash.kernels import _backward_hopper, _common, _forward_hopper
 from conftest import DEVICE
-from kernel_utils import GRAD_RATIO, check_ratio, make_qkv
+from kernel_utils import GRAD_RATIO, check_ratio, make_qkv, replayed_keep_mask
 
 from hopper_utils import Spy, check_compiles_for_sm90, needs_gluon, on_sm90
 
@@ -60,6 +60,17 @@ def test_compiles_for_sm90_without_spills(d, causal, dtype, dq):
     # loop for the causal diagonal made 80-400 bytes on the dkdv route) would exceed the bound.
     check_compiles_for_sm90("build_hopper_backward", d, causal, dtype,
                             max_stack=128 if dq[0] == "atomic" else 64, dq=dq[1])
+
+
+@needs_gluon
+@pytest.mark.parametrize("dq", _DQ_KINDS, ids=lambda x: x[0])
+@pytest.mark.parametrize("causal", [False, True])
+def test_compiles_for_sm90_with_dropout(causal, dq):
+    # The fused route with the dropout mask drawn in the kernel (head dim 64 only: at 128 the
+    # drawn tile spills hundreds of bytes). Triton 3.9: no stack with TMA reductions, 0-8 bytes
+    # with element atomics; 3.6 (element atomics) 32-56.
+    check_compiles_for_sm90("build_hopper_backward", 64, causal, "bf16",
+                            max_stack=96 if dq[0] == "atomic" else 16, dq=dq[1], dropout=True)
 
 
 class _Routes:
@@ -127,6 +138,19 @@ def test_serves_exactly_the_calls_it_is_built_for(monkeypatch):
     assert call(dtype=torch.float32) == ""
     assert call(D=80) == ""
     assert call(dropout_p=0.1) == ""
+    # Dropout on the fused route, where it is switched on (DROPOUT), at head dim 64 only; never
+    # on the dkdv route, which would draw the mask twice.
+    monkeypatch.setattr(_backward_hopper, "DROPOUT", True)
+    assert call(dropout_p=0.1) == "fused"
+    assert call(dropout_p=0.1, is_causal=True, h_kv=2) == "fused"
+    assert call(dropout_p=0.1, D=128) == ""
+    assert call(dropout_p=0.1, key_padding_mask=torch.rand(2, 300, device=dev) > 0.5) == ""
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert call(dropout_p=0.1) == ""
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.setattr(_backward_hopper, "DROPOUT", False)
     assert call(key_padding_mask=torch.rand(2, 300, device=dev) > 0.5) == ""
     assert call(attn_mask=torch.rand(2, 1, 200, 300, device=dev) > 0.5) == ""
     assert call(n_q=300, n_k=200, is_causal=True, causal_alignment="bottom_right") == ""
@@ -218,6 +242,79 @@ def test_agrees_with_the_triton_kernels(monkeypatch, any_length, causal, route):
         assert worst <= 2.0 ** -6, f"{name} differs by {worst:.2e} of its row's largest entry"
 
 
+_DROP_EDGE = [(1, 1, C_NONE), (65, 130, C_TL), (129, 1000, C_NONE), (1000, 129, C_TL),
+              (300, 1100, C_BR), (777, 777, C_TL)]
+
+
+@pytest.mark.gpu
+@on_sm90
+@needs_gluon
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_q,n_k,causal", _DROP_EDGE)
+def test_dropout_matches_the_reference(monkeypatch, any_length, n_q, n_k, causal, dtype):
+    # The fused route with dropout (HF_FLASH_HOPPER_DROPOUT=1) against the float64 reference
+    # replaying the call's keep mask: the kernel must draw the forward's mask (the Triton
+    # forward's, the Gluon forward takes no dropout) and apply dropout's scale once to each
+    # gradient, with a gradient through the lse too.
+    monkeypatch.setattr(_backward_hopper, "DROPOUT", True)
+    routes = _Routes(monkeypatch)
+    _take_route(monkeypatch, "fused")
+    torch.manual_seed(n_q * 3 + n_k + causal)
+    gqa = n_q % 2 == 1
+    B, H, D, p = 2, 4, 64, 0.25
+    q, k, v = make_qkv(B, H, 2 if gqa else 4, n_q, n_k, D, dtype, DEVICE,
+                       "bnhd" if gqa else "bhnd")
+    fa = {"is_causal": causal != C_NONE, "dropout_p": p,
+          "causal_alignment": "bottom_right" if causal == C_BR else "top_left"}
+    do = torch.randn(B, H, n_q, D, device=DEVICE, dtype=dtype)
+    w = torch.randn(B, H, n_q, device=DEVICE)
+    torch.manual_seed(77)  # the call draws its dropout seed first
+    grads = _grads(q, k, v, do, w, fa, gqa)
+    assert routes.counts()["fused"] == 1
+    keep = replayed_keep_mask(77, p, B, H, n_q, n_k, DEVICE)
+    refs = []
+    for ref_dtype in (torch.float64, dtype):
+        leaves = [t.detach().to(ref_dtype).requires_grad_() for t in (q, k, v)]
+        o, lse = hf_flash.kernels.reference_attention(*leaves, causal=causal, dropout_p=p,
+                                                      keep_mask=keep)
+        ((o * do.to(ref_dtype)).sum() + (lse * w.to(ref_dtype)).sum()).backward()
+        refs.append([t.grad for t in leaves])
+    for name, got, r64, r_lo in zip(("dq", "dk", "dv"), grads, refs[0], refs[1]):
+        check_ratio(name, got, r64, r_lo, GRAD_RATIO, dtype)
+
+
+@pytest.mark.gpu
+@on_sm90
+@needs_gluon
+@pytest.mark.parametrize("causal", [C_NONE, C_TL, C_BR])
+def test_dropout_agrees_with_the_triton_kernels(monkeypatch, any_length, causal):
+    # The same call with the same seed through the fused route and through Triton's kernels:
+    # the same mask, so the gradients agree as without dropout (test_agrees_with_the_triton_
+    # kernels), at a GPT-2-like shape (head dim 64, GQA, lengths off the tiles).
+    monkeypatch.setattr(_backward_hopper, "DROPOUT", True)
+    routes = _Routes(monkeypatch)
+    _take_route(monkeypatch, "fused")
+    torch.manual_seed(9 + causal)
+    q = torch.randn(2, 8, 1500, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 4, 1700, 64, device="cuda", dtype=torch.bfloat16,
+                        requires_grad=True) for _ in range(2))
+    do = torch.randn_like(q)
+    w = torch.randn(2, 8, 1500, device="cuda")
+    fa = {"is_causal": causal != C_NONE, "dropout_p": 0.1,
+          "causal_alignment": "bottom_right" if causal == C_BR else "top_left"}
+    torch.manual_seed(1)
+    got = _grads(q, k, v, do, w, fa, True)
+    assert routes.counts()["fused"] == 1
+    monkeypatch.setattr(_backward_hopper, "ENABLED", False)
+    torch.manual_seed(1)
+    want = _grads(q, k, v, do, w, fa, True)
+    assert routes.counts()["fused"] == 1
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        row_scale = b.float().abs().amax(-1, keepdim=True).clamp_min(1e-6)
+        worst = ((a.float() - b.float()).abs() / row_scale).max().item()
+        assert worst <= 2.0 ** -6, f"{name} differs by {worst:.2e} of its row's largest entry"
+
+
 @pytest.mark.gpu
 @on_sm90
 @needs_gluon
@@ -242,12 +339,15 @@ def test_deterministic_mode_repeats_bits(monkeypatch, any_length):
     assert routes.counts()["fused"] == 1
 
 
-@pytest.mark.parametrize("n_q,layout,with_dlse", [(1, "bhnd", True), (100, "bnhd", False),
-                                                  (128, "bhnd", False), (130, "bnhd", True)])
-def test_prepare_writes_the_fused_routes_row_terms(n_q, layout, with_dlse):
+@pytest.mark.parametrize("n_q,layout,with_dlse,p", [(1, "bhnd", True, 0.0),
+                                                    (100, "bnhd", False, 0.0),
+                                                    (128, "bhnd", False, 0.3),
+                                                    (130, "bnhd", True, 0.1)])
+def test_prepare_writes_the_fused_routes_row_terms(n_q, layout, with_dlse, p):
     # The fused route's first pass (a Triton kernel: it runs under the interpreter too): per row
     # lse and delta = rowsum(dO * O) - dlse log2(e), padded to whole query tiles with +inf and 0
-    # (P = 0 there), and dQ's fp32 sum zeroed; O and dO in either layout.
+    # (P = 0 there), and dQ's fp32 sum zeroed; O and dO in either layout. With dropout, delta in
+    # units of 1 / dropout's scale, as the kernel takes it.
     torch.manual_seed(n_q)
     B, H, D = 2, 3, 64
 
@@ -257,12 +357,13 @@ def test_prepare_writes_the_fused_routes_row_terms(n_q, layout, with_dlse):
     o, do = tensor(), tensor()
     stats = torch.randn(B, H, 3, n_q, device=DEVICE)
     dlse = torch.randn(B, H, n_q, device=DEVICE) if with_dlse else None
-    rows, dq_acc = _backward_hopper.prepare(o, do, stats, dlse)
+    rows, dq_acc = _backward_hopper.prepare(o, do, stats, dlse, dropout_p=p)
     n_pad = -(-n_q // _backward_hopper.BLOCK_M) * _backward_hopper.BLOCK_M
     assert rows.shape == (B, H, 2, n_pad) and dq_acc.shape == (B, H, n_q, D)
     delta = (o.float() * do.float()).sum(-1)
     if with_dlse:
         delta = delta - dlse * _common.LOG2E
+    delta = delta / hf_flash.kernels._dropout.dropout_scale(p)
     torch.testing.assert_close(rows[:, :, 0, :n_q], stats[:, :, 0], rtol=0, atol=0)
     torch.testing.assert_close(rows[:, :, 1, :n_q], delta, rtol=1e-5, atol=1e-5)
     assert torch.all(rows[:, :, 0, n_q:] == float("inf"))

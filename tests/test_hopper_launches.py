@@ -199,10 +199,12 @@ bh.FUSED_MIN_LENGTH = dict.fromkeys(bh.MIN_LENGTH, 1)
 def make(seed):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s, dt=torch.bfloat16: torch.randn(*s, generator=g).to(dt)
-    return dict(q=r(2, 4, 200, 64), k=r(2, 2, 300, 64), v=r(2, 2, 300, 64), do=r(2, 4, 200, 64))
+    return dict(q=r(2, 4, 200, 64), k=r(2, 2, 300, 64), v=r(2, 2, 300, 64), do=r(2, 4, 200, 64),
+                seed=torch.randint(0, 2**62, (1,), generator=g, dtype=torch.int64))
 
-def run(t):
-    args = (None, None, 1, 0.125, 0.0, None, None, 0)  # causal, grouped heads
+def run(t, dropout_p=0.0):
+    # causal, grouped heads
+    args = (None, None, 1, 0.125, dropout_p, t["seed"] if dropout_p else None, None, 0)
     o, stats = _op._attention_forward_op(t["q"], t["k"], t["v"], *args)
     _op._attention_backward_op(t["do"], t["q"], t["k"], t["v"], o, stats, None, *args)
 
@@ -210,22 +212,30 @@ def kernels():
     return [name for name, _, _ in f.Recorder.log]
 
 out = {}
-for route in ("fused", "dkdv"):
-    bh.FUSED = route == "fused"
+for route, p in (("fused", 0.0), ("dkdv", 0.0), ("fused, dropout", 0.1)):
+    bh.FUSED = route.startswith("fused")
+    bh.DROPOUT = p > 0
     _tuning._PLANS.clear()
     f.Recorder.log = []
-    run(make(1))
+    run(make(1), p)
     made = kernels()
     second = make(2)
     names = {x.data_ptr(): k for k, x in second.items()}
     f.Recorder.log = []
-    run(second)
+    run(second, p)
     planned = f.normalised(f.Recorder.log, names)
     _tuning._PLANS.clear()
     _tuning._COMPILED.clear()
     f.Recorder.log = []
-    run(second)
-    out[route] = {"kernels": made, "same": planned == f.normalised(f.Recorder.log, names)}
+    run(second, p)
+    out[route] = {"kernels": made, "same": planned == f.normalised(f.Recorder.log, names),
+                  "planned": repr(planned)[-1500:]}
+# Dropout with the fused route's dropout off: Triton's kernels.
+bh.DROPOUT = False
+f.Recorder.log = []
+run(make(3), 0.1)
+out["dropout, switched off"] = kernels()
+bh.FUSED = False
 # Switches flipped after the plans were made: the next calls must follow them.
 f.Recorder.log = []
 fh.ENABLED = False
@@ -249,6 +259,13 @@ def test_the_gluon_routes_plans_follow_their_switches_and_repeat_their_launches(
     assert got["fused"]["kernels"] == [gluon_fwd, prep, gluon_bwd]
     assert got["dkdv"]["kernels"] == [gluon_fwd, "_bwd_dq_kernel", gluon_bwd]
     assert got["fused"]["same"] and got["dkdv"]["same"]
+    # With dropout (HF_FLASH_HOPPER_DROPOUT=1) the Triton forward draws the mask and the fused
+    # kernel draws it again, from the call's own seed (a plan that handed on its first call's
+    # seed tensor would differ from the dispatch here).
+    assert got["fused, dropout"]["kernels"] == ["_fwd_kernel", prep, gluon_bwd]
+    assert got["fused, dropout"]["same"], got["fused, dropout"]["planned"]
+    assert "'seed'" in got["fused, dropout"]["planned"]
+    assert got["dropout, switched off"] == ["_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"]
     assert got["forward switched off"] == ["_fwd_kernel", "_bwd_dq_kernel", gluon_bwd]
     assert got["both switched off"] == ["_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"]
 
