@@ -8,7 +8,6 @@
 """
 
 import contextlib
-import weakref
 from typing import Optional
 
 import torch
@@ -17,6 +16,7 @@ from torch.autograd import forward_ad as _forward_ad
 from ._backward import attention_backward
 from ._common import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE
 from ._forward import attention_forward
+from ._key_range import key_range
 
 
 def _mask_kind(mask: Optional[torch.Tensor]) -> int:
@@ -25,40 +25,13 @@ def _mask_kind(mask: Optional[torch.Tensor]) -> int:
     return MASK_BOOL if mask.dtype in (torch.bool, torch.uint8) else MASK_FLOAT
 
 
-_last_range = (None, -1, None, None)  # (weakref to kpm, its version, lo, hi)
-
-
 def _key_range(kpm: Optional[torch.Tensor]):
-    """Per-batch [lo, hi) holding every real key, computed on the device without a host sync.
-
-    Tiles outside the range are skipped; holes inside it are still masked from `kpm` itself, so
-    any boolean key padding mask is exact, and contiguous (left or right) padding is also fast.
-    A model hands the same mask to every layer, so the last result is kept (keyed by the tensor
-    object and its version counter, which in-place writes bump).
-    """
-    global _last_range
+    """Per-batch [lo, hi) holding every real key, computed on the device for this call
+    (_key_range.py): tiles outside it are skipped; holes inside it are masked from `kpm`
+    itself, so any boolean key padding mask is exact."""
     if kpm is None:
         return None, None
-    if kpm.is_inference():  # inference tensors keep no version counter: nothing safe to key on
-        return _compute_key_range(kpm)
-    ref, version, lo, hi = _last_range
-    if ref is not None and ref() is kpm and version == kpm._version:
-        return lo, hi
-    lo, hi = _compute_key_range(kpm)
-    if not torch.compiler.is_compiling():
-        _last_range = (weakref.ref(kpm), kpm._version, lo, hi)
-    return lo, hi
-
-
-def _compute_key_range(kpm: torch.Tensor):
-    n_k = kpm.shape[1]
-    as_int = kpm.to(torch.int32)
-    any_key = kpm.any(dim=1)
-    lo = torch.argmax(as_int, dim=1)  # argmax returns the first maximum
-    hi = n_k - torch.argmax(as_int.flip(1), dim=1)
-    lo = torch.where(any_key, lo, 0).to(torch.int32)
-    hi = torch.where(any_key, hi, 0).to(torch.int32)
-    return lo, hi
+    return key_range(_as_u8(kpm))
 
 
 def _causal_offset(causal: int, n_q: int, n_k: int) -> int:
@@ -169,7 +142,25 @@ class _FlashAttention(torch.autograd.Function):
             do, q, k, v, o, stats, dlse, _as_u8(mask), _mask_kind(mask), _as_u8(kpm), lo, hi,
             ctx.causal != CAUSAL_NONE, ctx.offset, ctx.scale, ctx.dropout_p, seed, cu_seqlens,
             ctx.max_seqlen)
+        if torch.is_grad_enabled():  # create_graph=True
+            dq, dk, dv = _no_second_derivative(dq, dk, dv)
         return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_NO_SECOND = (b"hf_flash attention has no second derivative: its gradients, taken with "
+              b"create_graph=True, cannot be differentiated again")
+
+
+def _no_second_derivative(*grads):
+    """`grads` as tensors whose own backward raises. The kernels' gradients depend on q, k and
+    v through tensors autograd does not see, so under create_graph=True they would otherwise
+    come back as constants and a second derivative as silent zeros. (once_differentiable only
+    guards gradients whose incoming gradient itself requires grad.)"""
+    try:
+        err = torch._C._functions.DelayedError(_NO_SECOND, len(grads))
+    except (AttributeError, TypeError):  # pragma: no cover - a torch without it: fail now
+        raise RuntimeError(_NO_SECOND.decode()) from None
+    return err(*[g.detach().requires_grad_() for g in grads])
 
 
 def attention(q, k, v, mask, kpm, causal, scale, dropout_p, seed, cu_seqlens=None, max_seqlen=0):

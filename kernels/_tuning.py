@@ -158,8 +158,8 @@ def launch(kernel, name, key, candidates, grid, tensors, scalars, constexprs, ou
     cfg = _CHOSEN.get(full_key)
     if cfg is None:
         cands = candidates()
-        cfg = (_pick(kernel, cands, grid, args, constexprs, outputs) if worth_tuning(key)
-               else cands[0])
+        cfg = (_pick(kernel, cands, grid, args, constexprs, outputs)
+               if worth_tuning(key) and len(cands) > 1 else cands[0])
         _CHOSEN[full_key] = cfg
     g = grid(cfg)
     if torch.compiler.is_compiling():

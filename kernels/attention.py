@@ -145,7 +145,11 @@ def flash_attention_varlen(
     views to it and back, eight autograd nodes a call.
 
     ``max_seqlen`` must be at least the longest length (as in FlashAttention's varlen API); when
-    None it is read from ``cu_seqlens``, which costs a device-to-host copy. The kernels see the
+    None it is read from ``cu_seqlens``, which costs a device-to-host copy. When given, on a GPU
+    ``cu_seqlens`` is checked on the device, without waiting for it: lengths that fall, do not
+    run from 0 to total or exceed ``max_seqlen`` stop the call with a device-side assertion
+    (which, as any, ends the CUDA context) before the kernels run, never a silent wrong answer or
+    a read past the rows; on the CPU they raise ``ValueError``. The kernels see the
     same tiles as for one sequence of that length, so a batch of mixed lengths costs what its real
     tokens cost: this is what running a model on unpadded tokens needs.
     """
@@ -172,15 +176,21 @@ def flash_attention_varlen(
         q4, k4, v4 = query, key, value
     _check_tensors(q4, k4, v4, enable_gqa)
     cu = _check_cu_seqlens(cu_seqlens, query, total)
-    if max_seqlen is None:
+    if max_seqlen is not None and (not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool)
+                                   or max_seqlen < 0 or (max_seqlen == 0 and total > 0)):
+        raise ValueError(f"max_seqlen must be a non-negative int, at least the longest sequence "
+                         f"({total} rows hold tokens), got {max_seqlen!r}")
+    if max_seqlen is None or cu.device.type == "cpu":
         lengths = (cu[1:] - cu[:-1]).tolist()
         if any(n < 0 for n in lengths) or int(cu[0]) != 0 or int(cu[-1]) != total:
             raise ValueError(f"cu_seqlens must rise from 0 to total ({total}) without falling, "
                              f"got {cu.tolist()}")
-        max_seqlen = max(lengths)
-    elif not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 0:
-        raise ValueError(f"max_seqlen must be a non-negative int (the longest sequence), got "
-                         f"{max_seqlen!r}")
+        if max_seqlen is not None and max(lengths) > max_seqlen:
+            raise ValueError(f"max_seqlen ({max_seqlen}) is shorter than the longest sequence "
+                             f"({max(lengths)})")
+        max_seqlen = max(lengths) if max_seqlen is None else max_seqlen
+    else:
+        _assert_cu_seqlens_async(cu, total, max_seqlen)
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
     if scale is None:
@@ -189,8 +199,8 @@ def flash_attention_varlen(
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     causal = CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE
     p = 0.0 if dropout_p == 1.0 else float(dropout_p)  # p = 1 drops everything, as below
-    if total == 0 or max_seqlen == 0:
-        out4 = torch.zeros_like(q4)
+    if total == 0:
+        out4 = _NoWork.apply(q4, k4, v4)  # zeros, with a graph as any other call's
         lse = torch.full(q4.shape[:3], float("-inf"), device=query.device)
     elif query.device.type == "cpu" and not INTERPRET:
         out4, lse = _varlen_fallback(q4, k4, v4, cu, causal, scale, p)
@@ -232,6 +242,16 @@ def _check_cu_seqlens(cu, query, total):
         raise ValueError(f"cu_seqlens is on {cu.device} but must be on query's device, "
                          f"{query.device}")
     return cu.contiguous()
+
+
+def _assert_cu_seqlens_async(cu, total, max_seqlen):
+    """What the CPU checks at once, checked on the device (no host sync): a few small ops and
+    one device-side assertion, queued before the kernels that trust `cu`."""
+    lengths = cu[1:] - cu[:-1]
+    ok = ((cu[0] == 0) & (cu[-1] == total) & (lengths.min() >= 0)
+          & (lengths.max() <= max_seqlen))
+    torch._assert_async(ok, f"hf_flash: cu_seqlens must rise from 0 to total ({total}) without "
+                            f"falling, each length at most max_seqlen ({max_seqlen})")
 
 
 def _varlen_fallback(q4, k4, v4, cu, causal, scale, dropout_p):
@@ -371,11 +391,11 @@ def _normalize_mask(attn_mask, q, B, H, n_q, n_k):
         raise ValueError(f"attn_mask has {attn_mask.dim()} dims; at most 4 "
                          f"(batch, heads, q_len, k_len) are allowed")
     shape4 = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
-    try:
-        torch.broadcast_shapes(shape4, (B, H, n_q, n_k))
-    except RuntimeError:
+    # Broadcast to the call's shape, not with it: a mask dimension of 2 against a batch of 1
+    # broadcasts both ways, but cannot be expanded to the call.
+    if any(m not in (1, c) for m, c in zip(shape4, (B, H, n_q, n_k))):
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-                         f"(batch, heads, q_len, k_len) = {(B, H, n_q, n_k)}") from None
+                         f"(batch, heads, q_len, k_len) = {(B, H, n_q, n_k)}")
     m = attn_mask.reshape(shape4)
     if m.dtype == torch.bool and shape4[1] == 1 and shape4[2] == 1 and shape4[3] == n_k:
         # A boolean mask that varies only along keys is key padding: take the fast path.

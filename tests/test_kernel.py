@@ -585,15 +585,20 @@ def test_a_plan_is_only_reused_for_its_own_signature(monkeypatch):
     monkeypatch.setattr(_tuning, "_PLANS", {})
     launched = []
     real = _tuning.launch
-    monkeypatch.setattr(_tuning, "launch",
-                        lambda *a, **kw: launched.append(a[1]) or real(*a, **kw))
+
+    def counted(*a, **kw):
+        if a[1] != "key_range":  # a key padding mask's span of real keys: plans of its own
+            launched.append(a[1])
+        return real(*a, **kw)
+    monkeypatch.setattr(_tuning, "launch", counted)
     backward_only = ({"grad_layout": "bnhd"}, {"lse_grad": True})  # the same forward as before
     for variant in _PLAN_VARIANTS:
         launched.clear()
         _planned_call(**variant)
         want = ["dq", "dkdv"] if variant in backward_only else ["fwd", "dq", "dkdv"]
         assert launched == want, (variant, launched)
-    assert len(_tuning._PLANS) == 2 * len(_PLAN_VARIANTS) - len(backward_only)
+    attention_plans = [sig for sig in _tuning._PLANS if sig[0] != "key_range"]
+    assert len(attention_plans) == 2 * len(_PLAN_VARIANTS) - len(backward_only)
     for variant in _PLAN_VARIANTS:
         launched.clear()
         _planned_call(**variant)
@@ -980,8 +985,50 @@ def test_bool_key_mask_in_4d_form_matches_key_padding():
     assert torch.equal(a, b)
 
 
+def test_key_range_kernel_matches_its_reference():
+    # Each row's span of real keys: holes, a row with none, one real key at either end, a row
+    # longer than one block of the kernel's loop, and a strided (sliced) mask.
+    from hf_flash.kernels._key_range import key_range, key_range_reference
+    g = torch.Generator().manual_seed(0)
+    n = 1500
+    kpm = torch.rand(7, n, generator=g) > 0.6
+    kpm[1] = False
+    kpm[2] = False
+    kpm[2, 0] = True
+    kpm[3] = False
+    kpm[3, n - 1] = True
+    kpm[4, :1100] = False
+    kpm[5] = True
+    for mask in (kpm, kpm[:, 3:1203:2]):
+        mask = mask.to(DEVICE).view(torch.uint8)
+        lo, hi = key_range(mask)
+        want_lo, want_hi = key_range_reference(mask)
+        assert torch.equal(lo, want_lo) and torch.equal(hi, want_hi), (lo, hi, want_lo, want_hi)
+
+
+def test_a_key_padding_mask_written_where_autograd_cannot_see_is_read_afresh():
+    # Writes through .data (or NumPy, DLPack) change a mask without bumping its version counter;
+    # a mask's span of real keys computed for an earlier call must not be reused: the second
+    # call attends to every key, as its mask now says.
+    q, k, v = make_qkv(1, 1, 1, 8, 64, 16, torch.float32, DEVICE)
+    kpm = torch.arange(64, device=DEVICE)[None, :] < 20
+    first = hf_flash.flash_attention(q, k, v, key_padding_mask=kpm)
+    kpm.data.fill_(True)
+    got = hf_flash.flash_attention(q, k, v, key_padding_mask=kpm)
+    want = hf_flash.flash_attention(q, k, v)
+    assert max_err(got, want) < 1e-5 and max_err(first, want) > 0.01
+    # The same object given a shorter mask (and keys): no tile past the new end may be read.
+    kpm.data = torch.ones(1, 16, dtype=torch.bool, device=DEVICE)
+    buf = torch.full((1, 1, 64, 16), float("nan"), device=DEVICE)
+    buf[:, :, :16] = k.detach()[:, :, :16]
+    got = hf_flash.flash_attention(q, buf[:, :, :16], buf[:, :, :16], key_padding_mask=kpm)
+    want = hf_flash.flash_attention(q, k[:, :, :16], k[:, :, :16])
+    assert max_err(got, want) < 1e-5
+
+
 def test_inference_mode_with_key_padding():
-    # Inference tensors have no version counter; the key-range cache must not need one.
+    # Inference tensors have no version counter; computing the span of real keys must not need
+    # one.
     q, k, v = make_qkv(2, 2, 2, 9, 13, 16, torch.float32, DEVICE)
     kpm = torch.arange(13, device=DEVICE)[None, :] < torch.tensor([13, 5], device=DEVICE)[:, None]
     want = hf_flash.flash_attention(q, k, v, key_padding_mask=kpm)
@@ -1252,6 +1299,9 @@ def _t(*shape, dtype=torch.float32, device=DEVICE):
     (lambda: (_t(1, 4, 4, 8), _t(1, 2, 4, 8), _t(1, 2, 4, 8)), {}, "enable_gqa=True"),
     (lambda: (_t(1, 2, 4, 8), _t(1, 2, 5, 8), _t(1, 2, 5, 8)),
      {"attn_mask": torch.ones(3, 5, dtype=torch.bool)}, "does not broadcast"),
+    # Batch 2 against 1 broadcasts both ways, but the mask cannot be expanded to the call.
+    (lambda: (_t(1, 2, 4, 8), _t(1, 2, 5, 8), _t(1, 2, 5, 8)),
+     {"attn_mask": torch.ones(2, 1, 1, 5, dtype=torch.bool)}, "does not broadcast"),
     (lambda: (_t(1, 2, 4, 8), _t(1, 2, 5, 8), _t(1, 2, 5, 8)),
      {"attn_mask": torch.ones(4, 5, dtype=torch.int32)}, "attn_mask has dtype torch.int32"),
     (lambda: (_t(1, 2, 4, 8), _t(1, 2, 5, 8), _t(1, 2, 5, 8)),
@@ -1273,6 +1323,57 @@ def test_bad_input_raises_naming_the_problem(make, exc, words):
         exc = dict(exc, key_padding_mask=exc["key_padding_mask"].to(DEVICE))
     with pytest.raises((ValueError, TypeError), match=re.escape(words)):
         hf_flash.flash_attention(q, k, v, **exc)
+
+
+@pytest.mark.parametrize("cu,max_seqlen,words", [
+    ([0, 20, 60], 40, "rise from 0 to total (40)"),   # past the rows: reads and writes out of bounds
+    ([0, 20, 35], 20, "rise from 0 to total (40)"),   # rows 35.. in no sequence
+    ([3, 20, 40], 20, "rise from 0 to total (40)"),
+    ([0, 30, 20, 40], 30, "without falling"),         # overlapping sequences
+    ([0, 5, 40], 20, "max_seqlen (20) is shorter than the longest sequence (35)"),
+    ([0, 5, 40], 0, "max_seqlen must be"),
+    ([0, 5, 40], -1, "max_seqlen must be"),
+])
+def test_varlen_checks_cu_seqlens_and_max_seqlen_when_both_are_given(cu, max_seqlen, words):
+    # The kernels trust cu_seqlens and size their grids by max_seqlen. Given both (no host read
+    # needed), the CPU still checks them at once; a GPU checks them on the device (below).
+    q, k, v = (_t(40, 2, 8) for _ in range(3))
+    with pytest.raises(ValueError, match=re.escape(words)):
+        hf_flash.flash_attention_varlen(q, k, v, torch.tensor(cu, dtype=torch.int32,
+                                                              device=DEVICE), max_seqlen)
+
+
+def test_varlen_device_check_of_cu_seqlens():
+    # The check a GPU makes without waiting on the device, run here on CPU tensors (where the
+    # assertion raises at once): it passes valid lengths and stops each kind of bad ones.
+    from hf_flash.kernels.attention import _assert_cu_seqlens_async as check
+    check(torch.tensor([0, 5, 40], dtype=torch.int32), 40, 35)
+    check(torch.tensor([0, 0, 40], dtype=torch.int32), 40, 40)
+    for cu, max_seqlen in (([0, 20, 60], 40), ([0, 20, 35], 20), ([3, 20, 40], 20),
+                           ([0, 30, 20, 40], 30), ([0, 5, 40], 34)):
+        with pytest.raises(RuntimeError, match="cu_seqlens must rise from 0 to total"):
+            check(torch.tensor(cu, dtype=torch.int32), 40, max_seqlen)
+
+
+def test_empty_packed_batch_keeps_a_graph():
+    q, k, v = (_t(0, 2, 8).requires_grad_() for _ in range(3))
+    out = hf_flash.flash_attention_varlen(q, k, v, torch.zeros(2, dtype=torch.int32,
+                                                                device=DEVICE), 0)
+    out.sum().backward()
+    assert out.shape == (0, 2, 8) and q.grad.shape == q.shape
+
+
+def test_a_second_derivative_raises_instead_of_returning_zeros():
+    # The gradients come from kernels autograd cannot see into: taken with create_graph=True,
+    # differentiating them again must fail loudly, not give zeros.
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16, torch.float32, DEVICE)
+    out = hf_flash.flash_attention(q, k, v)
+    gq, = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        ((gq ** 2).sum() + 0 * q.sum()).backward()
+    # A first derivative taken with create_graph=True is still the right one.
+    want, = torch.autograd.grad(hf_flash.flash_attention(q, k, v).sum(), q)
+    assert max_err(gq, want) == 0
 
 
 def test_autocast_casts_inputs_as_it_does_for_sdpa():
