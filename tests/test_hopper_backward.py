@@ -201,14 +201,20 @@ def test_matches_the_reference(monkeypatch, any_length, n_q, n_k, causal, dtype,
         before = routes.counts()[route]
         grads = _grads(q, k, v, do, w, fa, gqa)
         assert routes.counts()[route] == before + 1
-        refs = []
-        for ref_dtype in (torch.float64, dtype):
-            leaves = [t.detach().to(ref_dtype).requires_grad_() for t in (q, k, v)]
-            o, lse = hf_flash.kernels.reference_attention(*leaves, causal=causal)
-            ((o * do.to(ref_dtype)).sum() + (lse * w.to(ref_dtype)).sum()).backward()
-            refs.append([t.grad for t in leaves])
-        for name, got, r64, r_lo in zip(("dq", "dk", "dv"), grads, refs[0], refs[1]):
-            check_ratio(name, got, r64, r_lo, GRAD_RATIO, dtype)
+        _check_against_the_reference(grads, q, k, v, do, w, dtype, causal=causal)
+
+
+def _check_against_the_reference(grads, q, k, v, do, w, dtype, **ref):
+    """The ratio rule for (dq, dk, dv) of loss (out * do).sum() + (lse * w).sum(): against the
+    float64 reference, with the same reference in `dtype` as the yardstick."""
+    refs = []
+    for ref_dtype in (torch.float64, dtype):
+        leaves = [t.detach().to(ref_dtype).requires_grad_() for t in (q, k, v)]
+        o, lse = hf_flash.kernels.reference_attention(*leaves, **ref)
+        ((o * do.to(ref_dtype)).sum() + (lse * w.to(ref_dtype)).sum()).backward()
+        refs.append([t.grad for t in leaves])
+    for name, got, r64, r_lo in zip(("dq", "dk", "dv"), grads, refs[0], refs[1]):
+        check_ratio(name, got, r64, r_lo, GRAD_RATIO, dtype)
 
 
 @pytest.mark.gpu
@@ -272,15 +278,8 @@ def test_dropout_matches_the_reference(monkeypatch, any_length, n_q, n_k, causal
     grads = _grads(q, k, v, do, w, fa, gqa)
     assert routes.counts()["fused"] == 1
     keep = replayed_keep_mask(77, p, B, H, n_q, n_k, DEVICE)
-    refs = []
-    for ref_dtype in (torch.float64, dtype):
-        leaves = [t.detach().to(ref_dtype).requires_grad_() for t in (q, k, v)]
-        o, lse = hf_flash.kernels.reference_attention(*leaves, causal=causal, dropout_p=p,
-                                                      keep_mask=keep)
-        ((o * do.to(ref_dtype)).sum() + (lse * w.to(ref_dtype)).sum()).backward()
-        refs.append([t.grad for t in leaves])
-    for name, got, r64, r_lo in zip(("dq", "dk", "dv"), grads, refs[0], refs[1]):
-        check_ratio(name, got, r64, r_lo, GRAD_RATIO, dtype)
+    _check_against_the_reference(grads, q, k, v, do, w, dtype, causal=causal, dropout_p=p,
+                                 keep_mask=keep)
 
 
 @pytest.mark.gpu

@@ -165,7 +165,9 @@ for name, case in CASES.items():
     f.Recorder.log = []
     run(second, case)
     dispatched_log = f.normalised(f.Recorder.log, names)
-    out[name] = {"launches": len(planned), "dispatched": n_dispatched,
+    kernels = [launch[0] for launch in planned]
+    out[name] = {"launches": len(kernels) - kernels.count("_key_range_kernel"),
+                 "key ranges": kernels.count("_key_range_kernel"), "dispatched": n_dispatched,
                  "same": planned == dispatched_log, "planned": repr(planned)[:3000],
                  "by dispatch": repr(dispatched_log)[:3000]}
 print(json.dumps(out))
@@ -178,6 +180,9 @@ def test_a_plans_triton_launches_hand_the_launcher_what_tritons_dispatch_does():
     assert len(got) == 4
     for name, r in got.items():
         assert r["launches"] == 3, (name, r["launches"])  # forward, dQ, dK/dV
+        # With key padding, its span of real keys is drawn on the device in each op, from the
+        # plan too (kernels/_key_range.py).
+        assert r["key ranges"] == (2 if "key padding" in name else 0), (name, r["key ranges"])
         assert r["dispatched"] == 0, name  # the plan's call went by the direct launchers
         assert r["same"], (name, r["planned"], r["by dispatch"])
 
