@@ -472,8 +472,8 @@ def route(q, k, v, o, do, dk, dv, mask, kpm, dropout_p, varlen, causal, causal_o
         return ""
     if do.dtype != q.dtype or not (tma_ok(do) and tma_ok(dk) and tma_ok(dv)):
         return ""
-    if not plain_call(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, scale,
-                      dropout=True):
+    # (Dropout was decided above: the rest of a plain call as the forward's.)
+    if not plain_call(q, k, v, mask, kpm, 0.0, varlen, causal, causal_offset, scale):
         return ""
     # The fused kernel's dQ is a sum of atomic adds in no fixed order: not under
     # torch.use_deterministic_algorithms(True).

@@ -68,15 +68,13 @@ def on_sm90(t: torch.Tensor) -> bool:
     return t.is_cuda and _capability(t.get_device()) == (9, 0)
 
 
-def plain_call(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, scale,
-               dropout=False) -> bool:
+def plain_call(q, k, v, mask, kpm, dropout_p, varlen, causal, causal_offset, scale) -> bool:
     """Whether a call is one the Gluon kernels are built for, lengths aside: an sm_90 GPU,
-    fp16/bf16 at head dim 64 or 128, no mask, key padding, dropout (unless the caller's kernel
-    takes it: `dropout`) or packing, causal only where every query row sees a key, a positive
-    scale, and inputs TMA can read."""
+    fp16/bf16 at head dim 64 or 128, no mask, key padding, dropout or packing, causal only where
+    every query row sees a key, a positive scale, and inputs TMA can read."""
     if not AVAILABLE or _common.INTERPRET:
         return False
-    if mask is not None or kpm is not None or (dropout_p > 0 and not dropout) or varlen:
+    if mask is not None or kpm is not None or dropout_p > 0 or varlen:
         return False
     # Both kernels scale the scores inside one FMA (exp2(s * c - m)) against a row max or lse
     # taken of scaled scores, which needs c > 0; and a masked -inf score times a negative c would
