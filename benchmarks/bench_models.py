@@ -37,8 +37,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (device_kernels, output_dir, run_metadata, short_reason, table,  # noqa: E402
-                      write_results)
+from benchlib import (add_hopper_floors_arg, device_kernels, hopper_floors,  # noqa: E402
+                      output_dir, parse_hopper_floors, run_metadata, set_hopper_floors,
+                      short_reason, table, write_results)
 
 # ---------------------------------------------------------------------------------------------
 # Settings
@@ -114,7 +115,9 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true",
                    help="tiny models on the CPU, kernels under TRITON_INTERPRET=1, fp32; "
                         "tests the plumbing, timings are meaningless")
+    add_hopper_floors_arg(p, "e.g. fused=1024 for GPT-2-medium's step on the fused backward")
     args = p.parse_args(argv)
+    args.floors = parse_hopper_floors(p, args.hopper_floors)
     args.contexts = [int(x) for x in args.contexts.split(",") if x.strip()]
     args.impl_list = [x for x in args.impls.split(",") if x.strip()]
     unknown = set(args.impl_list) - set(IMPLS)
@@ -416,6 +419,9 @@ def main(argv=None):
         sys.exit("bench_models: no CUDA device; use --dry-run for the CPU plumbing test")
     bench = Bench(args)
     meta = run_metadata(args)
+    if args.floors:
+        set_hopper_floors(args.floors)
+        meta["hopper_floors"] = hopper_floors()
     meta["timing"] = dict(warmup_steps=bench.warmup, timed_steps=bench.steps, statistic="median",
                           precision="fp32 (dry run)" if args.dry_run else "bf16 autocast",
                           optimizer="AdamW fused", lr=LR,

@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import output_dir, run_metadata, short_reason, table, write_results  # noqa: E402
+from benchlib import (add_hopper_floors_arg, hopper_floors, output_dir, parse_hopper_floors,  # noqa: E402
+                      run_metadata, set_hopper_floors, short_reason, table, write_results)
 
 # ---------------------------------------------------------------------------------------------
 # Settings
@@ -168,22 +169,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--host-profile", type=int, default=0, metavar="N",
                    help="print where hf_flash's fwd+bwd host time goes (cProfile over N calls)")
-    p.add_argument("--hopper-floors", default="", metavar="ROUTE=N,...",
-                   help="set the shortest length each Gluon route serves, for every head dim and "
-                        "causal setting, for this run (routes: fwd, dkdv, fused); e.g. "
-                        "fused=1024 to time the fused backward on GPT-2's row")
+    add_hopper_floors_arg(p, "e.g. fused=1024 to time the fused backward on GPT-2's row")
     p.add_argument("--tag", default="", help="appended to the output file names, e.g. a kernel version")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU plumbing test: smallest cases, hf_flash under TRITON_INTERPRET=1 vs "
                         "SDPA math; timings are meaningless")
     args = p.parse_args(argv)
-    try:
-        args.floors = {k.strip(): int(v) for k, v in
-                       (item.split("=") for item in _csv_list(args.hopper_floors))}
-    except ValueError:
-        p.error(f"--hopper-floors takes ROUTE=N,...; got {args.hopper_floors!r}")
-    if set(args.floors) - {"fwd", "dkdv", "fused"}:
-        p.error(f"--hopper-floors: routes are fwd, dkdv, fused; got {sorted(args.floors)}")
+    args.floors = parse_hopper_floors(p, args.hopper_floors)
     unknown = [v for v in _csv_list(args.variants) if v not in SWEEP_VARIANTS]
     if unknown:  # it would otherwise run as a plain case under the unknown name
         p.error(f"unknown sweep variant(s) {', '.join(unknown)}; known: {', '.join(SWEEP_VARIANTS)}")
@@ -738,31 +730,6 @@ def _rejected_configs() -> list:
     """Tuning candidates hf_flash skipped as wrong (their outputs disagreed with the default's)."""
     from hf_flash.kernels import _tuning
     return _tuning.rejected_configs()
-
-
-def _floor_tables():
-    from hf_flash.kernels import _backward_hopper, _forward_hopper
-    return {"fwd": (_forward_hopper, "MIN_LENGTH"), "dkdv": (_backward_hopper, "MIN_LENGTH"),
-            "fused": (_backward_hopper, "FUSED_MIN_LENGTH")}
-
-
-def set_hopper_floors(floors: dict):
-    """Every (head dim, causal) entry of each named route's length floor set to the value."""
-    for route, n in floors.items():
-        mod, name = _floor_tables()[route]
-        keys = set(getattr(mod, name)) | set(_backward_hopper_keys())
-        setattr(mod, name, dict.fromkeys(keys, n))
-
-
-def _backward_hopper_keys():
-    from hf_flash.kernels import _backward_hopper
-    return _backward_hopper.MIN_LENGTH  # every (head dim, causal) a Gluon route may serve
-
-
-def hopper_floors() -> dict:
-    """The floors this run used, for its metadata."""
-    return {route: {f"d{d}{' causal' if c else ''}": n for (d, c), n in getattr(mod, name).items()}
-            for route, (mod, name) in _floor_tables().items()}
 
 
 def main(argv=None):

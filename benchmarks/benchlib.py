@@ -159,3 +159,50 @@ def device_kernels(events) -> list:
     hf_flash's no-grad range did in profile_decode's runs before 2026-12-03)."""
     return [e for e in events if e.device_type.name == "CUDA"
             and not getattr(e, "is_user_annotation", False)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The Gluon routes' length floors, for experiments: each route serves calls from a sequence
+# length on (kernels/_forward_hopper.py, _backward_hopper.py); a run may move them all at once.
+HOPPER_ROUTES = ("fwd", "dkdv", "fused")
+
+
+def add_hopper_floors_arg(parser, example: str):
+    parser.add_argument("--hopper-floors", default="", metavar="ROUTE=N,...",
+                        help="set the shortest length each Gluon route serves, for every head "
+                             "dim and causal setting, for this run (routes: "
+                             + ", ".join(HOPPER_ROUTES) + "); " + example)
+
+
+def parse_hopper_floors(parser, text: str) -> dict:
+    try:
+        floors = {k.strip(): int(v) for k, v in
+                  (item.split("=") for item in text.split(",") if item.strip())}
+    except ValueError:
+        parser.error(f"--hopper-floors takes ROUTE=N,...; got {text!r}")
+    if set(floors) - set(HOPPER_ROUTES):
+        parser.error(f"--hopper-floors: routes are {', '.join(HOPPER_ROUTES)}; "
+                     f"got {sorted(floors)}")
+    return floors
+
+
+def _floor_tables():
+    from hf_flash.kernels import _backward_hopper, _forward_hopper
+    return {"fwd": (_forward_hopper, "MIN_LENGTH"), "dkdv": (_backward_hopper, "MIN_LENGTH"),
+            "fused": (_backward_hopper, "FUSED_MIN_LENGTH")}
+
+
+def set_hopper_floors(floors: dict):
+    """Every (head dim, causal) entry of each named route's length floor set to the value."""
+    from hf_flash.kernels import _backward_hopper
+    every = set(_backward_hopper.MIN_LENGTH)  # every (head dim, causal) a Gluon route may serve
+    for route, n in floors.items():
+        mod, name = _floor_tables()[route]
+        setattr(mod, name, dict.fromkeys(set(getattr(mod, name)) | every, n))
+
+
+def hopper_floors() -> dict:
+    """The floors this run used, for its metadata."""
+    return {route: {f"d{d}{' causal' if c else ''}": n for (d, c), n in getattr(mod, name).items()}
+            for route, (mod, name) in _floor_tables().items()}
+
