@@ -5,14 +5,19 @@ instead of building a dense (batch, 1, q_len, k_len) mask. It answers with the c
 kernel can use, and falls back to transformers' own dense boolean mask for anything else:
 
     None                    no padding, plain causal (bottom-right aligned) or plain bidirectional
-    bool (batch, k_len)     only key padding (left or right) on top of that: the kernel's fast path
+    bool (batch, k_len)     only key padding (left or right) on a plain causal mask: the kernel's
+                            fast path
+    bool (batch,1,1,k_len)  only key padding on a plain bidirectional mask: the same fast path (a
+                            view of the 2-D mask)
     bool (batch,1,q,k)      anything else: sliding windows, packed sequences, custom mask functions,
                             static caches, models that ask for a materialised mask
 
-`hf_flash_attention` is registered with AttentionInterface and reads those three forms back. A
-None or 2-D mask carries no causal information of its own: causality comes from the module (or the
+`hf_flash_attention` is registered with AttentionInterface and reads those forms back. A None or
+2-D mask carries no causal information of its own: causality comes from the module (or the
 `is_causal` keyword transformers passes down), bottom-right aligned, which is what a KV cache needs
-and equals top-left when q_len == k_len. A 4-D mask is complete, as with SDPA.
+and equals top-left when q_len == k_len. A 4-D mask is complete, as with SDPA: that is why key
+padding on a bidirectional mask travels as (batch, 1, 1, k_len), since some encoders' modules say
+is_causal=True (Phi-4-multimodal's vision encoder), and SDPA, handed a 4-D mask, ignores that flag.
 """
 
 from __future__ import annotations
@@ -79,6 +84,7 @@ def hf_flash_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
                   local_size: Optional[int] = None, allow_is_causal_skip: bool = True,
                   allow_is_bidirectional_skip: bool = False, **kwargs):
     """AttentionMaskInterface entry: see the module docstring for what it returns."""
+    _refuse_bypassing_models(kwargs.get("config"))
     form = _cheap_form(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
                        local_size, allow_is_causal_skip, allow_is_bidirectional_skip)
     if form is not False:
@@ -94,9 +100,57 @@ def hf_flash_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
                      allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs)
 
 
+# Per config class: the name of the model class it builds when that model's attention never calls
+# AttentionInterface, else None.
+_bypassing: dict = {}
+
+
+def _refuse_bypassing_models(config) -> None:
+    """Raise when the model asking for a mask would run attention of its own with it.
+
+    Such models (BLOOM, XGLM, MPT, ... in transformers 5.x) accept any registered
+    attn_implementation, ask this function for their masks, then add them to their own scores:
+    the cheap forms would be read as something else (BLOOM at batch 1 lost causality), and
+    hf_flash's kernel never runs. transformers' own test for a model that can switch
+    implementation (`_can_set_attn_implementation`) decides; model types hf_flash patches layer
+    by layer (GPT-Neo) read these masks themselves.
+    """
+    if config is None:
+        return
+    key = type(config)
+    if key not in _bypassing:
+        _bypassing[key] = _bypassing_model(config)
+    name = _bypassing[key]
+    if name is not None:
+        from ._registry import UnsupportedModelError
+        raise UnsupportedModelError(
+            f"hf_flash: {name}'s attention does not go through transformers' AttentionInterface, "
+            f"so with attn_implementation='{ATTN_NAME}' it would apply hf_flash's masks in its own "
+            f"attention and never reach hf_flash's kernel; load it with 'sdpa' or 'eager' "
+            f"(hf_flash.supported_models() lists what hf_flash serves)")
+
+
+def _bypassing_model(config) -> Optional[str]:
+    from ._registry import supported_model_types
+
+    if getattr(config, "model_type", None) in supported_model_types():
+        return None
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING
+        cls = MODEL_MAPPING[type(config)]
+    except Exception:  # a config transformers does not map (remote code, say): trust it
+        return None
+    if isinstance(cls, (tuple, list)):
+        cls = cls[0]
+    can_set = getattr(cls, "_can_set_attn_implementation", None)
+    if can_set is None or can_set():
+        return None
+    return cls.__name__
+
+
 def _cheap_form(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
                 local_size, allow_is_causal_skip, allow_is_bidirectional_skip):
-    """None / 2-D key padding when exact, False when a dense mask is needed."""
+    """None / key padding when exact, False when a dense mask is needed."""
     from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
 
     # Identity checks on purpose: sliding windows, packed sequences, chunking and or/and overlays
@@ -131,6 +185,8 @@ def _cheap_form(q_length, kv_length, q_offset, kv_offset, mask_function, attenti
     # Handed over even when it holds no padding: testing for that would cost a host sync every
     # forward pass (it stalls the launch queue), while an all-True mask costs the kernel one byte
     # load per key tile.
+    if mask_function is bidirectional_mask_function:
+        return attention_mask[:, None, None, kv_offset:end]  # complete: never causal
     return attention_mask[:, kv_offset:end]
 
 
@@ -244,12 +300,20 @@ def kernel_mask_args(attention_mask, causal: bool, q_len: int, k_len: int, batch
         # a CausalBias: each of those allocates a dense (2, q_len, k_len) tensor.)
         return (args(is_causal=True, alignment="bottom_right", kpm=kpm),
                 f"causal bottom-right, {pad}")
+    if attention_mask.dim() == 4 and bidirectional_padding(attention_mask, batch, k_len):
+        return args(kpm=attention_mask[:, 0, 0, :]), "key padding"
     if attention_mask.dim() == 4:
         # Complete as given (causality included), as SDPA treats it.
         kind = "dense bool" if attention_mask.dtype == torch.bool else "dense additive"
         return args(attn_mask=attention_mask), kind
     raise ValueError(f"hf_flash: attention mask of shape {tuple(attention_mask.shape)} is neither "
                      f"2-D key padding nor a 4-D mask")
+
+
+def bidirectional_padding(attention_mask, batch: int, k_len: int) -> bool:
+    """True for the (batch, 1, 1, k_len) bool form: key padding, nothing else, never causal."""
+    return (attention_mask.dtype == torch.bool
+            and tuple(attention_mask.shape) == (batch, 1, 1, k_len))
 
 
 def eager_mask(attention_mask, causal: bool, q_len: int, k_len: int, dtype, device):

@@ -305,9 +305,13 @@ def explain(model, file=None) -> list:
             row.update(path="hf_flash kernel", mask=_default_mask_text(mod),
                        reason="served by the kernel")
             head_dim = _head_dim(mod)
+            every_call = _configured_fallback(mod)
             if head_dim is not None and head_dim > _glue.MAX_HEAD_DIM:
                 row.update(path="eager fallback",
                            reason=f"head dim {head_dim} > {_glue.MAX_HEAD_DIM}")
+            elif every_call is not None:
+                row.update(path="eager fallback",
+                           reason=f"its configuration gives every call {every_call}")
             if family.describe_layer is not None:
                 row.update(family.describe_layer(mod))
             opts = _glue.options_of(mod)
@@ -323,6 +327,19 @@ def _default_mask_text(mod) -> str:
         return ("causal from is_causal (bottom-right with a KV cache); padding as key-padding "
                 "lengths; other masks dense")
     return "none needed; padding as key-padding lengths; other masks dense"
+
+
+def _configured_fallback(mod) -> Optional[str]:
+    """What every call of this layer passes that the kernel cannot serve, known from the layer
+    itself (set from its model's configuration), else None. The calls decide at run time
+    (_glue.unservable_reason); this only keeps explain() from promising the kernel to them."""
+    if getattr(mod, "attn_logit_softcapping", None) is not None:  # Gemma 2 and its kin
+        return _glue._UNSERVABLE_KWARGS["softcap"]
+    if isinstance(getattr(mod, "sinks", None), torch.Tensor):  # GPT-OSS
+        return _glue._UNSERVABLE_KWARGS["sinks"]
+    if hasattr(mod, "has_relative_attention_bias"):  # T5 and its kin pass a bias to every layer
+        return _glue._UNSERVABLE_KWARGS["position_bias"]
+    return None
 
 
 def _head_dim(mod) -> Optional[int]:

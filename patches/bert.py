@@ -26,15 +26,17 @@ def _packed_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     """The encoder's forward over packed real tokens; falls back to the padded forward for calls
     packing cannot serve."""
     unpacked = type(self).forward
-    # hf_flash's mask function hands encoders the 2-D padding mask; anything else (a dense mask,
-    # cross-attention, a cache, captured hidden states or attentions, whose shapes would come
-    # out packed) runs padded.
-    if (attention_mask is None or attention_mask.dim() != 2 or attention_mask.dtype != torch.bool
+    # hf_flash's mask function hands encoders their padding as a (B, 1, 1, N) view of the 2-D
+    # mask; anything else (a dense mask, cross-attention, a cache, captured hidden states or
+    # attentions, whose shapes would come out packed) runs padded.
+    if (attention_mask is None
+            or not _glue.bidirectional_padding(attention_mask, *hidden_states.shape[:2])
             or args or kwargs.get("encoder_hidden_states") is not None
             or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
             or self.config.is_decoder or _glue.capturing_outputs()):
         return unpacked(self, hidden_states, attention_mask, *args, **kwargs)
     B, N, C = hidden_states.shape
+    attention_mask = attention_mask[:, 0, 0, :]
     lengths = attention_mask.sum(1, dtype=torch.int32)
     cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     # The two host syncs of this mode, once per forward: the rows to keep and the longest length.

@@ -204,6 +204,58 @@ def test_explain_reports_each_layer(capsys):
     assert "sliding window of 5" in neo[1]["mask"] and neo[0]["scale"] == 1.0
 
 
+# Models whose configuration puts into every attention call something the kernel cannot serve,
+# and one without (tiny configs; the generic family).
+_CONFIGURED = {
+    "gemma2": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=16, intermediate_size=64, vocab_size=64),
+    "gpt_oss": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=16, intermediate_size=32, vocab_size=64,
+                    num_local_experts=2, num_experts_per_tok=1),
+    "t5": dict(d_model=32, d_kv=16, num_layers=1, num_heads=2, d_ff=64, vocab_size=64),
+    "qwen2": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, intermediate_size=64, vocab_size=64),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_CONFIGURED))
+def test_explain_predicts_what_the_calls_then_take(model_type):
+    # Soft-capping (Gemma 2), attention sinks (GPT-OSS) and T5's position bias are set by the
+    # configuration and reach every call: explain() says eager before the model runs, as the
+    # calls then report; Qwen2 is served.
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    seq2seq = model_type == "t5"
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    model = hf_flash.patch(auto.from_config(AutoConfig.for_model(model_type,
+                                                                 **_CONFIGURED[model_type])))
+    predicted = [r["path"] for r in hf_flash.explain(model.eval(), file=open("/dev/null", "w"))]
+    ids = torch.randint(0, 64, (1, 6))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        model(input_ids=ids, **({"decoder_input_ids": ids} if seq2seq else {}))
+    rows = hf_flash.explain(model, file=open("/dev/null", "w"))
+    took = ["eager fallback" if r["last_call"][0] == "eager" else "hf_flash kernel" for r in rows]
+    assert predicted == took
+    assert set(took) == {"hf_flash kernel" if model_type == "qwen2" else "eager fallback"}
+
+
+def test_a_bidirectional_mask_stays_bidirectional_under_a_causal_module():
+    # Phi-4-multimodal's vision encoder asks for bidirectional masks from modules that say
+    # is_causal=True; SDPA, handed the padded batch's 4-D mask, ignores the flag and so must we.
+    # A BERT whose self-attention modules say the same stands in for it.
+    model = build("bert").eval()
+    for m in model.modules():
+        if type(m).__name__ == "BertSelfAttention":
+            m.is_causal = True
+    ids, mask, _ = batch("bert", "right")
+    want = _logits(model, ids, mask)
+    got = _logits(hf_flash.patch(model), ids, mask)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert all(r["last_call"] == ("kernel", "key padding")
+               for r in hf_flash.explain(model, file=open("/dev/null", "w")))
+
+
 # ---------------------------------------------------------------- the mask interface's choices
 
 def _mask(**kw):
@@ -228,8 +280,10 @@ def test_mask_forms():
     assert torch.equal(_mask(q_length=1, kv_length=5, q_offset=4, attention_mask=cache_mask),
                        cache_mask)
     # Bidirectional: cheap only when the caller allows skipping a materialised mask.
-    assert _mask(mask_function=bidirectional_mask_function, allow_is_bidirectional_skip=True,
-                 attention_mask=right).shape == (2, 5)
+    # ... as a (batch, 1, 1, k_len) view: complete, so no module's is_causal can make it causal.
+    bidi = _mask(mask_function=bidirectional_mask_function, allow_is_bidirectional_skip=True,
+                 attention_mask=right)
+    assert bidi.shape == (2, 1, 1, 5) and torch.equal(bidi[:, 0, 0], right)
     dense = _mask(mask_function=bidirectional_mask_function, attention_mask=right)
     assert dense.shape == (2, 1, 5, 5)
     # Anything unusual is dense and exact.

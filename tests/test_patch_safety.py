@@ -133,6 +133,29 @@ def test_refused_patch_leaves_the_model_byte_identical(make, exc, words):
                    for m in model.modules() if hasattr(m, "_hf_flash_options"))
 
 
+# Tiny configs of models whose attention never calls AttentionInterface but whose masks come
+# from transformers' mask interface (so from hf_flash's, under attn_implementation=ATTN_NAME).
+_BYPASSING = {
+    "bloom": dict(hidden_size=32, n_layer=1, n_head=2, vocab_size=64),
+    "xglm": dict(d_model=32, num_layers=1, attention_heads=2, ffn_dim=64, vocab_size=64),
+    "mpt": dict(d_model=32, n_layers=1, n_heads=2, expansion_ratio=2, vocab_size=64),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_BYPASSING))
+def test_loading_by_name_refuses_models_that_run_their_own_attention(model_type):
+    # They accept any registered attn_implementation and then read hf_flash's cheap masks as
+    # their own (BLOOM at batch 1 lost causality; MPT failed with an AttributeError): refused,
+    # naming the model, at the first forward.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **_BYPASSING[model_type])
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=hf_flash.ATTN_NAME)
+    with pytest.raises(hf_flash.UnsupportedModelError, match=r"\w+Model's attention does not go "
+                       r"through transformers' AttentionInterface"):
+        model(torch.randint(0, 64, (1, 6)))
+
+
 # ---------------------------------------------------------------- patching mid-training
 
 def _step(model, opt, ids, mask, labels):
