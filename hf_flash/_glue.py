@@ -22,6 +22,7 @@ is_causal=True (Phi-4-multimodal's vision encoder), and SDPA, handed a 4-D mask,
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 from typing import Any, Optional
@@ -108,12 +109,13 @@ _bypassing: dict = {}
 def _refuse_bypassing_models(config) -> None:
     """Raise when the model asking for a mask would run attention of its own with it.
 
-    Such models (BLOOM, XGLM, MPT, ... in transformers 5.x) accept any registered
-    attn_implementation, ask this function for their masks, then add them to their own scores:
-    the cheap forms would be read as something else (BLOOM at batch 1 lost causality), and
-    hf_flash's kernel never runs. transformers' own test for a model that can switch
-    implementation (`_can_set_attn_implementation`) decides; model types hf_flash patches layer
-    by layer (GPT-Neo) read these masks themselves.
+    Such models (BLOOM, XGLM, MPT, TrOCR, BLIP's text model, ... in transformers 5.x) accept any
+    registered attn_implementation, ask this function for their masks, then add them to their
+    own scores: the cheap forms would be read as something else (BLOOM at batch 1 lost
+    causality), and hf_flash's kernel never runs. transformers' own test for a model class that
+    can switch implementation (`_can_set_attn_implementation`) decides, for the classes built on
+    the config's class; model types hf_flash patches layer by layer (GPT-Neo) read these masks
+    themselves.
     """
     if config is None:
         return
@@ -131,21 +133,35 @@ def _refuse_bypassing_models(config) -> None:
 
 
 def _bypassing_model(config) -> Optional[str]:
+    """The name of a model class built on this config class (found among the loaded modules of
+    the config's own package) whose attention never calls AttentionInterface, else None."""
+    from transformers import PreTrainedModel
+
     from ._registry import supported_model_types
 
     if getattr(config, "model_type", None) in supported_model_types():
         return None
+    package = type(config).__module__.rpartition(".")[0] + "."
+    found = [obj for name, module in list(sys.modules.items())
+             if name.startswith(package) and module is not None
+             for obj in list(vars(module).values())
+             if isinstance(obj, type) and issubclass(obj, PreTrainedModel)
+             and obj.__module__ == name and obj.config_class is type(config)
+             and _runs_its_own_attention(obj)]
+    # Named by a model class users build (BloomModel), not the shared base (BloomPreTrainedModel).
+    found.sort(key=lambda cls: cls.__name__.endswith("PreTrainedModel"))
+    return found[0].__name__ if found else None
+
+
+def _runs_its_own_attention(cls) -> bool:
+    # transformers' own test reads the class's module source; a model whose source cannot be read
+    # (defined in a notebook or on stdin) fails that test whatever it does, so it is trusted.
     try:
-        from transformers.models.auto.modeling_auto import MODEL_MAPPING
-        cls = MODEL_MAPPING[type(config)]
-    except Exception:  # a config transformers does not map (remote code, say): trust it
-        return None
-    if isinstance(cls, (tuple, list)):
-        cls = cls[0]
+        inspect.getsource(sys.modules[cls.__module__])
+    except (KeyError, OSError, TypeError):
+        return False
     can_set = getattr(cls, "_can_set_attn_implementation", None)
-    if can_set is None or can_set():
-        return None
-    return cls.__name__
+    return can_set is not None and not can_set()
 
 
 def _cheap_form(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,

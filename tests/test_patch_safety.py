@@ -139,6 +139,9 @@ _BYPASSING = {
     "bloom": dict(hidden_size=32, n_layer=1, n_head=2, vocab_size=64),
     "xglm": dict(d_model=32, num_layers=1, attention_heads=2, ffn_dim=64, vocab_size=64),
     "mpt": dict(d_model=32, n_layers=1, n_heads=2, expansion_ratio=2, vocab_size=64),
+    # Not in transformers' MODEL_MAPPING: found through its config class's package.
+    "trocr": dict(d_model=32, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64,
+                  vocab_size=64),
 }
 
 
@@ -151,9 +154,47 @@ def test_loading_by_name_refuses_models_that_run_their_own_attention(model_type)
 
     config = AutoConfig.for_model(model_type, **_BYPASSING[model_type])
     model = AutoModelForCausalLM.from_config(config, attn_implementation=hf_flash.ATTN_NAME)
-    with pytest.raises(hf_flash.UnsupportedModelError, match=r"\w+Model's attention does not go "
+    with pytest.raises(hf_flash.UnsupportedModelError, match=r"\w+'s attention does not go "
                        r"through transformers' AttentionInterface"):
         model(torch.randint(0, 64, (1, 6)))
+
+
+def test_loading_by_name_trusts_models_whose_source_cannot_be_read():
+    # transformers decides whether a class can switch implementation by reading its module's
+    # source, so a model defined in a notebook fails that test whatever its attention does. This
+    # one is Llama's, defined in a module without source: served, and equal to eager.
+    import sys
+    import types
+
+    from transformers import LlamaConfig, LlamaModel
+
+    module = types.ModuleType("hf_flash_test_no_source.modeling")
+    config_cls = type("NoSourceConfig", (LlamaConfig,), {"model_type": "hf_flash_no_source",
+                                                         "__module__": "hf_flash_test_no_source.config"})
+    model_cls = type("NoSourceModel", (LlamaModel,), {"config_class": config_cls,
+                                                     "__module__": module.__name__})
+    module.NoSourceModel = model_cls
+    sys.modules[module.__name__] = module
+    try:
+        config = config_cls(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
+        assert not model_cls._can_set_attn_implementation()
+        torch.manual_seed(0)
+        want_model = model_cls(config).eval()
+        config = copy.deepcopy(config)
+        config._attn_implementation = hf_flash.ATTN_NAME
+        model = model_cls(config).eval()
+        model.load_state_dict(want_model.state_dict())
+        ids = torch.randint(0, 64, (2, 6))
+        mask = torch.ones(2, 6, dtype=torch.long)
+        mask[0, :2] = 0
+        with torch.no_grad():
+            want = want_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        real = mask.bool()
+        torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+    finally:
+        del sys.modules[module.__name__]
 
 
 # ---------------------------------------------------------------- patching mid-training
