@@ -68,13 +68,20 @@ CONFIG = config_from_env(CONFIG, "HF_FLASH_HOPPER_BWD_CONFIG")
 # HF_FLASH_HOPPER_BWD_FUSED=0 keeps dQ in Triton's kernel (the deterministic route).
 FUSED = os.environ.get("HF_FLASH_HOPPER_BWD_FUSED", "1") != "0"
 
-# HF_FLASH_HOPPER_DROPOUT=1 lets the fused route take attention dropout too. Off by default: it
-# compiles for sm_90 (scripts/compile_kernels.py --hopper) but has not yet run on a GPU, where
-# tests/test_hopper_backward.py checks it against Triton's kernels, which draw the same mask.
-DROPOUT = os.environ.get("HF_FLASH_HOPPER_DROPOUT", "0") == "1"
+# The fused route takes attention dropout too, drawing the mask once where Triton's two backward
+# kernels draw it twice (tests/test_hopper_backward.py checks it against them: the same mask).
+# HF_FLASH_HOPPER_DROPOUT=0 leaves dropout to Triton's kernels.
+DROPOUT = os.environ.get("HF_FLASH_HOPPER_DROPOUT", "1") == "1"
 # Head dims it takes dropout at. At 128 the drawn tile made ptxas spill 170-450 bytes per thread
 # (64: none with TMA reductions, 8-56 bytes with element atomics; compile_kernels.py --hopper).
 DROPOUT_HEAD_DIMS = (64,)
+# Dropout calls take the fused route from the lower of its floor and this one: drawing once pays
+# from shorter lengths. H200, Triton 3.6 (element atomics), bf16 backward at 16M tokens, p = 0.1,
+# ms, Triton's kernels -> fused (benchmarks/results/h200/experiments/ops_sweep_d64_dropout-*):
+#                  n=  1024          2048          4096
+#   D64              1.873 -> 1.406  3.595 -> 2.490  7.048 -> 4.673   (cudnn 1.207 2.188 4.139)
+#   D64 causal       1.117 -> 0.975  1.987 -> 1.611  3.744 -> 2.868   (cudnn 0.818 1.354 2.416)
+DROPOUT_MIN_LENGTH = {(64, False): 1024, (64, True): 1024}
 
 # The shortest sequence (queries and keys) each route takes, per (head dim, causal); H200, bf16,
 # backward in ms at 16M-token batches (benchmarks/results/h200/experiments/ops_sweep_*_bwd_*:
@@ -460,13 +467,19 @@ def route(q, k, v, o, do, dk, dv, mask, kpm, dropout_p, varlen, causal, causal_o
     Triton kernels)."""
     # The lengths first, as in _forward_hopper.eligible: short calls pay nothing more.
     n = min(q.shape[2], k.shape[2])
-    floor = MIN_LENGTH.get((q.shape[3], bool(causal)))
-    fused_floor = FUSED_MIN_LENGTH.get((q.shape[3], bool(causal)))
-    fused = FUSED and fused_floor is not None and n >= fused_floor
+    key = (q.shape[3], bool(causal))
+    floor = MIN_LENGTH.get(key)
+    fused_floor = FUSED_MIN_LENGTH.get(key)
     # Dropout only on the fused route (DROPOUT), which draws the mask once: the dkdv route would
     # draw it in Triton's dQ kernel and again here.
     dropout = dropout_p > 0
-    if dropout and not (DROPOUT and fused and q.shape[3] in DROPOUT_HEAD_DIMS):
+    if dropout:
+        if not (DROPOUT and q.shape[3] in DROPOUT_HEAD_DIMS):
+            return ""
+        floors = [f for f in (fused_floor, DROPOUT_MIN_LENGTH.get(key)) if f is not None]
+        fused_floor = min(floors) if floors else None
+    fused = FUSED and fused_floor is not None and n >= fused_floor
+    if dropout and not fused:
         return ""
     if not ENABLED or not (fused or (floor is not None and n >= floor)):
         return ""

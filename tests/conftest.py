@@ -44,11 +44,13 @@ def device():
     return DEVICE
 
 
-def run_fresh(code: str, timeout: int = 600) -> str:
-    """Run `code` in a new Python process (same environment, tests/ importable); return stdout.
+def run_fresh(code: str, timeout: int = 600, fails: bool = False) -> str:
+    """Run `code` in a new Python process (same environment, tests/ importable); return stdout,
+    or with fails=True assert that it fails and return its stderr.
 
     torch.compile tests run this way: dynamo and the custom-op registry are process-wide, and a
     compile test should see what a user's fresh process sees, not what earlier tests left behind.
+    So do tests of device-side assertions, which leave their process's CUDA context unusable.
     """
     import subprocess
     import sys
@@ -59,5 +61,8 @@ def run_fresh(code: str, timeout: int = 600) -> str:
     env["PYTHONPATH"] = os.pathsep.join(p for p in [here, env.get("PYTHONPATH", "")] if p)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=timeout)
+    if fails:
+        assert res.returncode != 0, res.stdout[-4000:]
+        return res.stderr
     assert res.returncode == 0, res.stderr[-4000:]
     return res.stdout

@@ -118,6 +118,15 @@ def test_serves_exactly_the_calls_it_is_built_for(monkeypatch):
     assert call(n_q=1500, n_k=3000, is_causal=True, causal_alignment="bottom_right") == "dkdv"
     assert call(n_q=1000, n_k=1000, D=64) == ""
     assert call(n_q=1, n_k=4096, D=128) == ""
+    # Dropout calls from the lower of the fused floor and the dropout floor (head dim 64 only).
+    monkeypatch.setattr(_backward_hopper, "DROPOUT", True)
+    monkeypatch.setattr(_backward_hopper, "DROPOUT_MIN_LENGTH", {(64, False): 1024})
+    assert call(n_q=1024, n_k=1024, dropout_p=0.1) == "fused"
+    assert call(n_q=1024, n_k=1024) == "dkdv"
+    assert call(n_q=1000, n_k=1000, dropout_p=0.1) == ""
+    assert call(n_q=1024, n_k=1024, dropout_p=0.1, is_causal=True) == ""
+    assert call(n_q=2048, n_k=2048, dropout_p=0.1, is_causal=True) == "fused"
+    assert call(n_q=2048, n_k=2048, dropout_p=0.1, D=128) == ""
     # Without the fused route, or in deterministic mode, the dkdv route from its own floor.
     monkeypatch.setattr(_backward_hopper, "FUSED", False)
     assert call(n_q=2048, n_k=2048, D=64) == "dkdv"
@@ -137,6 +146,7 @@ def test_serves_exactly_the_calls_it_is_built_for(monkeypatch):
     # Everything else goes to the Triton kernels.
     assert call(dtype=torch.float32) == ""
     assert call(D=80) == ""
+    monkeypatch.setattr(_backward_hopper, "DROPOUT", False)
     assert call(dropout_p=0.1) == ""
     # Dropout on the fused route, where it is switched on (DROPOUT), at head dim 64 only; never
     # on the dkdv route, which would draw the mask twice.

@@ -1336,7 +1336,20 @@ def test_bad_input_raises_naming_the_problem(make, exc, words):
 ])
 def test_varlen_checks_cu_seqlens_and_max_seqlen_when_both_are_given(cu, max_seqlen, words):
     # The kernels trust cu_seqlens and size their grids by max_seqlen. Given both (no host read
-    # needed), the CPU still checks them at once; a GPU checks them on the device (below).
+    # needed), the CPU still checks them at once; a GPU checks the lengths on the device (a
+    # device-side assertion, as PyTorch's own index checks do), which leaves the process's CUDA
+    # context unusable: there, each case runs in a process of its own.
+    if DEVICE == "cuda" and max_seqlen > 0:
+        err = run_fresh(f"""
+import torch, hf_flash
+q = torch.randn(40, 2, 8, device="cuda")
+hf_flash.flash_attention_varlen(q, q, q, torch.tensor({cu}, dtype=torch.int32, device="cuda"),
+                                {max_seqlen})
+torch.cuda.synchronize()
+""", timeout=300, fails=True)
+        assert (f"cu_seqlens must rise from 0 to total (40) without falling, each length at most "
+                f"max_seqlen ({max_seqlen})") in err, err[-2000:]
+        return
     q, k, v = (_t(40, 2, 8) for _ in range(3))
     with pytest.raises(ValueError, match=re.escape(words)):
         hf_flash.flash_attention_varlen(q, k, v, torch.tensor(cu, dtype=torch.int32,
