@@ -70,8 +70,11 @@ FUSED = os.environ.get("HF_FLASH_HOPPER_BWD_FUSED", "1") != "0"
 
 # The fused route takes attention dropout too, drawing the mask once where Triton's two backward
 # kernels draw it twice (tests/test_hopper_backward.py checks it against them: the same mask).
-# HF_FLASH_HOPPER_DROPOUT=0 leaves dropout to Triton's kernels.
-DROPOUT = os.environ.get("HF_FLASH_HOPPER_DROPOUT", "1") == "1"
+# On by default where its GPU tests have run: dQ by element atomics (Triton 3.6). With TMA
+# reductions (Triton 3.9) it compiles without spills but has not run on a GPU yet: there
+# HF_FLASH_HOPPER_DROPOUT=1 turns it on; =0 leaves dropout to Triton's kernels everywhere.
+DROPOUT = os.environ.get("HF_FLASH_HOPPER_DROPOUT",
+                         "1" if CONFIG["DQ_ADD"] == "atomic" else "0") == "1"
 # Head dims it takes dropout at. At 128 the drawn tile made ptxas spill 170-450 bytes per thread
 # (64: none with TMA reductions, 8-56 bytes with element atomics; compile_kernels.py --hopper).
 DROPOUT_HEAD_DIMS = (64,)
