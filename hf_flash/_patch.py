@@ -339,6 +339,9 @@ def _configured_fallback(mod) -> Optional[str]:
         return _glue._UNSERVABLE_KWARGS["sinks"]
     if hasattr(mod, "has_relative_attention_bias"):  # T5 and its kin pass a bias to every layer
         return _glue._UNSERVABLE_KWARGS["position_bias"]
+    qk, v = _head_dim(mod), getattr(mod, "v_head_dim", None)
+    if isinstance(qk, int) and isinstance(v, int) and v != qk:  # MiMo-V2-Flash and its kin
+        return f"different head dims for query/key/value ({qk}, {qk}, {v})"
     return None
 
 

@@ -215,14 +215,17 @@ _CONFIGURED = {
     "t5": dict(d_model=32, d_kv=16, num_layers=1, num_heads=2, d_ff=64, vocab_size=64),
     "qwen2": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                   num_key_value_heads=1, intermediate_size=64, vocab_size=64),
+    "mimo_v2_flash": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=16, v_head_dim=8,
+                          intermediate_size=64, vocab_size=64),
 }
 
 
 @pytest.mark.parametrize("model_type", sorted(_CONFIGURED))
 def test_explain_predicts_what_the_calls_then_take(model_type):
-    # Soft-capping (Gemma 2), attention sinks (GPT-OSS) and T5's position bias are set by the
-    # configuration and reach every call: explain() says eager before the model runs, as the
-    # calls then report; Qwen2 is served.
+    # Soft-capping (Gemma 2), attention sinks (GPT-OSS), T5's position bias and a value head dim
+    # of its own (MiMo-V2-Flash) are set by the configuration and reach every call: explain()
+    # says eager before the model runs, as the calls then report; Qwen2 is served.
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     seq2seq = model_type == "t5"
