@@ -237,22 +237,31 @@ def test_agrees_with_the_triton_kernels(monkeypatch, any_length, causal, route):
     # order (the fused route's delta also takes its other form, rowsum(dO * O)), so a gradient
     # may differ by a rounding step of the terms it sums (at most about its row's largest
     # entry).
-    routes = _Routes(monkeypatch)
-    _take_route(monkeypatch, route)
-    torch.manual_seed(5 + causal)
-    q = torch.randn(2, 8, 1500, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(2, 4, 1700, 128, device="cuda", dtype=torch.bfloat16,
-                        requires_grad=True) for _ in range(2))
-    do = torch.randn_like(q)
-    w = torch.zeros(2, 8, 1500, device="cuda")
     fa = {"is_causal": causal != C_NONE,
           "causal_alignment": "bottom_right" if causal == C_BR else "top_left"}
-    got = _grads(q, k, v, do, w, fa, True)
-    assert routes.counts()[route] == 1
-    monkeypatch.setattr(_backward_hopper, "ENABLED", False)
-    want = _grads(q, k, v, do, w, fa, True)
-    assert routes.counts()[route] == 1
-    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+    _check_agreement(monkeypatch, route, 5 + causal, 128, fa, weighted_lse=False)
+
+
+def _check_agreement(monkeypatch, route, seed, D, fa, weighted_lse, call_seed=None):
+    """One GQA call (lengths off the tiles) through `route`, then through Triton's kernels (the
+    draw of a dropout mask seeded alike by call_seed): each gradient within a rounding step of
+    its row's largest entry."""
+    routes = _Routes(monkeypatch)
+    _take_route(monkeypatch, route)
+    torch.manual_seed(seed)
+    q = torch.randn(2, 8, 1500, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 4, 1700, D, device="cuda", dtype=torch.bfloat16,
+                        requires_grad=True) for _ in range(2))
+    do = torch.randn_like(q)
+    w = (torch.randn if weighted_lse else torch.zeros)(2, 8, 1500, device="cuda")
+    grads = []
+    for enabled in (True, False):
+        monkeypatch.setattr(_backward_hopper, "ENABLED", enabled)
+        if call_seed is not None:
+            torch.manual_seed(call_seed)
+        grads.append(_grads(q, k, v, do, w, fa, True))
+        assert routes.counts()[route] == 1
+    for name, a, b in zip(("dq", "dk", "dv"), *grads):
         row_scale = b.float().abs().amax(-1, keepdim=True).clamp_min(1e-6)
         worst = ((a.float() - b.float()).abs() / row_scale).max().item()
         assert worst <= 2.0 ** -6, f"{name} differs by {worst:.2e} of its row's largest entry"
@@ -301,27 +310,9 @@ def test_dropout_agrees_with_the_triton_kernels(monkeypatch, any_length, causal)
     # the same mask, so the gradients agree as without dropout (test_agrees_with_the_triton_
     # kernels), at a GPT-2-like shape (head dim 64, GQA, lengths off the tiles).
     monkeypatch.setattr(_backward_hopper, "DROPOUT", True)
-    routes = _Routes(monkeypatch)
-    _take_route(monkeypatch, "fused")
-    torch.manual_seed(9 + causal)
-    q = torch.randn(2, 8, 1500, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(2, 4, 1700, 64, device="cuda", dtype=torch.bfloat16,
-                        requires_grad=True) for _ in range(2))
-    do = torch.randn_like(q)
-    w = torch.randn(2, 8, 1500, device="cuda")
     fa = {"is_causal": causal != C_NONE, "dropout_p": 0.1,
           "causal_alignment": "bottom_right" if causal == C_BR else "top_left"}
-    torch.manual_seed(1)
-    got = _grads(q, k, v, do, w, fa, True)
-    assert routes.counts()["fused"] == 1
-    monkeypatch.setattr(_backward_hopper, "ENABLED", False)
-    torch.manual_seed(1)
-    want = _grads(q, k, v, do, w, fa, True)
-    assert routes.counts()["fused"] == 1
-    for name, a, b in zip(("dq", "dk", "dv"), got, want):
-        row_scale = b.float().abs().amax(-1, keepdim=True).clamp_min(1e-6)
-        worst = ((a.float() - b.float()).abs() / row_scale).max().item()
-        assert worst <= 2.0 ** -6, f"{name} differs by {worst:.2e} of its row's largest entry"
+    _check_agreement(monkeypatch, "fused", 9 + causal, 64, fa, weighted_lse=True, call_seed=1)
 
 
 @pytest.mark.gpu
