@@ -390,15 +390,16 @@ def attention_backward(do, q, k, v, o, stats, dlse, mask, mask_kind, kpm, kv_lo,
         return dq, dk, dv
     if hopper == "fused":
         # dQ, dK and dV from one Gluon kernel. The plan keeps its compiled launches.
-        has_dlse = dlse is not None
+        has_dlse, has_kpm = dlse is not None, kpm is not None
         launches = _hopper.Launches()
 
         def go(dq_t, dkdv_t):
             q, k, v, o, do, dq, stats, _, dlse_t = dq_t[:9]
+            kpm_t, lo_t, hi_t = dkdv_t[9:12] if has_kpm else (None, None, None)
             _backward_hopper.backward(q, k, v, o, do, dq, dkdv_t[4], dkdv_t[5], stats,
                                       dlse_t if has_dlse else None, causal, causal_offset, scale,
                                       launches=launches, dropout_p=dropout_p,
-                                      seed=dkdv_t[12])
+                                      seed=dkdv_t[12], kpm=kpm_t, kv_lo=lo_t, kv_hi=hi_t)
         go(dq_tensors, dkdv_tensors)
         _tuning.remember(sig, everything, (go,))
         return dq, dk, dv

@@ -77,6 +77,11 @@ FUSED = os.environ.get("HF_FLASH_HOPPER_BWD_FUSED", "1") != "0"
 # below). =0 leaves dropout to Triton's kernels everywhere.
 DROPOUT = os.environ.get("HF_FLASH_HOPPER_DROPOUT",
                          "1" if CONFIG["DQ_ADD"] == "atomic" else "0") == "1"
+# The fused route takes key padding too (HF_FLASH_HOPPER_KPM=1), on the lengths it serves
+# otherwise: blocks of padded keys run no query tile (dK = dV = 0 there), and padded keys inside
+# a block get P = 0 from the same compare as the causal mask. Off by default until its GPU tests
+# (tests/test_hopper_backward.py -k key_padding) have run; compiled for sm_90 by the CPU tests.
+KEY_PADDING = os.environ.get("HF_FLASH_HOPPER_KPM", "0") == "1"
 # Head dims it takes dropout at. At 128 the drawn tile made ptxas spill 170-450 bytes per thread
 # (64: none with TMA reductions, 8-56 bytes with element atomics; compile_kernels.py --hopper).
 DROPOUT_HEAD_DIMS = (64,)
@@ -208,11 +213,12 @@ if AVAILABLE:
     def _tile(i, dk, dv, k, v, kq0, kq1, q_smem, do_smem, ds_smem, dq_smem, ready, free,
               ds_ready, lse_ptr, delta_ptr, dq_desc, dq_ptr, off_b, head, N_Q, start_m, keys,
               offs_m, s_zero, dq_zero, qk_scale, ds_scale, seed, bh, key0, drop_threshold,
-              CAUSAL: gl.constexpr, DQ: gl.constexpr, DROPOUT: gl.constexpr, G: gl.constexpr,
+              MASKED: gl.constexpr, DQ: gl.constexpr, DROPOUT: gl.constexpr, G: gl.constexpr,
               BLOCK_M: gl.constexpr, D: gl.constexpr, DQ_N: gl.constexpr, NUM_BUF: gl.constexpr,
               a_layout: gl.constexpr, s_layout: gl.constexpr):
         """One query tile against this group's keys, on transposed tiles (keys x queries) so that
-        P^T and dS^T are the A operands of dV's and dK's products. CAUSAL: mask the scores. With
+        P^T and dS^T are the A operands of dV's and dK's products. MASKED: mask the scores of
+        key j for row r unless keys[j] <= r (causal, key padding or both; see _consumer). With
         DQ, also this tile's share of dQ (see _consumer). DROPOUT: the forward's keep mask,
         drawn again (dV and dS see only kept scores; delta comes in units of 1 / the dropout
         scale, which dQ, dK and dV take once, as in _backward.py)."""
@@ -230,9 +236,9 @@ if AVAILABLE:
         lse = gl.load(lse_ptr + rows)
         delta = gl.load(delta_ptr + rows)
         st = warpgroup_mma_wait(num_outstanding=1, deps=(st,))  # dP^T may still run
-        if CAUSAL:
-            # Row r sees key j iff j - causal_offset <= r; -inf times c > 0 stays -inf, P = 0.
-            # (keys holds j - causal_offset: this form is the one that fits in registers.)
+        if MASKED:
+            # -inf times c > 0 stays -inf: P = 0. (One compare against a per-key bound is the
+            # form that fits in registers.)
             seen = gl.expand_dims(keys, 1) <= gl.expand_dims(rows, 0)
             st = gl.where(seen, st, float("-inf"))
         pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
@@ -295,8 +301,9 @@ if AVAILABLE:
     def _consumer(dk_desc, dv_desc, dq_desc, DQ_ACC, k_smem, v_smem, q_smem, do_smem, ds_smem,
                   dq_smem, kv_bar, ready, free, ds_ready, ROWS, off_b, off_hk, first_head, H,
                   GROUP, N_Q, key0, n_pad, q_lo, n_tiles, causal_offset, qk_scale, sm_scale,
-                  SEED, drop_threshold, drop_scale, IS_CAUSAL: gl.constexpr, DQ: gl.constexpr,
-                  DROPOUT: gl.constexpr, G: gl.constexpr,
+                  SEED, drop_threshold, drop_scale, kpm_row, stride_kpmn, N_K,
+                  IS_CAUSAL: gl.constexpr, DQ: gl.constexpr, DROPOUT: gl.constexpr,
+                  HAS_KPM: gl.constexpr, G: gl.constexpr,
                   GROUP_N: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr,
                   DQ_N: gl.constexpr, NUM_BUF: gl.constexpr):
         """Consumer group G: keys key0 .. key0 + GROUP_N of the block, K and V half G."""
@@ -316,8 +323,18 @@ if AVAILABLE:
         dk = gl.zeros([GROUP_N, D], gl.float32, layout=acc_layout)
         dv = gl.zeros([GROUP_N, D], gl.float32, layout=acc_layout)
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-        keys = key0 - causal_offset + gl.arange(0, GROUP_N,
-                                                layout=gl.SliceLayout(1, s_layout))
+        offs_n = gl.arange(0, GROUP_N, layout=gl.SliceLayout(1, s_layout))
+        # Row r sees key j iff keys[j] <= r. Causal: keys[j] = j - causal_offset. A padded key
+        # (key padding mask 0, or past N_K) gets the largest int32, which no row reaches; a real
+        # key without causality the smallest one.
+        keys = key0 - causal_offset + offs_n
+        if HAS_KPM:
+            cols = key0 + offs_n
+            real = gl.load(kpm_row + cols * stride_kpmn, mask=cols < N_K, other=0) != 0
+            if not IS_CAUSAL:
+                keys = gl.full_like(keys, -2147483647)
+            keys = gl.where(real, keys, 2147483647)
+        MASKED: gl.constexpr = IS_CAUSAL or HAS_KPM
         k = k_smem.index(G).reshape([GROUP_N, D])
         v = v_smem.index(G).reshape([GROUP_N, D])
         # dQ's B operands: both K halves, at head dim 128 only this group's DQ_N columns.
@@ -353,7 +370,7 @@ if AVAILABLE:
                                dq_mine, ready, free, ds_ready, lse_ptr, delta_ptr, dq_desc,
                                dq_ptr, off_b, first_head + g, N_Q, q_lo + t * BLOCK_M, keys,
                                offs_m, s_zero, dq_zero, qk_scale, ds_scale, seed, bh, key0,
-                               drop_threshold, IS_CAUSAL, DQ, DROPOUT, G, BLOCK_M, D, DQ_N,
+                               drop_threshold, MASKED, DQ, DROPOUT, G, BLOCK_M, D, DQ_N,
                                NUM_BUF, a_layout, s_layout)
         if DQ != 0:
             tma.store_wait(pendings=0)
@@ -373,11 +390,12 @@ if AVAILABLE:
 
     @gluon.jit
     def _dkdv_hopper_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_desc, DQ_ACC,
-                            ROWS, SEED, H, GROUP, N_Q, N_PAD, N_K, causal_offset, qk_scale,
-                            sm_scale, drop_threshold, drop_scale,
+                            ROWS, SEED, KPM, KV_LO, KV_HI, H, GROUP, N_Q, N_PAD, N_K,
+                            causal_offset, qk_scale, sm_scale, drop_threshold, drop_scale,
+                            stride_kpmb, stride_kpmn,
                             BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr,
                             IS_CAUSAL: gl.constexpr, DQ: gl.constexpr, DROPOUT: gl.constexpr,
-                            NUM_BUF: gl.constexpr, WORKER_REGS: gl.constexpr,
+                            HAS_KPM: gl.constexpr, NUM_BUF: gl.constexpr, WORKER_REGS: gl.constexpr,
                             num_warps: gl.constexpr):
         GROUP_N: gl.constexpr = BLOCK_N // 2
         DQ_N: gl.constexpr = D // 2 if D == 128 else D  # dQ columns a group computes per tile
@@ -394,6 +412,15 @@ if AVAILABLE:
             # none of this block's keys.
             q_lo = (gl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M
         n_tiles = gl.maximum(N_Q - q_lo + BLOCK_M - 1, 0) // BLOCK_M
+        kpm_row = KPM
+        if HAS_KPM:
+            # A block outside its batch entry's span of real keys (_key_range.py) has dK = dV = 0
+            # and adds nothing to dQ: no query tile runs, and the zeros are stored as usual.
+            kpm_row = KPM + off_b.to(gl.int64) * stride_kpmb
+            lo = gl.load(KV_LO + off_b)
+            hi = gl.load(KV_HI + off_b)
+            if (start_n >= hi) | (start_n + BLOCK_N <= lo):
+                n_tiles = 0
 
         k_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, GROUP_N, D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, GROUP_N, D], v_desc.layout)
@@ -425,12 +452,14 @@ if AVAILABLE:
                          ds_smem, dq_smem, kv_bar, ready, free, ds_ready, ROWS, off_b, off_hk,
                          first_head, H, GROUP, N_Q, start_n, N_PAD, q_lo, n_tiles,
                          causal_offset, qk_scale, sm_scale, SEED, drop_threshold, drop_scale,
-                         IS_CAUSAL, DQ, DROPOUT, 0, GROUP_N, BLOCK_M, D, DQ_N, NUM_BUF)),
+                         kpm_row, stride_kpmn, N_K, IS_CAUSAL, DQ, DROPOUT, HAS_KPM, 0, GROUP_N,
+                         BLOCK_M, D, DQ_N, NUM_BUF)),
             (_consumer, (dk_desc, dv_desc, dq_desc, DQ_ACC, k_smem, v_smem, q_smem, do_smem,
                          ds_smem, dq_smem, kv_bar, ready, free, ds_ready, ROWS, off_b, off_hk,
                          first_head, H, GROUP, N_Q, start_n + GROUP_N, N_PAD, q_lo, n_tiles,
                          causal_offset, qk_scale, sm_scale, SEED, drop_threshold, drop_scale,
-                         IS_CAUSAL, DQ, DROPOUT, 1, GROUP_N, BLOCK_M, D, DQ_N, NUM_BUF)),
+                         kpm_row, stride_kpmn, N_K, IS_CAUSAL, DQ, DROPOUT, HAS_KPM, 1, GROUP_N,
+                         BLOCK_M, D, DQ_N, NUM_BUF)),
             (_producer, (q_desc, do_desc, q_smem, do_smem, ready, free, off_b, first_head, GROUP,
                          q_lo, n_tiles, BLOCK_M, D, NUM_BUF)),
         ], [4, 1], WORKER_REGS)
@@ -461,6 +490,9 @@ def _prep_kernel(O, DO, STATS, DLSE, ROWS, DQ_ACC, stride_ob, stride_oh, stride_
     delta = delta / delta_unit
     lse = tl.load(STATS + off_b * stride_sb + off_h * stride_sh + rows, mask=ok,
                   other=float("inf"))
+    # A row that saw no key (every key padded) has lse = -inf; +inf gives it P = 0 where
+    # exp2(s - -inf) would give NaN.
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
     out = ROWS + bh.to(tl.int64) * 2 * N_PAD + rows
     tl.store(out, lse)
     tl.store(out + N_PAD, tl.where(ok, delta, 0.0))
@@ -486,40 +518,48 @@ def route(q, k, v, o, do, dk, dv, mask, kpm, dropout_p, varlen, causal, causal_o
             return ""
         floors = [f for f in (fused_floor, DROPOUT_MIN_LENGTH.get(key)) if f is not None]
         fused_floor = min(floors) if floors else None
+    # Key padding, as dropout, only on the fused route.
+    padded = kpm is not None
+    if padded and not KEY_PADDING:
+        return ""
     fused = FUSED and fused_floor is not None and n >= fused_floor
-    if dropout and not fused:
+    if (dropout or padded) and not fused:
         return ""
     if not ENABLED or not (fused or (floor is not None and n >= floor)):
         return ""
     if do.dtype != q.dtype or not (tma_ok(do) and tma_ok(dk) and tma_ok(dv)):
         return ""
-    # (Dropout was decided above: the rest of a plain call as the forward's.)
-    if not plain_call(q, k, v, mask, kpm, 0.0, varlen, causal, causal_offset, scale):
+    # (Dropout and key padding were decided above: the rest of a plain call as the forward's.)
+    if not plain_call(q, k, v, mask, None, 0.0, varlen, causal, causal_offset, scale):
         return ""
     # The fused kernel's dQ is a sum of atomic adds in no fixed order: not under
     # torch.use_deterministic_algorithms(True).
     if fused and o.stride(3) == 1 and not torch.are_deterministic_algorithms_enabled():
         return "fused"
-    return "dkdv" if not dropout and floor is not None and n >= floor else ""
+    return "dkdv" if not (dropout or padded) and floor is not None and n >= floor else ""
 
 
 def _launch(q, k, v, do, dk, dv, dq_desc, dq_acc, rows, n_pad, causal, causal_offset, scale,
-            dq_kind, config, launches, dropout_p=0.0, seed=None):
+            dq_kind, config, launches, dropout_p=0.0, seed=None, kpm=None, kv_lo=None,
+            kv_hi=None):
     cfg = {**CONFIG, **(config or {})}
     B, H, N_Q, D = q.shape
     H_KV, N_K = k.shape[1], k.shape[2]
     dropout = dropout_p > 0
+    has_kpm = kpm is not None
     launches(
         "main", _dkdv_hopper_kernel, (-(-N_K // BLOCK_N), B * H_KV),
         (launches.descriptor("q", q, BLOCK_M), launches.descriptor("k", k, GROUP_N),
          launches.descriptor("v", v, GROUP_N), launches.descriptor("do", do, BLOCK_M),
          launches.descriptor("dk", dk, GROUP_N), launches.descriptor("dv", dv, GROUP_N), dq_desc,
-         dq_acc, rows, seed if dropout else rows, H, H // H_KV, N_Q, n_pad, N_K, causal_offset,
-         scale * _common.LOG2E, scale, float(dropout_threshold(dropout_p)),
-         dropout_scale(dropout_p)),
+         dq_acc, rows, seed if dropout else rows, kpm if has_kpm else rows,
+         kv_lo if has_kpm else rows, kv_hi if has_kpm else rows, H, H // H_KV, N_Q, n_pad, N_K,
+         causal_offset, scale * _common.LOG2E, scale, float(dropout_threshold(dropout_p)),
+         dropout_scale(dropout_p), *(kpm.stride() if has_kpm else (0, 0))),
         dict(BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, D=D, IS_CAUSAL=bool(causal), DQ=dq_kind,
-             DROPOUT=dropout, NUM_BUF=cfg["NUM_BUF"], WORKER_REGS=cfg["WORKER_REGS"],
-             num_warps=4, enable_fp_fusion=_common.fp_fusion(q.dtype)))
+             DROPOUT=dropout, HAS_KPM=has_kpm, NUM_BUF=cfg["NUM_BUF"],
+             WORKER_REGS=cfg["WORKER_REGS"], num_warps=4,
+             enable_fp_fusion=_common.fp_fusion(q.dtype)))
 
 
 def dkdv(q, k, v, do, dk, dv, stats, delta, causal, causal_offset, scale, config=None,
@@ -560,11 +600,14 @@ def prepare(o, do, stats, dlse, launches=ONCE, dropout_p=0.0):
 
 
 def backward(q, k, v, o, do, dq, dk, dv, stats, dlse, causal, causal_offset, scale,
-             config=None, launches=ONCE, dropout_p=0.0, seed=None):
+             config=None, launches=ONCE, dropout_p=0.0, seed=None, kpm=None, kv_lo=None,
+             kv_hi=None):
     """The whole backward in this kernel: write dQ, dK, dV into `dq`, `dk`, `dv` (q's, k's, v's
     shapes; dk, dv TMA-readable), given the forward's output `o` and `stats`, and `dlse` (fp32
     (B, H, N_Q), contiguous) or None; with `dropout_p` > 0, the forward's dropout from its
-    `seed` tensor. `config`, `launches` as for dkdv()."""
+    `seed` tensor; with `kpm` (uint8 (B, N_K), nonzero = real key), that key padding and its
+    span of real keys per batch entry, `kv_lo` and `kv_hi` (_key_range.py). `config`,
+    `launches` as for dkdv()."""
     D = q.shape[3]
     rows, dq_acc = prepare(o, do, stats, dlse, launches, dropout_p)
     n_pad = rows.shape[3]
@@ -574,5 +617,5 @@ def backward(q, k, v, o, do, dq, dk, dv, stats, dlse, causal, causal_offset, sca
     else:
         dq_kind, dq_desc = DQ_ATOMIC, dq_acc
     _launch(q, k, v, do, dk, dv, dq_desc, dq_acc, rows, n_pad, causal, causal_offset, scale,
-            dq_kind, config, launches, dropout_p, seed)
+            dq_kind, config, launches, dropout_p, seed, kpm, kv_lo, kv_hi)
     dq.copy_(dq_acc)  # dS carried sm_scale: this only rounds

@@ -46,8 +46,12 @@ def reference_attention(q, k, v, *, float_mask=None, bool_mask=None, kpm=None,
     s = s.masked_fill(~allowed, float("-inf"))
     if float_mask is not None:
         s = s + float_mask.to(s.dtype)
-    lse = torch.logsumexp(s.float() if s.dtype in (torch.float16, torch.bfloat16) else s, dim=-1)
-    empty = torch.isneginf(lse)[..., None]
+    s_lse = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
+    empty = torch.isneginf(s_lse.amax(dim=-1, keepdim=True))
+    # A fully masked row's lse is -inf; taken of zeros and then filled, so that a gradient
+    # through the lse gives that row zeros, not exp(-inf - -inf) = NaN.
+    lse = torch.logsumexp(s_lse.masked_fill(empty, 0.0), dim=-1).masked_fill(empty[..., 0],
+                                                                          float("-inf"))
     # Softmax of a fully masked row is 0/0; give it zeros without letting NaN reach autograd.
     p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     if dropout_p > 0:

@@ -271,10 +271,10 @@ def build_hopper_forward(d: int, causal: bool, dtype: str, target=None, config=N
 
 
 def build_hopper_backward(d: int, causal: bool, dtype: str, target=None, config=None,
-                          dq: int = 0, dropout: bool = False):
+                          dq: int = 0, dropout: bool = False, kpm: bool = False):
     """Compile _backward_hopper's Gluon kernel as its dkdv() (dq 0) or backward() (dq: DQ_TMA or
-    DQ_ATOMIC; with `dropout`, as a call with dropout) launches it, for sm_90, with `config`
-    replacing entries of its CONFIG; returns the compiled kernel."""
+    DQ_ATOMIC; with `dropout`, as a call with dropout; with `kpm`, with key padding) launches it,
+    for sm_90, with `config` replacing entries of its CONFIG; returns the compiled kernel."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
     from hf_flash.kernels import _backward_hopper as hop
@@ -290,17 +290,21 @@ def build_hopper_backward(d: int, causal: bool, dtype: str, target=None, config=
     sig = {"q_desc": desc(hop.BLOCK_M), "k_desc": desc(hop.GROUP_N), "v_desc": desc(hop.GROUP_N),
            "do_desc": desc(hop.BLOCK_M), "dk_desc": desc(hop.GROUP_N),
            "dv_desc": desc(hop.GROUP_N), "dq_desc": dq_desc, "DQ_ACC": "*fp32", "ROWS": "*fp32",
-           "SEED": "*i64" if dropout else "*fp32", "H": "i32", "GROUP": "i32", "N_Q": "i32",
-           "N_PAD": "i32", "N_K": "i32", "causal_offset": "i32", "qk_scale": "fp32",
-           "sm_scale": "fp32", "drop_threshold": "fp32", "drop_scale": "fp32"}
+           "SEED": "*i64" if dropout else "*fp32", "KPM": "*u8" if kpm else "*fp32",
+           "KV_LO": "*i32" if kpm else "*fp32", "KV_HI": "*i32" if kpm else "*fp32",
+           "H": "i32", "GROUP": "i32", "N_Q": "i32", "N_PAD": "i32", "N_K": "i32",
+           "causal_offset": "i32", "qk_scale": "fp32", "sm_scale": "fp32",
+           "drop_threshold": "fp32", "drop_scale": "fp32", "stride_kpmb": "i32",
+           "stride_kpmn": "i32"}
     cx = {"BLOCK_N": hop.BLOCK_N, "BLOCK_M": hop.BLOCK_M, "D": d, "IS_CAUSAL": causal, "DQ": dq,
-          "DROPOUT": dropout, "NUM_BUF": cfg["NUM_BUF"], "WORKER_REGS": cfg["WORKER_REGS"],
-          "num_warps": 4}
+          "DROPOUT": dropout, "HAS_KPM": kpm, "NUM_BUF": cfg["NUM_BUF"],
+          "WORKER_REGS": cfg["WORKER_REGS"], "num_warps": 4}
     sig.update({k: "constexpr" for k in cx})
     names = list(sig)
     # The pointers are fresh allocations, 16-byte aligned, which the launch specialises on
     # (it decides whether dQ's atomics can be 16-byte ones).
-    aligned = {(names.index(k),): [["tt.divisibility", 16]] for k in ("DQ_ACC", "ROWS", "SEED")}
+    aligned = {(names.index(k),): [["tt.divisibility", 16]]
+               for k in ("DQ_ACC", "ROWS", "SEED", "KPM", "KV_LO", "KV_HI")}
     src = GluonASTSource(hop._dkdv_hopper_kernel, signature=sig,
                          constexprs={(names.index(k),): v for k, v in cx.items()}, attrs=aligned)
     return triton.compile(src, target=target or GPUTarget("cuda", 90, 32),
@@ -318,6 +322,10 @@ def compile_hopper(target):
         builds.append((name, build_hopper_backward, {"dq": kind}))
         # With dropout (HF_FLASH_HOPPER_DROPOUT=1): the mask drawn in the kernel.
         builds.append((name + " dropout", build_hopper_backward, {"dq": kind, "dropout": True}))
+        # With key padding (HF_FLASH_HOPPER_KPM=1), with and without dropout.
+        builds.append((name + " kpm", build_hopper_backward, {"dq": kind, "kpm": True}))
+        builds.append((name + " kpm dropout", build_hopper_backward,
+                       {"dq": kind, "kpm": True, "dropout": True}))
     for name, build, kw in builds:
         for d, causal, dtype in itertools.product([64, 128], [False, True], ["bf16", "fp16"]):
             c = build(d, causal, dtype, target, **kw)

@@ -73,6 +73,19 @@ def test_compiles_for_sm90_with_dropout(causal, dq):
                             max_stack=96 if dq[0] == "atomic" else 16, dq=dq[1], dropout=True)
 
 
+@needs_gluon
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("dq", _DQ_KINDS, ids=lambda x: x[0])
+@pytest.mark.parametrize("causal", [False, True])
+def test_compiles_for_sm90_with_key_padding(causal, dq, dropout):
+    # The fused route with key padding (HF_FLASH_HOPPER_KPM=1): a per-key bound folded into the
+    # causal compare, so the tile costs no more registers. Triton 3.9: 0-24 bytes of stack with
+    # TMA reductions (24 with dropout, unmasked), 0-8 with element atomics; 3.6 as for dropout.
+    check_compiles_for_sm90("build_hopper_backward", 64, causal, "bf16",
+                            max_stack=96 if dq[0] == "atomic" else 32, dq=dq[1], dropout=dropout,
+                            kpm=True)
+
+
 class _Routes:
     """Counts the backward calls each route served."""
 
@@ -162,6 +175,21 @@ def test_serves_exactly_the_calls_it_is_built_for(monkeypatch):
         torch.use_deterministic_algorithms(False)
     monkeypatch.setattr(_backward_hopper, "DROPOUT", False)
     assert call(key_padding_mask=torch.rand(2, 300, device=dev) > 0.5) == ""
+    # Key padding on the fused route, where it is switched on (KEY_PADDING); never on the dkdv
+    # route, nor with a mask, nor below the floors.
+    monkeypatch.setattr(_backward_hopper, "KEY_PADDING", True)
+    assert call(key_padding_mask=torch.rand(2, 300, device=dev) > 0.5) == "fused"
+    assert call(key_padding_mask=torch.rand(2, 300, device=dev) > 0.5, is_causal=True,
+                h_kv=2) == "fused"
+    assert call(key_padding_mask=torch.rand(2, 300, device=dev) > 0.5,
+                attn_mask=torch.rand(2, 1, 200, 300, device=dev) > 0.5) == ""
+    monkeypatch.setattr(_backward_hopper, "FUSED_MIN_LENGTH", dict.fromkeys(keys, 1024))
+    assert call(key_padding_mask=torch.rand(2, 300, device=dev) > 0.5) == ""
+    monkeypatch.setattr(_backward_hopper, "FUSED_MIN_LENGTH", dict.fromkeys(keys, 1))
+    monkeypatch.setattr(_backward_hopper, "FUSED", False)
+    assert call(key_padding_mask=torch.rand(2, 300, device=dev) > 0.5) == ""
+    monkeypatch.setattr(_backward_hopper, "FUSED", True)
+    monkeypatch.setattr(_backward_hopper, "KEY_PADDING", False)
     assert call(attn_mask=torch.rand(2, 1, 200, 300, device=dev) > 0.5) == ""
     assert call(n_q=300, n_k=200, is_causal=True, causal_alignment="bottom_right") == ""
     assert call(scale=-0.3) == ""
@@ -242,18 +270,18 @@ def test_agrees_with_the_triton_kernels(monkeypatch, any_length, causal, route):
     _check_agreement(monkeypatch, route, 5 + causal, 128, fa, weighted_lse=False)
 
 
-def _check_agreement(monkeypatch, route, seed, D, fa, weighted_lse, call_seed=None):
+def _check_agreement(monkeypatch, route, seed, D, fa, weighted_lse, call_seed=None, batch=2):
     """One GQA call (lengths off the tiles) through `route`, then through Triton's kernels (the
     draw of a dropout mask seeded alike by call_seed): each gradient within a rounding step of
     its row's largest entry."""
     routes = _Routes(monkeypatch)
     _take_route(monkeypatch, route)
     torch.manual_seed(seed)
-    q = torch.randn(2, 8, 1500, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(2, 4, 1700, D, device="cuda", dtype=torch.bfloat16,
+    q = torch.randn(batch, 8, 1500, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(batch, 4, 1700, D, device="cuda", dtype=torch.bfloat16,
                         requires_grad=True) for _ in range(2))
     do = torch.randn_like(q)
-    w = (torch.randn if weighted_lse else torch.zeros)(2, 8, 1500, device="cuda")
+    w = (torch.randn if weighted_lse else torch.zeros)(batch, 8, 1500, device="cuda")
     grads = []
     for enabled in (True, False):
         monkeypatch.setattr(_backward_hopper, "ENABLED", enabled)
@@ -313,6 +341,82 @@ def test_dropout_agrees_with_the_triton_kernels(monkeypatch, any_length, causal)
     fa = {"is_causal": causal != C_NONE, "dropout_p": 0.1,
           "causal_alignment": "bottom_right" if causal == C_BR else "top_left"}
     _check_agreement(monkeypatch, "fused", 9 + causal, 64, fa, weighted_lse=True, call_seed=1)
+
+
+def _key_padding(B, n_k, seed):
+    """A (B, n_k) key padding mask of every kind the kernel must handle: entry 0 all real;
+    1 padded at the end (BERT's form); 2 the first key padded (under top-left causality row 0
+    sees no key, while later rows of its tile do) and holes; 3 all padded (its blocks run no
+    query tile); then the same again."""
+    g = torch.Generator().manual_seed(seed)
+    kpm = torch.ones(B, n_k, dtype=torch.bool)
+    for b in range(B):
+        kind = b % 4
+        if kind == 1:
+            kpm[b, int(torch.randint(1, n_k + 1, (1,), generator=g)):] = False
+        elif kind == 2:
+            kpm[b] = torch.rand(n_k, generator=g) > 0.3
+            kpm[b, 0] = False
+        elif kind == 3:
+            kpm[b] = False
+    return kpm.to(DEVICE)
+
+
+_KPM_EDGE = [(1, 1, C_NONE), (65, 130, C_TL), (129, 1000, C_NONE), (1000, 129, C_TL),
+             (300, 1100, C_BR), (777, 777, C_TL), (512, 512, C_NONE)]
+
+
+@pytest.mark.gpu
+@on_sm90
+@needs_gluon
+@pytest.mark.parametrize("D,p", [(64, 0.0), (128, 0.0), (64, 0.25)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_q,n_k,causal", _KPM_EDGE)
+def test_key_padding_matches_the_reference(monkeypatch, any_length, n_q, n_k, causal, dtype, D,
+                                           p):
+    # The fused route with key padding (HF_FLASH_HOPPER_KPM=1), with and without dropout,
+    # against the float64 reference (replaying the keep mask), with a gradient through the lse:
+    # padded keys get no gradient and give none, rows that see no key get zeros, and blocks of
+    # padded keys are skipped whole.
+    monkeypatch.setattr(_backward_hopper, "KEY_PADDING", True)
+    monkeypatch.setattr(_backward_hopper, "DROPOUT", True)
+    routes = _Routes(monkeypatch)
+    _take_route(monkeypatch, "fused")
+    torch.manual_seed(n_q * 5 + n_k + causal + D)
+    gqa = n_q % 2 == 1
+    B, H = 4, 4
+    q, k, v = make_qkv(B, H, 2 if gqa else 4, n_q, n_k, D, dtype, DEVICE,
+                       "bnhd" if gqa else "bhnd")
+    kpm = _key_padding(B, n_k, n_q + n_k)
+    fa = {"is_causal": causal != C_NONE, "key_padding_mask": kpm, "dropout_p": p,
+          "causal_alignment": "bottom_right" if causal == C_BR else "top_left"}
+    do = torch.randn(B, H, n_q, D, device=DEVICE, dtype=dtype)
+    w = torch.randn(B, H, n_q, device=DEVICE)
+    torch.manual_seed(78)  # the call draws its dropout seed first
+    grads = _grads(q, k, v, do, w, fa, gqa)
+    assert routes.counts()["fused"] == 1
+    ref = {"causal": causal, "kpm": kpm}
+    if p > 0:
+        ref.update(dropout_p=p, keep_mask=replayed_keep_mask(78, p, B, H, n_q, n_k, DEVICE))
+    _check_against_the_reference(grads, q, k, v, do, w, dtype, **ref)
+    # Padded keys: exactly zero gradients (the reference's may be rounding-small, not zero).
+    for name, g in (("dk", grads[1]), ("dv", grads[2])):
+        assert torch.all(g.transpose(1, 2)[~kpm] == 0), f"{name} of a padded key"
+
+
+@pytest.mark.gpu
+@on_sm90
+@needs_gluon
+@pytest.mark.parametrize("causal,p", [(C_NONE, 0.0), (C_TL, 0.0), (C_NONE, 0.1)])
+def test_key_padding_agrees_with_the_triton_kernels(monkeypatch, any_length, causal, p):
+    # A BERT-like padded batch through the fused route and through Triton's kernels.
+    monkeypatch.setattr(_backward_hopper, "KEY_PADDING", True)
+    monkeypatch.setattr(_backward_hopper, "DROPOUT", True)
+    lengths = torch.tensor([1700, 900, 1, 1337])
+    kpm = (torch.arange(1700)[None, :] < lengths[:, None]).to("cuda")
+    fa = {"is_causal": causal != C_NONE, "dropout_p": p, "key_padding_mask": kpm}
+    _check_agreement(monkeypatch, "fused", 13 + causal, 64, fa, weighted_lse=True,
+                     call_seed=2 if p > 0 else None, batch=4)
 
 
 @pytest.mark.gpu
