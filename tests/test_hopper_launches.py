@@ -205,11 +205,13 @@ def make(seed):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s, dt=torch.bfloat16: torch.randn(*s, generator=g).to(dt)
     return dict(q=r(2, 4, 200, 64), k=r(2, 2, 300, 64), v=r(2, 2, 300, 64), do=r(2, 4, 200, 64),
-                seed=torch.randint(0, 2**62, (1,), generator=g, dtype=torch.int64))
+                seed=torch.randint(0, 2**62, (1,), generator=g, dtype=torch.int64),
+                kpm=torch.rand(2, 300, generator=g) > 0.3)
 
-def run(t, dropout_p=0.0):
+def run(t, dropout_p=0.0, padded=False):
     # causal, grouped heads
-    args = (None, None, 1, 0.125, dropout_p, t["seed"] if dropout_p else None, None, 0)
+    args = (None, t["kpm"] if padded else None, 1, 0.125, dropout_p,
+            t["seed"] if dropout_p else None, None, 0)
     o, stats = _op._attention_forward_op(t["q"], t["k"], t["v"], *args)
     _op._attention_backward_op(t["do"], t["q"], t["k"], t["v"], o, stats, None, *args)
 
@@ -217,22 +219,25 @@ def kernels():
     return [name for name, _, _ in f.Recorder.log]
 
 out = {}
-for route, p in (("fused", 0.0), ("dkdv", 0.0), ("fused, dropout", 0.1)):
+for route, p in (("fused", 0.0), ("dkdv", 0.0), ("fused, dropout", 0.1),
+                 ("fused, key padding", 0.1)):
     bh.FUSED = route.startswith("fused")
     bh.DROPOUT = p > 0
+    padded = route.endswith("padding")
+    bh.KEY_PADDING = padded
     _tuning._PLANS.clear()
     f.Recorder.log = []
-    run(make(1), p)
+    run(make(1), p, padded)
     made = kernels()
     second = make(2)
     names = {x.data_ptr(): k for k, x in second.items()}
     f.Recorder.log = []
-    run(second, p)
+    run(second, p, padded)
     planned = f.normalised(f.Recorder.log, names)
     _tuning._PLANS.clear()
     _tuning._COMPILED.clear()
     f.Recorder.log = []
-    run(second, p)
+    run(second, p, padded)
     out[route] = {"kernels": made, "same": planned == f.normalised(f.Recorder.log, names),
                   "planned": repr(planned)[-1500:]}
 # Dropout with the fused route's dropout off: Triton's kernels.
@@ -270,6 +275,13 @@ def test_the_gluon_routes_plans_follow_their_switches_and_repeat_their_launches(
     assert got["fused, dropout"]["kernels"] == ["_fwd_kernel", prep, gluon_bwd]
     assert got["fused, dropout"]["same"], got["fused, dropout"]["planned"]
     assert "'seed'" in got["fused, dropout"]["planned"]
+    # With key padding (HF_FLASH_HOPPER_KPM=1) each pass finds the span of real keys first; the
+    # plan hands the kernel the call's own mask.
+    padded = got["fused, key padding"]
+    assert padded["kernels"] == ["_key_range_kernel", "_fwd_kernel", "_key_range_kernel", prep,
+                                 gluon_bwd], padded["kernels"]
+    assert padded["same"], padded["planned"]
+    assert "'kpm'" in padded["planned"]
     assert got["dropout, switched off"] == ["_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"]
     assert got["forward switched off"] == ["_fwd_kernel", "_bwd_dq_kernel", gluon_bwd]
     assert got["both switched off"] == ["_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"]
