@@ -81,6 +81,10 @@ DROPOUT = os.environ.get("HF_FLASH_HOPPER_DROPOUT",
 # otherwise: blocks of padded keys run no query tile (dK = dV = 0 there), and padded keys inside
 # a block get P = 0 from the same compare as the causal mask. Off by default until its GPU tests
 # (tests/test_hopper_backward.py -k key_padding) have run; compiled for sm_90 by the CPU tests.
+# Not with dropout: this kernel's delta is rowsum(dO * O) of the 16-bit O, and under dropout a
+# batch entry with one real key makes every row's P one-hot with O = V / (1 - p) rounded, so dS
+# keeps that rounding where it should cancel and dK of the key sums it over every row (the fault
+# _backward.py's dQ kernel avoids by summing P * dP exactly). Those calls stay on Triton's kernels.
 KEY_PADDING = os.environ.get("HF_FLASH_HOPPER_KPM", "0") == "1"
 # Head dims it takes dropout at. At 128 the drawn tile made ptxas spill 170-450 bytes per thread
 # (64: none with TMA reductions, 8-56 bytes with element atomics; compile_kernels.py --hopper).
@@ -518,9 +522,9 @@ def route(q, k, v, o, do, dk, dv, mask, kpm, dropout_p, varlen, causal, causal_o
             return ""
         floors = [f for f in (fused_floor, DROPOUT_MIN_LENGTH.get(key)) if f is not None]
         fused_floor = min(floors) if floors else None
-    # Key padding, as dropout, only on the fused route.
+    # Key padding, as dropout, only on the fused route; not both together (KEY_PADDING).
     padded = kpm is not None
-    if padded and not KEY_PADDING:
+    if padded and (dropout or not KEY_PADDING):
         return ""
     fused = FUSED and fused_floor is not None and n >= fused_floor
     if (dropout or padded) and not fused:
