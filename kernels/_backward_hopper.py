@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._dropout import PHILOX_ROUNDS, dropout_scale, dropout_threshold
+from ._dropout import PHILOX_ROUNDS, dropout_keep, dropout_scale, dropout_threshold
 from ._hopper import AVAILABLE, HAS_TMA_ADD, ONCE, config_from_env, plain_call, tma_ok
 
 if AVAILABLE:
@@ -81,10 +81,13 @@ DROPOUT = os.environ.get("HF_FLASH_HOPPER_DROPOUT",
 # otherwise: blocks of padded keys run no query tile (dK = dV = 0 there), and padded keys inside
 # a block get P = 0 from the same compare as the causal mask. Off by default until its GPU tests
 # (tests/test_hopper_backward.py -k key_padding) have run; compiled for sm_90 by the CPU tests.
-# Not with dropout: this kernel's delta is rowsum(dO * O) of the 16-bit O, and under dropout a
-# batch entry with one real key makes every row's P one-hot with O = V / (1 - p) rounded, so dS
-# keeps that rounding where it should cancel and dK of the key sums it over every row (the fault
-# _backward.py's dQ kernel avoids by summing P * dP exactly). Those calls stay on Triton's kernels.
+# With dropout, unmasked only: this kernel's delta is rowsum(dO * O) of the 16-bit O, and under
+# dropout a batch entry with one real key makes every row's P one-hot with O = V / (1 - p)
+# rounded, so dS would keep that rounding where it should cancel, and dK of the key would sum it
+# over every row (the fault _backward.py's dQ kernel avoids by summing P * dP exactly). Without
+# causality the rows of such an entry are known from its span (kv_hi - kv_lo == 1), and the first
+# pass takes their delta from that key exactly (_prep_kernel). With causality a row's count of
+# visible keys is not at hand there: causal calls with key padding and dropout stay on Triton's.
 KEY_PADDING = os.environ.get("HF_FLASH_HOPPER_KPM", "0") == "1"
 # Head dims it takes dropout at. At 128 the drawn tile made ptxas spill 170-450 bytes per thread
 # (64: none with TMA reductions, 8-56 bytes with element atomics; compile_kernels.py --hopper).
@@ -470,12 +473,16 @@ if AVAILABLE:
 
 
 @triton.jit
-def _prep_kernel(O, DO, STATS, DLSE, ROWS, DQ_ACC, stride_ob, stride_oh, stride_om, stride_dob,
-                 stride_doh, stride_dom, stride_sb, stride_sh, H, N_Q, N_PAD, delta_unit,
-                 D: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr):
+def _prep_kernel(O, DO, STATS, DLSE, ROWS, DQ_ACC, V, KV_LO, KV_HI, SEED, stride_ob, stride_oh,
+                 stride_om, stride_dob, stride_doh, stride_dom, stride_sb, stride_sh, stride_vb,
+                 stride_vh, stride_vn, H, GROUP, N_Q, N_PAD, delta_unit, drop_threshold,
+                 D: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr,
+                 ONE_KEY: tl.constexpr):
     """For the kernel with dQ: the padded per-row terms (as dkdv() builds them), with delta =
     (rowsum(dO * O) - dlse log2(e)) / delta_unit, the form known before any key is seen
-    (delta_unit: dropout's scale, else 1); and dQ's fp32 sum zeroed."""
+    (delta_unit: dropout's scale, else 1); and dQ's fp32 sum zeroed. ONE_KEY (dropout and key
+    padding, no causality): in a batch entry with a single real key (KV_HI - KV_LO == 1), delta
+    from that key exactly (KEY_PADDING says why)."""
     bh = tl.program_id(1)
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
@@ -487,11 +494,24 @@ def _prep_kernel(O, DO, STATS, DLSE, ROWS, DQ_ACC, stride_ob, stride_oh, stride_
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dom
                  + cols[None, :], mask=ok[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    dlse_e = 0.0
     if HAS_DLSE:
         # As _backward.py's dQ kernel: the lse's own gradient, in base 2.
         dlse = tl.load(DLSE + bh.to(tl.int64) * N_Q + rows, mask=ok, other=0.0)
-        delta -= dlse * 1.4426950408889634
-    delta = delta / delta_unit
+        dlse_e = dlse * 1.4426950408889634
+    delta = (delta - dlse_e) / delta_unit
+    if ONE_KEY:
+        lo = tl.load(KV_LO + off_b)
+        if tl.load(KV_HI + off_b) - lo == 1:
+            # Every row's P is one-hot on key lo: rowsum(P * dP), in units of 1 / the scale, is
+            # keep * (dO . V[lo]), in fp32 from the 16-bit inputs as the kernel's dP is.
+            v = tl.load(V + off_b * stride_vb + (off_h // GROUP) * stride_vh
+                        + lo.to(tl.int64) * stride_vn + cols)
+            keep = dropout_keep(tl.load(SEED), bh, tl.program_id(0) * BLOCK, (lo // 32) * 32,
+                                drop_threshold, BLOCK, 32)
+            kept = tl.sum(tl.where(tl.arange(0, 32)[None, :] == lo % 32, keep, 0), 1) > 0
+            dp = tl.sum(do.to(tl.float32) * v.to(tl.float32)[None, :], 1)
+            delta = tl.where(kept, dp, 0.0) - dlse_e / delta_unit
     lse = tl.load(STATS + off_b * stride_sb + off_h * stride_sh + rows, mask=ok,
                   other=float("inf"))
     # A row that saw no key (every key padded) has lse = -inf; +inf gives it P = 0 where
@@ -522,9 +542,9 @@ def route(q, k, v, o, do, dk, dv, mask, kpm, dropout_p, varlen, causal, causal_o
             return ""
         floors = [f for f in (fused_floor, DROPOUT_MIN_LENGTH.get(key)) if f is not None]
         fused_floor = min(floors) if floors else None
-    # Key padding, as dropout, only on the fused route; not both together (KEY_PADDING).
+    # Key padding, as dropout, only on the fused route; with dropout, unmasked only (KEY_PADDING).
     padded = kpm is not None
-    if padded and (dropout or not KEY_PADDING):
+    if padded and (not KEY_PADDING or (dropout and causal)):
         return ""
     fused = FUSED and fused_floor is not None and n >= fused_floor
     if (dropout or padded) and not fused:
@@ -585,20 +605,24 @@ def dkdv(q, k, v, do, dk, dv, stats, delta, causal, causal_offset, scale, config
             config, launches)
 
 
-def prepare(o, do, stats, dlse, launches=ONCE, dropout_p=0.0):
+def prepare(o, do, stats, dlse, launches=ONCE, dropout_p=0.0, one_key=None):
     """The fused route's first pass (_prep_kernel): returns the padded per-row terms, fp32
-    (B, H, 2, N_Q rounded up to BLOCK_M), and dQ's zeroed fp32 sum, (B, H, N_Q, D)."""
+    (B, H, 2, N_Q rounded up to BLOCK_M), and dQ's zeroed fp32 sum, (B, H, N_Q, D). `one_key`:
+    (v, kv_lo, kv_hi, seed) of a call with dropout and key padding (no causality), whose batch
+    entries with a single real key take their delta from it exactly."""
     B, H, N_Q, D = o.shape
     n_pad = -(-N_Q // BLOCK_M) * BLOCK_M
     rows = stats.new_empty((B, H, 2, n_pad))
     dq_acc = torch.empty((B, H, N_Q, D), device=o.device, dtype=torch.float32)
+    v, lo, hi, seed = one_key if one_key is not None else (o, stats, stats, stats)
     # Fusion named, as for every launch (_common.fp_fusion): Triton 3.9 warns where it is left
     # to its default, which 3.10 turns off.
     launches("prep", _prep_kernel, (n_pad // BLOCK_M, B * H),
-             (o, do, stats, dlse if dlse is not None else stats, rows, dq_acc, *o.stride()[:3],
-              *do.stride()[:3], stats.stride(0), stats.stride(1), H, N_Q, n_pad,
-              dropout_scale(dropout_p)),
-             dict(D=D, BLOCK=BLOCK_M, HAS_DLSE=dlse is not None,
+             (o, do, stats, dlse if dlse is not None else stats, rows, dq_acc, v, lo, hi, seed,
+              *o.stride()[:3], *do.stride()[:3], stats.stride(0), stats.stride(1),
+              *v.stride()[:3], H, H // v.shape[1], N_Q, n_pad, dropout_scale(dropout_p),
+              float(dropout_threshold(dropout_p))),
+             dict(D=D, BLOCK=BLOCK_M, HAS_DLSE=dlse is not None, ONE_KEY=one_key is not None,
                   enable_fp_fusion=_common.fp_fusion(o.dtype)))
     return rows, dq_acc
 
@@ -613,7 +637,8 @@ def backward(q, k, v, o, do, dq, dk, dv, stats, dlse, causal, causal_offset, sca
     span of real keys per batch entry, `kv_lo` and `kv_hi` (_key_range.py). `config`,
     `launches` as for dkdv()."""
     D = q.shape[3]
-    rows, dq_acc = prepare(o, do, stats, dlse, launches, dropout_p)
+    one_key = (v, kv_lo, kv_hi, seed) if kpm is not None and dropout_p > 0 else None
+    rows, dq_acc = prepare(o, do, stats, dlse, launches, dropout_p, one_key)
     n_pad = rows.shape[3]
     if {**CONFIG, **(config or {})}["DQ_ADD"] == "tma":
         dq_kind, dq_desc = DQ_TMA, launches.descriptor("dq", dq_acc, BLOCK_M,

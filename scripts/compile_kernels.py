@@ -322,8 +322,10 @@ def compile_hopper(target):
         builds.append((name, build_hopper_backward, {"dq": kind}))
         # With dropout (HF_FLASH_HOPPER_DROPOUT=1): the mask drawn in the kernel.
         builds.append((name + " dropout", build_hopper_backward, {"dq": kind, "dropout": True}))
-        # With key padding (HF_FLASH_HOPPER_KPM=1; never with dropout, see KEY_PADDING).
+        # With key padding (HF_FLASH_HOPPER_KPM=1), and with dropout too (unmasked only).
         builds.append((name + " kpm", build_hopper_backward, {"dq": kind, "kpm": True}))
+        builds.append((name + " kpm dropout", build_hopper_backward,
+                       {"dq": kind, "kpm": True, "dropout": True}))
     for name, build, kw in builds:
         for d, causal, dtype in itertools.product([64, 128], [False, True], ["bf16", "fp16"]):
             c = build(d, causal, dtype, target, **kw)

@@ -75,12 +75,14 @@ def test_compiles_for_sm90_with_dropout(causal, dq):
 
 @needs_gluon
 @pytest.mark.parametrize("dq", _DQ_KINDS, ids=lambda x: x[0])
-@pytest.mark.parametrize("causal", [False, True])
-def test_compiles_for_sm90_with_key_padding(causal, dq):
-    # The fused route with key padding (HF_FLASH_HOPPER_KPM=1): a per-key bound folded into the
-    # causal compare, so the tile costs no more registers. No stack under Triton 3.9 or 3.6.
+@pytest.mark.parametrize("causal,dropout", [(False, False), (True, False), (False, True)])
+def test_compiles_for_sm90_with_key_padding(causal, dropout, dq):
+    # The fused route with key padding (HF_FLASH_HOPPER_KPM=1; with dropout, unmasked only): a
+    # per-key bound folded into the causal compare, so the tile costs no more registers. Triton
+    # 3.9: no stack but 24 bytes with dropout and TMA reductions; 3.6 up to 48 (with dropout).
     check_compiles_for_sm90("build_hopper_backward", 64, causal, "bf16",
-                            max_stack=96 if dq[0] == "atomic" else 16, dq=dq[1], kpm=True)
+                            max_stack=96 if dq[0] == "atomic" else 32, dq=dq[1], dropout=dropout,
+                            kpm=True)
 
 
 class _Routes:
@@ -181,8 +183,11 @@ def test_serves_exactly_the_calls_it_is_built_for(monkeypatch):
                 h_kv=2) == "fused"
     assert call(key_padding_mask=torch.rand(2, 300, device=dev) > 0.5,
                 attn_mask=torch.rand(2, 1, 200, 300, device=dev) > 0.5) == ""
+    # With dropout, unmasked only (with causality no first pass knows which rows see one key).
     monkeypatch.setattr(_backward_hopper, "DROPOUT", True)
-    assert call(key_padding_mask=torch.rand(2, 300, device=dev) > 0.5, dropout_p=0.1) == ""
+    assert call(key_padding_mask=torch.rand(2, 300, device=dev) > 0.5, dropout_p=0.1) == "fused"
+    assert call(key_padding_mask=torch.rand(2, 300, device=dev) > 0.5, dropout_p=0.1,
+                is_causal=True) == ""
     monkeypatch.setattr(_backward_hopper, "DROPOUT", False)
     monkeypatch.setattr(_backward_hopper, "FUSED_MIN_LENGTH", dict.fromkeys(keys, 1024))
     assert call(key_padding_mask=torch.rand(2, 300, device=dev) > 0.5) == ""
@@ -376,14 +381,19 @@ _KPM_EDGE = [(1, 1, C_NONE), (65, 130, C_TL), (129, 1000, C_NONE), (1000, 129, C
 @pytest.mark.gpu
 @on_sm90
 @needs_gluon
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D,p", [(64, 0.0), (128, 0.0), (64, 0.25)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n_q,n_k,causal", _KPM_EDGE)
-def test_key_padding_matches_the_reference(monkeypatch, any_length, n_q, n_k, causal, dtype, D):
-    # The fused route with key padding (HF_FLASH_HOPPER_KPM=1) against the float64 reference,
-    # with a gradient through the lse: padded keys get no gradient and give none, rows that see
-    # no key get zeros, one-hot rows cancel, and blocks of padded keys are skipped whole.
+def test_key_padding_matches_the_reference(monkeypatch, any_length, n_q, n_k, causal, dtype, D,
+                                           p):
+    # The fused route with key padding (HF_FLASH_HOPPER_KPM=1) against the float64 reference
+    # (replaying the keep mask), with a gradient through the lse: padded keys get no gradient
+    # and give none, rows that see no key get zeros, one-hot rows cancel (under dropout by the
+    # first pass's exact delta), and blocks of padded keys are skipped whole.
+    if p > 0 and causal != C_NONE:
+        pytest.skip("key padding with dropout takes the fused route without causality only")
     monkeypatch.setattr(_backward_hopper, "KEY_PADDING", True)
+    monkeypatch.setattr(_backward_hopper, "DROPOUT", True)
     routes = _Routes(monkeypatch)
     _take_route(monkeypatch, "fused")
     torch.manual_seed(n_q * 5 + n_k + causal + D)
@@ -392,13 +402,17 @@ def test_key_padding_matches_the_reference(monkeypatch, any_length, n_q, n_k, ca
     q, k, v = make_qkv(B, H, 2 if gqa else 4, n_q, n_k, D, dtype, DEVICE,
                        "bnhd" if gqa else "bhnd")
     kpm = _key_padding(B, n_k, n_q + n_k)
-    fa = {"is_causal": causal != C_NONE, "key_padding_mask": kpm,
+    fa = {"is_causal": causal != C_NONE, "key_padding_mask": kpm, "dropout_p": p,
           "causal_alignment": "bottom_right" if causal == C_BR else "top_left"}
     do = torch.randn(B, H, n_q, D, device=DEVICE, dtype=dtype)
     w = torch.randn(B, H, n_q, device=DEVICE)
+    torch.manual_seed(78)  # the call draws its dropout seed first
     grads = _grads(q, k, v, do, w, fa, gqa)
     assert routes.counts()["fused"] == 1
-    _check_against_the_reference(grads, q, k, v, do, w, dtype, causal=causal, kpm=kpm)
+    ref = {"causal": causal, "kpm": kpm}
+    if p > 0:
+        ref.update(dropout_p=p, keep_mask=replayed_keep_mask(78, p, B, H, n_q, n_k, DEVICE))
+    _check_against_the_reference(grads, q, k, v, do, w, dtype, **ref)
     # Padded keys: exactly zero gradients (the reference's may be rounding-small, not zero).
     for name, g in (("dk", grads[1]), ("dv", grads[2])):
         assert torch.all(g.transpose(1, 2)[~kpm] == 0), f"{name} of a padded key"
@@ -407,15 +421,17 @@ def test_key_padding_matches_the_reference(monkeypatch, any_length, n_q, n_k, ca
 @pytest.mark.gpu
 @on_sm90
 @needs_gluon
-@pytest.mark.parametrize("causal", [C_NONE, C_TL])
-def test_key_padding_agrees_with_the_triton_kernels(monkeypatch, any_length, causal):
-    # A BERT-like padded batch (one entry of a single real key) through the fused route and
-    # through Triton's kernels.
+@pytest.mark.parametrize("causal,p", [(C_NONE, 0.0), (C_TL, 0.0), (C_NONE, 0.1)])
+def test_key_padding_agrees_with_the_triton_kernels(monkeypatch, any_length, causal, p):
+    # A BERT-like padded batch (one entry of a single real key: its rows are one-hot) through
+    # the fused route and through Triton's kernels, whose dQ kernel sums P * dP exactly.
     monkeypatch.setattr(_backward_hopper, "KEY_PADDING", True)
+    monkeypatch.setattr(_backward_hopper, "DROPOUT", True)
     lengths = torch.tensor([1700, 900, 1, 1337])
     kpm = (torch.arange(1700)[None, :] < lengths[:, None]).to("cuda")
-    fa = {"is_causal": causal != C_NONE, "key_padding_mask": kpm}
-    _check_agreement(monkeypatch, "fused", 13 + causal, 64, fa, weighted_lse=True, batch=4)
+    fa = {"is_causal": causal != C_NONE, "dropout_p": p, "key_padding_mask": kpm}
+    _check_agreement(monkeypatch, "fused", 13 + causal, 64, fa, weighted_lse=True,
+                     call_seed=2 if p > 0 else None, batch=4)
 
 
 @pytest.mark.gpu
@@ -475,3 +491,37 @@ def test_prepare_writes_the_fused_routes_row_terms(n_q, layout, with_dlse, p):
     assert torch.all(rows[:, :, 0, n_q:] == float("inf"))
     assert torch.all(rows[:, :, 1, n_q:] == 0)
     assert torch.all(dq_acc == 0)
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_prepare_takes_a_one_key_rows_delta_from_that_key(layout):
+    # With dropout and key padding (no causality), the rows of a batch entry with a single real
+    # key are one-hot: their delta must be keep * (dO . V[key]) exactly, not rowsum(dO * O) of
+    # the rounded O (its rounding would survive in dS and add up in that key's dK). Other
+    # entries keep the usual form. Runs under the interpreter too.
+    torch.manual_seed(5)
+    B, H, H_KV, n_q, n_k, D, p = 3, 4, 2, 100, 90, 64, 0.3
+
+    def tensor(h, n):
+        t = torch.randn(B, n, h, D, device=DEVICE, dtype=torch.float16)
+        return t.transpose(1, 2) if layout == "bnhd" else t.transpose(1, 2).contiguous()
+    o, do, v = tensor(H, n_q), tensor(H, n_q), tensor(H_KV, n_k)
+    stats = torch.randn(B, H, 3, n_q, device=DEVICE)
+    dlse = torch.randn(B, H, n_q, device=DEVICE)
+    kpm = torch.zeros(B, n_k, dtype=torch.bool, device=DEVICE)
+    kpm[0, 37] = True  # one real key, not at a multiple of 32
+    kpm[1, 3:50] = True
+    kpm[2, 64] = True
+    lo, hi = hf_flash.kernels._key_range.key_range(kpm.view(torch.uint8))
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=DEVICE)
+    rows, _ = _backward_hopper.prepare(o, do, stats, dlse, dropout_p=p,
+                                       one_key=(v, lo, hi, seed))
+    scale = hf_flash.kernels._dropout.dropout_scale(p)
+    keep = hf_flash.kernels._dropout.dropout_mask(seed, p, B, H, n_q, n_k)
+    dlse_term = dlse * _common.LOG2E / scale
+    want = ((o.float() * do.float()).sum(-1) - dlse * _common.LOG2E) / scale
+    for b, key in ((0, 37), (2, 64)):
+        v_key = v[b, :, key].float().repeat_interleave(H // H_KV, dim=0)  # (H, D)
+        dp = (do[b].float() * v_key[:, None, :]).sum(-1)
+        want[b] = torch.where(keep[b, :, :, key], dp, 0.0) - dlse_term[b]
+    torch.testing.assert_close(rows[:, :, 1, :n_q], want, rtol=1e-5, atol=1e-5)

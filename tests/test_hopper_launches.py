@@ -209,8 +209,8 @@ def make(seed):
                 kpm=torch.rand(2, 300, generator=g) > 0.3)
 
 def run(t, dropout_p=0.0, padded=False):
-    # causal, grouped heads
-    args = (None, t["kpm"] if padded else None, 1, 0.125, dropout_p,
+    # grouped heads; causal but with key padding (with dropout it takes the fused route unmasked)
+    args = (None, t["kpm"] if padded else None, 0 if padded else 1, 0.125, dropout_p,
             t["seed"] if dropout_p else None, None, 0)
     o, stats = _op._attention_forward_op(t["q"], t["k"], t["v"], *args)
     _op._attention_backward_op(t["do"], t["q"], t["k"], t["v"], o, stats, None, *args)
@@ -220,7 +220,7 @@ def kernels():
 
 out = {}
 for route, p in (("fused", 0.0), ("dkdv", 0.0), ("fused, dropout", 0.1),
-                 ("fused, key padding", 0.0)):
+                 ("fused, key padding", 0.1)):
     bh.FUSED = route.startswith("fused")
     bh.DROPOUT = p > 0
     padded = route.endswith("padding")
@@ -275,8 +275,9 @@ def test_the_gluon_routes_plans_follow_their_switches_and_repeat_their_launches(
     assert got["fused, dropout"]["kernels"] == ["_fwd_kernel", prep, gluon_bwd]
     assert got["fused, dropout"]["same"], got["fused, dropout"]["planned"]
     assert "'seed'" in got["fused, dropout"]["planned"]
-    # With key padding (HF_FLASH_HOPPER_KPM=1) each pass finds the span of real keys first; the
-    # plan hands the kernels the call's own mask and spans (`same`: the same as a dispatch).
+    # With key padding (HF_FLASH_HOPPER_KPM=1; with dropout here, which hands the first pass V,
+    # the spans and the seed too) each pass finds the span of real keys first; the plan hands
+    # the kernels the call's own tensors (`same`: the same as a dispatch).
     padded = got["fused, key padding"]
     assert padded["kernels"] == ["_key_range_kernel", "_fwd_kernel", "_key_range_kernel", prep,
                                  gluon_bwd], padded["kernels"]
