@@ -381,17 +381,16 @@ _KPM_EDGE = [(1, 1, C_NONE), (65, 130, C_TL), (129, 1000, C_NONE), (1000, 129, C
 @pytest.mark.gpu
 @on_sm90
 @needs_gluon
-@pytest.mark.parametrize("D,p", [(64, 0.0), (128, 0.0), (64, 0.25)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n_q,n_k,causal", _KPM_EDGE)
+@pytest.mark.parametrize("n_q,n_k,causal,D,p", [
+    (*edge, D, p) for edge in _KPM_EDGE for D, p in ((64, 0.0), (128, 0.0), (64, 0.25))
+    if p == 0 or edge[2] == C_NONE])  # with dropout the route takes key padding unmasked only
 def test_key_padding_matches_the_reference(monkeypatch, any_length, n_q, n_k, causal, dtype, D,
                                            p):
     # The fused route with key padding (HF_FLASH_HOPPER_KPM=1) against the float64 reference
     # (replaying the keep mask), with a gradient through the lse: padded keys get no gradient
     # and give none, rows that see no key get zeros, one-hot rows cancel (under dropout by the
     # first pass's exact delta), and blocks of padded keys are skipped whole.
-    if p > 0 and causal != C_NONE:
-        pytest.skip("key padding with dropout takes the fused route without causality only")
     monkeypatch.setattr(_backward_hopper, "KEY_PADDING", True)
     monkeypatch.setattr(_backward_hopper, "DROPOUT", True)
     routes = _Routes(monkeypatch)
