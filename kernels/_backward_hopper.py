@@ -85,9 +85,11 @@ DROPOUT = os.environ.get("HF_FLASH_HOPPER_DROPOUT",
 # dropout a batch entry with one real key makes every row's P one-hot with O = V / (1 - p)
 # rounded, so dS would keep that rounding where it should cancel, and dK of the key would sum it
 # over every row (the fault _backward.py's dQ kernel avoids by summing P * dP exactly). Without
-# causality the rows of such an entry are known from its span (kv_hi - kv_lo == 1), and the first
-# pass takes their delta from that key exactly (_prep_kernel). With causality a row's count of
-# visible keys is not at hand there: causal calls with key padding and dropout stay on Triton's.
+# causality the rows that see one key are those of an entry whose span is one key (kv_hi - kv_lo
+# == 1), and the first pass takes their delta from that key (_prep_kernel), equal to the kernel's
+# up to fp32 summation order. With causality many rows of an entry of several keys may see just
+# one (padding [1, 0, ..., 0, 1, ...], top-left): not known from the span, so causal calls with
+# key padding and dropout stay on Triton's kernels.
 KEY_PADDING = os.environ.get("HF_FLASH_HOPPER_KPM", "0") == "1"
 # Head dims it takes dropout at. At 128 the drawn tile made ptxas spill 170-450 bytes per thread
 # (64: none with TMA reductions, 8-56 bytes with element atomics; compile_kernels.py --hopper).
@@ -489,10 +491,12 @@ def _prep_kernel(O, DO, STATS, DLSE, ROWS, DQ_ACC, V, KV_LO, KV_HI, SEED, stride
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = rows < N_Q
     cols = tl.arange(0, D)
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om
+    # (int64 row offsets: in HF's (B, N, H, D) layout a row's stride is H * D.)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + rows.to(tl.int64)[:, None] * stride_om
                 + cols[None, :], mask=ok[:, None], other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dom
-                 + cols[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh
+                 + rows.to(tl.int64)[:, None] * stride_dom + cols[None, :], mask=ok[:, None],
+                 other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     dlse_e = 0.0
     if HAS_DLSE:
@@ -504,7 +508,8 @@ def _prep_kernel(O, DO, STATS, DLSE, ROWS, DQ_ACC, V, KV_LO, KV_HI, SEED, stride
         lo = tl.load(KV_LO + off_b)
         if tl.load(KV_HI + off_b) - lo == 1:
             # Every row's P is one-hot on key lo: rowsum(P * dP), in units of 1 / the scale, is
-            # keep * (dO . V[lo]), in fp32 from the 16-bit inputs as the kernel's dP is.
+            # keep * (dO . V[lo]), in fp32 from the 16-bit inputs as the kernel's dP is (the two
+            # differ only in fp32 summation order).
             v = tl.load(V + off_b * stride_vb + (off_h // GROUP) * stride_vh
                         + lo.to(tl.int64) * stride_vn + cols)
             keep = dropout_keep(tl.load(SEED), bh, tl.program_id(0) * BLOCK, (lo // 32) * 32,

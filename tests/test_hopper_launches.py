@@ -209,8 +209,8 @@ def make(seed):
                 kpm=torch.rand(2, 300, generator=g) > 0.3)
 
 def run(t, dropout_p=0.0, padded=False):
-    # grouped heads; causal but with key padding (with dropout it takes the fused route unmasked)
-    args = (None, t["kpm"] if padded else None, 0 if padded else 1, 0.125, dropout_p,
+    # grouped heads; causal but with key padding and dropout (which take the fused route unmasked)
+    args = (None, t["kpm"] if padded else None, 0 if padded and dropout_p else 1, 0.125, dropout_p,
             t["seed"] if dropout_p else None, None, 0)
     o, stats = _op._attention_forward_op(t["q"], t["k"], t["v"], *args)
     _op._attention_backward_op(t["do"], t["q"], t["k"], t["v"], o, stats, None, *args)
@@ -220,10 +220,10 @@ def kernels():
 
 out = {}
 for route, p in (("fused", 0.0), ("dkdv", 0.0), ("fused, dropout", 0.1),
-                 ("fused, key padding", 0.1)):
+                 ("fused, key padding", 0.1), ("fused, key padding, causal", 0.0)):
     bh.FUSED = route.startswith("fused")
     bh.DROPOUT = p > 0
-    padded = route.endswith("padding")
+    padded = "padding" in route
     bh.KEY_PADDING = padded
     _tuning._PLANS.clear()
     f.Recorder.log = []
@@ -282,6 +282,8 @@ def test_the_gluon_routes_plans_follow_their_switches_and_repeat_their_launches(
     assert padded["kernels"] == ["_key_range_kernel", "_fwd_kernel", "_key_range_kernel", prep,
                                  gluon_bwd], padded["kernels"]
     assert padded["same"], padded["planned"]
+    assert got["fused, key padding, causal"]["kernels"] == padded["kernels"]
+    assert got["fused, key padding, causal"]["same"], got["fused, key padding, causal"]["planned"]
     assert got["dropout, switched off"] == ["_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"]
     assert got["forward switched off"] == ["_fwd_kernel", "_bwd_dq_kernel", gluon_bwd]
     assert got["both switched off"] == ["_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"]
