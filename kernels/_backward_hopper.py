@@ -576,13 +576,14 @@ def _launch(q, k, v, do, dk, dv, dq_desc, dq_acc, rows, n_pad, causal, causal_of
     H_KV, N_K = k.shape[1], k.shape[2]
     dropout = dropout_p > 0
     has_kpm = kpm is not None
+    # Unused pointer arguments take `rows` (any tensor will do).
+    padding = (kpm, kv_lo, kv_hi) if has_kpm else (rows, rows, rows)
     launches(
         "main", _dkdv_hopper_kernel, (-(-N_K // BLOCK_N), B * H_KV),
         (launches.descriptor("q", q, BLOCK_M), launches.descriptor("k", k, GROUP_N),
          launches.descriptor("v", v, GROUP_N), launches.descriptor("do", do, BLOCK_M),
          launches.descriptor("dk", dk, GROUP_N), launches.descriptor("dv", dv, GROUP_N), dq_desc,
-         dq_acc, rows, seed if dropout else rows, kpm if has_kpm else rows,
-         kv_lo if has_kpm else rows, kv_hi if has_kpm else rows, H, H // H_KV, N_Q, n_pad, N_K,
+         dq_acc, rows, seed if dropout else rows, *padding, H, H // H_KV, N_Q, n_pad, N_K,
          causal_offset, scale * _common.LOG2E, scale, float(dropout_threshold(dropout_p)),
          dropout_scale(dropout_p), *(kpm.stride() if has_kpm else (0, 0))),
         dict(BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, D=D, IS_CAUSAL=bool(causal), DQ=dq_kind,
