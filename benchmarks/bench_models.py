@@ -243,7 +243,8 @@ class Bench:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
             self.sync()
-        counts = {"hf_flash_calls": 0, "hf_flash_op_calls": 0, "sdpa_calls": 0}
+        counts = {"hf_flash_calls": 0, "hf_flash_op_calls": 0, "sdpa_calls": 0,
+                  "nonzero_calls": 0}
         backends = 0  # SDPA's backend ops: what a compiled graph calls instead of the front op
         for evt in prof.key_averages():
             # Eager calls go through the autograd Function (or, with no gradient to track, carry
@@ -252,6 +253,8 @@ class Bench:
                 counts["hf_flash_calls"] += evt.count
             if evt.key == "hf_flash::attention_forward":
                 counts["hf_flash_op_calls"] += evt.count
+            elif evt.key == "aten::nonzero":  # the packed encoder's rows to keep
+                counts["nonzero_calls"] += evt.count
             elif evt.key == "aten::scaled_dot_product_attention":
                 counts["sdpa_calls"] += evt.count
             elif (evt.key.startswith("aten::_scaled_dot_product_")
@@ -335,6 +338,7 @@ class Bench:
                 row["compiled_eager_hf_flash_calls"] = (compiled["hf_flash_calls"]
                                                         - compiled["hf_flash_op_calls"])
                 row["compiled_sdpa_calls"] = compiled["sdpa_calls"]
+                row["compiled_packings"] = compiled["nonzero_calls"]
             if self.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             times, host = [], []
@@ -372,6 +376,9 @@ class Bench:
                     not row["compiled_hf_flash_calls"] or row["compiled_eager_hf_flash_calls"]):
                 row.update(status="FAIL", reason="the compiled step did not run hf_flash's kernel "
                                                  "as its custom op in every layer (graph break?)")
+            if (self.args.compile and (patch_opts or {}).get("packed")
+                    and not row["compiled_packings"]):
+                row.update(status="FAIL", reason="the compiled step did not pack its tokens")
         except NotAvailable as e:  # an option of --patch-kwargs this model's family lacks
             row["reason"] = str(e)
         except Exception as e:
@@ -427,6 +434,11 @@ def main(argv=None):
                           optimizer="AdamW fused", lr=LR,
                           compiled=("torch.compile, " + ("aot_eager" if args.dry_run else "inductor"))
                           if args.compile else False)
+    if args.compile and (args.patch_opts or {}).get("packed"):
+        # Compiled, the packed encoder traces its packing (a data-dependent count of rows) only
+        # with this option; without it the encoder would run padded (patches/bert.py).
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        meta["timing"]["capture_dynamic_output_shape_ops"] = True
     suite = "dry-run" if args.dry_run else args.suite
     stem = (f"models_{suite}" + ("_compiled" if args.compile else "")
             + (f"_{args.tag}" if args.tag else ""))

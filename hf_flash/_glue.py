@@ -119,10 +119,7 @@ def _refuse_bypassing_models(config) -> None:
     """
     if config is None:
         return
-    key = type(config)
-    if key not in _bypassing:
-        _bypassing[key] = _bypassing_model(config)
-    name = _bypassing[key]
+    name = _bypassing_model_of(type(config), config)
     if name is not None:
         from ._registry import UnsupportedModelError
         raise UnsupportedModelError(
@@ -130,6 +127,16 @@ def _refuse_bypassing_models(config) -> None:
             f"so with attn_implementation='{ATTN_NAME}' it would apply hf_flash's masks in its own "
             f"attention and never reach hf_flash's kernel; load it with 'sdpa' or 'eager' "
             f"(hf_flash.supported_models() lists what hf_flash serves)")
+
+
+@torch._dynamo.assume_constant_result
+def _bypassing_model_of(key, config) -> Optional[str]:
+    """_bypassing_model, once per config class. Compiled, run while dynamo traces, outside the
+    graph: filling the cache inside it would make the graph guard on the cache, and recompile
+    on the next call, once the cache holds what the first call put there."""
+    if key not in _bypassing:
+        _bypassing[key] = _bypassing_model(config)
+    return _bypassing[key]
 
 
 def _bypassing_model(config) -> Optional[str]:
@@ -357,12 +364,14 @@ def options_of(module) -> dict:
 
 
 def warn_once(reason: str, where: str) -> None:
-    key = (reason, where)
-    if key in _warned:
+    warn_once_text(f"{where} falls back to eager attention for calls with {reason}", stacklevel=5)
+
+
+def warn_once_text(text: str, stacklevel: int = 4) -> None:
+    if text in _warned:
         return
-    _warned.add(key)
-    warnings.warn(f"hf_flash: {where} falls back to eager attention for calls with {reason}",
-                  stacklevel=4)
+    _warned.add(text)
+    warnings.warn(f"hf_flash: {text}", stacklevel=stacklevel)
 
 
 def _eager_function(module):

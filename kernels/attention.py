@@ -180,7 +180,7 @@ def flash_attention_varlen(
                                    or max_seqlen < 0 or (max_seqlen == 0 and total > 0)):
         raise ValueError(f"max_seqlen must be a non-negative int, at least the longest sequence "
                          f"({total} rows hold tokens), got {max_seqlen!r}")
-    if max_seqlen is None or cu.device.type == "cpu":
+    if max_seqlen is None or (cu.device.type == "cpu" and not torch.compiler.is_compiling()):
         lengths = (cu[1:] - cu[:-1]).tolist()
         if any(n < 0 for n in lengths) or int(cu[0]) != 0 or int(cu[-1]) != total:
             raise ValueError(f"cu_seqlens must rise from 0 to total ({total}) without falling, "
@@ -250,7 +250,9 @@ def _assert_cu_seqlens_async(cu, total, max_seqlen):
     lengths = cu[1:] - cu[:-1]
     ok = ((cu[0] == 0) & (cu[-1] == total) & (lengths.min() >= 0)
           & (lengths.max() <= max_seqlen))
-    torch._assert_async(ok, f"hf_flash: cu_seqlens must rise from 0 to total ({total}) without "
+    # (Compiled, total may be symbolic, which dynamo cannot format into the message.)
+    rows = "the packed rows" if torch.compiler.is_compiling() else total
+    torch._assert_async(ok, f"hf_flash: cu_seqlens must rise from 0 to total ({rows}) without "
                             f"falling, each length at most max_seqlen ({max_seqlen})")
 
 
@@ -291,8 +293,10 @@ def _dispatch(q, k, v, mask, kpm, causal, scale, dropout_p, want_lse, cu_seqlens
         return reference_attention(q, k, v, float_mask=float_mask, bool_mask=bool_mask, kpm=kpm,
                                    causal=causal, scale=scale, dropout_p=dropout_p)
     group = q.shape[1] // k.shape[1]
-    if (FOLD_GROUPED_DECODE and q.shape[2] == 1 and group > 1 and mask is None
-            and dropout_p == 0.0 and cu_seqlens is None and causal != CAUSAL_TOP_LEFT):
+    # (Packed rows first: compiled, their count may be unbacked, which q.shape[2] == 1 cannot
+    # be asked of.)
+    if (FOLD_GROUPED_DECODE and cu_seqlens is None and q.shape[2] == 1 and group > 1
+            and mask is None and dropout_p == 0.0 and causal != CAUSAL_TOP_LEFT):
         # A decode step with grouped K/V heads: a group's query heads become that K/V head's
         # query rows, so each K/V head is read by one program instead of one per query head.
         # Exact: a single query row's bottom-right causal limit admits every key, key padding is

@@ -22,6 +22,18 @@ from ._common import require_attention_interface
 _ENCODERS = ("BertEncoder", "RobertaEncoder", "ElectraEncoder")
 
 
+@torch._dynamo.assume_constant_result
+def _untraceable_packing() -> bool:
+    """Warns, once, that a compiled model runs its encoder padded. Called while dynamo traces
+    (assume_constant_result: run then, outside the graph, with no graph break)."""
+    _glue.warn_once_text(
+        "patch(packed=True) under torch.compile: the encoder runs padded, because dynamo traces "
+        "the packing (the real tokens' rows, a data-dependent count) only with "
+        "torch._dynamo.config.capture_dynamic_output_shape_ops = True; set it before compiling "
+        "to run packed")
+    return True
+
+
 def _packed_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     """The encoder's forward over packed real tokens; falls back to the padded forward for calls
     packing cannot serve."""
@@ -35,16 +47,24 @@ def _packed_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
             or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
             or self.config.is_decoder or _glue.capturing_outputs()):
         return unpacked(self, hidden_states, attention_mask, *args, **kwargs)
+    if torch.compiler.is_compiling() and not torch._dynamo.config.capture_dynamic_output_shape_ops:
+        # Packing keeps the rows of real tokens, a count only the mask's values tell: dynamo
+        # traces that (nonzero) only with this option, and a graph break here would also split
+        # the model's forward around it. So the compiled model stays one graph, padded.
+        _untraceable_packing()
+        return unpacked(self, hidden_states, attention_mask, *args, **kwargs)
     B, N, C = hidden_states.shape
     attention_mask = attention_mask[:, 0, 0, :]
     lengths = attention_mask.sum(1, dtype=torch.int32)
     cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    # The two host syncs of this mode, once per forward: the rows to keep and the longest length.
+    # The rows to keep: the one host sync of this mode, once per forward (compiled, an unbacked
+    # size). The padded length bounds the longest sequence: the kernels' grids are sized by it,
+    # and their programs past a sequence's end return at once, so the exact longest (a second
+    # sync) would buy nothing, and a bound that does not change keeps one launch plan per layer.
     rows = attention_mask.reshape(-1).nonzero().squeeze(1)
-    longest = int(lengths.max())
     packed = hidden_states.reshape(B * N, C).index_select(0, rows).unsqueeze(0)
-    out = unpacked(self, packed, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
-                   max_length_k=longest, **kwargs)
+    out = unpacked(self, packed, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=N,
+                   max_length_k=N, **kwargs)
     real = out[0].squeeze(0)  # a view in backward too ([0] would allocate and copy)
     full = real.new_zeros(B * N, C).index_copy(0, rows, real).view(B, N, C)
     if isinstance(out, tuple):

@@ -51,7 +51,7 @@ def test_bench_models_dry_run_with_packed_and_profile(tmp_path):
 
 def test_bench_models_dry_run_compiled(tmp_path):
     _run(["benchmarks/bench_models.py", "--dry-run", "--models", "bert", "--impls",
-          "sdpa,hf_flash", "--compile"], tmp_path)
+          "sdpa,hf_flash", "--compile", "--patch-kwargs", '{"packed": true}'], tmp_path)
     doc = json.loads(next(tmp_path.rglob("models_dry-run_compiled.json")).read_text())
     rows = {r["impl"]: r for r in doc["rows"]}
     assert all(r["status"] == "ok" and r["compiled"] for r in rows.values())
@@ -60,6 +60,10 @@ def test_bench_models_dry_run_compiled(tmp_path):
     assert rows["hf_flash"]["compiled_hf_flash_calls"] > 0
     assert rows["hf_flash"]["compiled_eager_hf_flash_calls"] == 0
     assert rows["sdpa"]["compiled_hf_flash_calls"] == 0
+    # The packed encoder, compiled, packs (the option it needs is set and recorded).
+    assert rows["hf_flash+opts"]["compiled_hf_flash_calls"] > 0
+    assert rows["hf_flash+opts"]["compiled_packings"] > 0 == rows["hf_flash"]["compiled_packings"]
+    assert doc["meta"]["timing"]["capture_dynamic_output_shape_ops"] is True
     assert doc["meta"]["timing"]["compiled"] == "torch.compile, aot_eager"
     assert all(r["host_ms"] > 0 and r["warmup_s"] > 0 for r in rows.values())
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import hf_flash
-from conftest import DEVICE
+from conftest import DEVICE, run_fresh
 from patch_utils import batch, build, compare_to_eager, run
 
 ENCODERS = ["bert", "roberta", "electra"]
@@ -131,3 +131,76 @@ def test_cu_seq_lens_from_the_caller_pack_attention():
                      max_length_k=7)[0]
     apart = torch.cat([layer(x[:, :6], None)[0], layer(x[:, 6:], None)[0]], dim=1)
     assert (together - apart).abs().max() < 1e-5
+
+
+# ---- torch.compile --------------------------------------------------------------------------
+# Packing keeps the rows of real tokens, whose count only the mask's values tell. Dynamo traces
+# that with capture_dynamic_output_shape_ops (the count becomes an unbacked size); without it the
+# compiled encoder runs padded, with a warning, rather than breaking the model's graph. Either way
+# fullgraph=True must hold. A fresh process each (conftest.run_fresh); aot_eager runs the captured
+# graphs without generating code, the kernels under Triton's interpreter on the CPU.
+_COMPILED_PACKED = """
+import warnings
+import conftest, torch, hf_flash
+from torch._dynamo.backends.registry import lookup_backend
+from patch_utils import build, run
+torch._dynamo.config.capture_dynamic_output_shape_ops = {option}
+graphs = []
+def backend(gm, example_inputs):  # aot_eager, keeping each captured graph's code
+    graphs.append(gm.code)
+    return lookup_backend("aot_eager")(gm, example_inputs)
+model = hf_flash.patch(build("bert").train(), packed=True)
+compiled = torch.compile(model, backend=backend, fullgraph=True)
+g = torch.Generator().manual_seed(0)
+for lengths in ([11, 6, 9], [4, 11, 8]):  # two batches, other counts of real tokens
+    ids = torch.randint(3, 96, (3, 11), generator=g)
+    mask = (torch.arange(11)[None] < torch.tensor(lengths)[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        logits, loss, grads = run(compiled, ids, mask, labels)
+    grads = {{n.removeprefix("_orig_mod."): t for n, t in grads.items()}}
+    want_logits, want_loss, want_grads = run(model, ids, mask, labels)
+    real = mask.bool()
+    print("logits", (logits - want_logits)[real].abs().max().item())
+    print("loss", (loss - want_loss).abs().item())
+    # Against the largest gradient of all: some are zero but for rounding (key biases).
+    top = max(w.abs().max().item() for w in want_grads.values())
+    print("grads", max((grads[n] - w).abs().max().item() for n, w in want_grads.items()) / top,
+          len(grads) == len(want_grads))
+    print("warned", sum("runs padded" in str(w.message) for w in seen))
+print("graphs", len(graphs), "packed", sum("nonzero" in c for c in graphs))
+"""
+
+
+def _compiled_packed(option: bool) -> dict:
+    out = run_fresh(_COMPILED_PACKED.format(option=option))
+    found = {}
+    for line in out.splitlines():
+        key, *values = line.split()
+        found.setdefault(key, []).append(values)
+    return found
+
+
+def _assert_compiled_matches(found):
+    assert len(found["logits"]) == 2
+    for (logits,), (loss,), (grads, all_grads) in zip(found["logits"], found["loss"],
+                                                      found["grads"]):
+        assert float(logits) < 1e-5 and float(loss) < 1e-5
+        assert float(grads) < 1e-4 and all_grads == "True"
+
+
+def test_packed_encoder_compiles_to_one_graph_with_unbacked_row_counts():
+    found = _compiled_packed(True)
+    _assert_compiled_matches(found)
+    # One forward graph, packed, serving both batches: the count of real tokens is symbolic, so
+    # a new count is no recompile.
+    assert found["graphs"] == [["1", "packed", "1"]]
+    assert found["warned"] == [["0"], ["0"]]
+
+
+def test_packed_encoder_compiled_without_the_option_runs_padded_in_one_graph():
+    found = _compiled_packed(False)
+    _assert_compiled_matches(found)
+    assert found["graphs"][0][2] == "0"  # no packing traced
+    assert found["warned"][0] == ["1"]
