@@ -106,6 +106,31 @@ def test_torch_compile_fullgraph_inductor_gpu():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_packed_encoder_compiled_fullgraph_inductor_gpu():
+    # The packed encoder as one inductor graph, its count of real tokens an unbacked size: two
+    # batches with other counts, loss and gradients against the uncompiled packed model (fp32,
+    # as above). The CPU tests check the same with aot_eager; here inductor generates the code.
+    model = hf_flash.patch(build("bert").cuda().train(), packed=True)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(model, fullgraph=True)
+        g = torch.Generator().manual_seed(0)
+        for lengths in ([64, 17, 40], [5, 64, 33]):
+            ids = torch.randint(3, 96, (3, 64), generator=g).cuda()
+            mask = (torch.arange(64)[None] < torch.tensor(lengths)[:, None]).long().cuda()
+            labels = ids.masked_fill(mask == 0, -100)
+            got, want = [], []
+            for run, grads in ((compiled, got), (model, want)):
+                model.zero_grad(set_to_none=True)
+                loss = run(input_ids=ids, attention_mask=mask, labels=labels).loss
+                loss.backward()
+                grads.extend([loss.detach()] + [p.grad.clone() for p in model.parameters()
+                                                if p.grad is not None])
+            assert len(got) == len(want)
+            top = max(w.abs().max().item() for w in want[1:])
+            torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+            assert max((a - b).abs().max().item() for a, b in zip(got[1:], want[1:])) < 1e-4 * top
+
+
 def test_dropout_kept_fraction_gpu():
     # Statistics: in train mode with attention dropout p, the expected output is unchanged.
     model = build("bert", attention_probs_dropout_prob=0.2).cuda()
