@@ -2,6 +2,7 @@
 
 import math
 import warnings
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -244,16 +245,37 @@ def _check_cu_seqlens(cu, query, total):
     return cu.contiguous()
 
 
+# The last cu_seqlens checked on the device: (weak reference, its version, total, max_seqlen,
+# stream). A model passes one cu_seqlens to every layer, whose check need not be queued again (a
+# dozen small launches, ~25 us of host time even on the CPU).
+_checked_cu: tuple = (None,)
+
+
+def _stream_of(t):
+    return torch._C._cuda_getCurrentRawStream(t.get_device()) if t.is_cuda else None
+
+
 def _assert_cu_seqlens_async(cu, total, max_seqlen):
     """What the CPU checks at once, checked on the device (no host sync): a few small ops and
-    one device-side assertion, queued before the kernels that trust `cu`."""
+    one device-side assertion, queued before the kernels that trust `cu`. Skipped for the
+    tensor checked last, unchanged (same version), with the same total and max_seqlen, on the
+    same stream: its check is queued ahead there, and a failed device assertion stops every
+    later launch."""
+    global _checked_cu
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        key = (cu._version, total, max_seqlen, _stream_of(cu))
+        if _checked_cu[0] is not None and _checked_cu[0]() is cu and _checked_cu[1:] == key:
+            return
     lengths = cu[1:] - cu[:-1]
     ok = ((cu[0] == 0) & (cu[-1] == total) & (lengths.min() >= 0)
           & (lengths.max() <= max_seqlen))
     # (Compiled, total may be symbolic, which dynamo cannot format into the message.)
-    rows = "the packed rows" if torch.compiler.is_compiling() else total
+    rows = "the packed rows" if compiling else total
     torch._assert_async(ok, f"hf_flash: cu_seqlens must rise from 0 to total ({rows}) without "
                             f"falling, each length at most max_seqlen ({max_seqlen})")
+    if not compiling:
+        _checked_cu = (weakref.ref(cu), *key)
 
 
 def _varlen_fallback(q4, k4, v4, cu, causal, scale, dropout_p):

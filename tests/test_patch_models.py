@@ -222,12 +222,17 @@ def test_torch_compile_fullgraph_captures_one_graph():
     out = run_fresh("""
 import conftest, torch, hf_flash
 from patch_utils import batch, build
+from torch._dynamo.utils import counters
 model = hf_flash.patch(build("gpt2")).eval()
-ids, mask, _ = batch("gpt2", "right")
-with torch.no_grad():
-    want = model(input_ids=ids, attention_mask=mask).logits
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    got = compiled(input_ids=ids, attention_mask=mask).logits
-print((got - want).abs().max().item())
+compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+for padding in ("right", "left"):  # a second call, other mask values: no recompile
+    ids, mask, _ = batch("gpt2", padding)
+    with torch.no_grad():  # compiled first: what the first call leaves must not recompile
+        got = compiled(input_ids=ids, attention_mask=mask).logits
+        want = model(input_ids=ids, attention_mask=mask).logits
+    print((got - want).abs().max().item())
+print(counters["stats"]["unique_graphs"])
 """)
-    assert float(out.split()[-1]) < 1e-5
+    *diffs, graphs = out.split()
+    assert len(diffs) == 2 and all(float(d) < 1e-5 for d in diffs)
+    assert graphs == "1"
