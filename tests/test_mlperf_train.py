@@ -115,6 +115,36 @@ def test_two_process_gloo_run_reaches_target(tiny, tmp_path):
     assert all(e["eval_predictions"] == _evals(curve)[0]["eval_predictions"] for e in _evals(curve))
 
 
+def _compiled_run_follows_the_plain_one(tiny, tmp_path, attn, tol):
+    # --compile compiles the BERT body in the untimed warm-up: the timed run meets no new graph
+    # (the Trainer's own switches, use_cache and grad mode, included), and learns what the
+    # uncompiled run learns.
+    plain = _evals(_train(tiny, tmp_path / "plain", attn=attn))
+    curve = _train(tiny, tmp_path / "compiled", "--compile", attn=attn)
+    head, check = curve[0], [r for r in curve if r["event"] == "compile_check"]
+    assert head["compiled"] and head["compiled_graphs_before_clock"] >= 2  # train and eval
+    assert check == [{"event": "compile_check",
+                      "compiled_graphs": head["compiled_graphs_before_clock"]}]
+    compiled = _evals(curve)
+    assert [e["step"] for e in compiled] == [e["step"] for e in plain]
+    for a, b in zip(compiled, plain):
+        assert abs(a["eval_loss"] - b["eval_loss"]) < tol * abs(b["eval_loss"])
+        assert abs(a["mlm_accuracy"] - b["mlm_accuracy"]) <= 1 / a["eval_predictions"]
+    return curve
+
+
+def test_compiled_tiny_run_follows_the_uncompiled_curve(tiny, tmp_path):
+    _compiled_run_follows_the_plain_one(tiny, tmp_path, "sdpa", 1e-4)
+
+
+@pytest.mark.gpu
+def test_compiled_packed_tiny_run_on_gpu_follows_the_uncompiled_curve(tiny, tmp_path):
+    # Inductor, the packing traced (an unbacked count of real tokens) and hf_flash's kernels as
+    # custom ops inside the graph; bf16, so the curves agree loosely.
+    curve = _compiled_run_follows_the_plain_one(tiny, tmp_path, "hf_flash_packed", 2e-2)
+    assert curve[0]["attn_how"].endswith("packed=True)")
+
+
 def test_packed_backend_patches_the_encoder(tiny):
     from train import load_model
 
@@ -208,3 +238,9 @@ def test_run_gpu_sh_modes_on_the_cpu(tiny, tmp_path):
     assert result["reached"]
     header = json.loads((runs / f"eager-t{TARGET}-s1-n1" / "curve.jsonl").read_text().splitlines()[0])
     assert header["init"]["state_dict_sha256"] == start["state_dict_sha256"]
+    # EXTRA="--compile": a configuration of its own, in its own folder and curve.
+    env["EXTRA"] += " --compile"
+    run_gpu("run", "sdpa", str(TARGET), "1")
+    name = f"sdpa-compiled-t{TARGET}-s1-n1"
+    assert json.loads((runs / name / "result.json").read_text())["reached"]
+    assert json.loads((tmp_path / "out" / f"{name}.jsonl").read_text().splitlines()[0])["compiled"]

@@ -15,7 +15,9 @@
 #   bash examples/mlperf_bert/run_gpu.sh run "ATTN [ATTN...]" TARGET [SEED=1]
 #       each backend in turn to TARGET, within this command's budget; a run that does not finish
 #       checkpoints and continues when the same line is issued again (--resume), while the machine
-#       is still held (the checkpoints live in runs/, which is not carried back).
+#       is still held (the checkpoints live in runs/, which is not carried back). With
+#       EXTRA=--compile each backend's BERT body runs compiled (train.py --compile), in folders and
+#       curves named ATTN-compiled-...
 #
 # Settings through the environment: BUDGET (seconds this command may use, default 570), OUT,
 # RUNS (default runs/mlperf_bert), DATA (default .carry/mlperf_bert/data), INIT_SEED (0), NPROC (1:
@@ -140,13 +142,16 @@ calibrate)
     ;;
 run)
     attns=${2:?attention backends, e.g. "hf_flash sdpa"}; target=${3:?target accuracy}; seed=${4:-1}
+    # A compiled run (EXTRA="--compile") is a configuration of its own: its own folder and curve.
+    case " $EXTRA " in *" --compile "*) compiled=-compiled ;; *) compiled= ;; esac
     for attn in $attns; do
-        dir=$RUNS/$attn-t$target-s$seed-n$NPROC
+        name=$attn$compiled-t$target-s$seed-n$NPROC
+        dir=$RUNS/$name
         limit=$(( $(left) - 40 ))  # room to write a BERT-large + LAMB checkpoint (~4 GB) and exit
         if [ "$limit" -lt 90 ]; then echo "no time left for $attn (issue the same line again)"; break; fi
         launch --data "$DATA" --init "$FROM" --attn "$attn" --target "$target" --seed "$seed" \
             --out "$dir" --time_limit "$limit" --resume $EXTRA || echo "$attn exited with $?"
-        cp "$dir/curve.jsonl" "$OUT/$attn-t$target-s$seed-n$NPROC.jsonl" || { echo "$attn wrote no curve"; break; }
+        cp "$dir/curve.jsonl" "$OUT/$name.jsonl" || { echo "$attn wrote no curve"; break; }
         [ -f "$dir/result.json" ] || break  # paused: the next command resumes it first
     done
     ;;
