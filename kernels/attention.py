@@ -75,7 +75,7 @@ def flash_attention(
         raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    elif not isinstance(scale, (int, float)) or not _finite(scale):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
 
     if causal_alignment not in ("top_left", "bottom_right"):
@@ -196,7 +196,7 @@ def flash_attention_varlen(
         raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    elif not isinstance(scale, (int, float)) or not _finite(scale):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     causal = CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE
     p = 0.0 if dropout_p == 1.0 else float(dropout_p)  # p = 1 drops everything, as below
@@ -204,7 +204,8 @@ def flash_attention_varlen(
         out4 = _NoWork.apply(q4, k4, v4)  # zeros, with a graph as any other call's
         lse = torch.full(q4.shape[:3], float("-inf"), device=query.device)
     elif query.device.type == "cpu" and not INTERPRET:
-        out4, lse = _varlen_fallback(q4, k4, v4, cu, causal, scale, p)
+        fallback = _varlen_fallback_traced if torch.compiler.is_compiling() else _varlen_fallback
+        out4, lse = fallback(q4, k4, v4, cu, causal, scale, p)
     else:
         out4, lse = _dispatch(q4, k4, v4, None, None, causal, scale, p, return_lse, cu,
                               max_seqlen)
@@ -214,6 +215,12 @@ def flash_attention_varlen(
     if return_lse:
         return out, lse.squeeze(0)
     return out
+
+
+def _finite(x) -> bool:
+    # math.isfinite, in a form dynamo traces when x is symbolic (compiled with dynamic=True, a
+    # model's float attributes such as its attention scaling become symbols).
+    return x == x and abs(x) != math.inf
 
 
 def _autocast_inputs(*tensors):
@@ -276,6 +283,16 @@ def _assert_cu_seqlens_async(cu, total, max_seqlen):
                             f"falling, each length at most max_seqlen ({max_seqlen})")
     if not compiling:
         _checked_cu = (weakref.ref(cu), *key)
+
+
+def _varlen_fallback_traced(q4, k4, v4, cu, causal, scale, dropout_p):
+    """The same under torch.compile, which cannot loop over lengths it does not know: one call
+    over all the rows, with a mask that keeps each row to its own sequence ((total x total)
+    scores: the CPU fallback is for small shapes anyway)."""
+    rows = torch.arange(q4.shape[2], dtype=cu.dtype, device=q4.device)
+    seq = torch.searchsorted(cu, rows, right=True)  # 1 + the sequence each row belongs to
+    return _dispatch(q4, k4, v4, seq[:, None] == seq[None, :], None, causal, scale, dropout_p,
+                     True)
 
 
 def _varlen_fallback(q4, k4, v4, cu, causal, scale, dropout_p):

@@ -1469,6 +1469,32 @@ print(max(max_err(a, b) for a, b in zip(g_ref, g_c)))
     assert float(out.split()[-1]) < 1e-5
 
 
+def test_torch_compile_dynamic_takes_a_symbolic_scale():
+    # Compiled with dynamic=True, a module's float attribute (HF's attention `scaling`) reaches
+    # the function as a symbol, which the argument checks must take without a graph break; both
+    # entry points, and a second scale runs the same graph.
+    out = run_fresh(f"""
+import conftest, torch, hf_flash
+from kernel_utils import make_qkv, max_err
+q, k, v = make_qkv(1, 2, 2, 24, 24, 16, torch.float32, {DEVICE!r})
+cu = torch.tensor([0, 10, 24], dtype=torch.int32, device={DEVICE!r})
+
+class Attend(torch.nn.Module):
+    scaling = 0.2
+    def forward(self, q, k, v):
+        packed = hf_flash.flash_attention_varlen(q, k, v, cu, 24, scale=self.scaling)
+        return hf_flash.flash_attention(q, k, v, scale=self.scaling) + packed
+
+m = Attend()
+compiled = torch.compile(m, fullgraph=True, dynamic=True,
+                         backend={"inductor" if GPU_GRID else "aot_eager"!r})
+for scale in (0.2, 0.3):
+    m.scaling = scale
+    print(max_err(compiled(q, k, v), m(q, k, v)))
+""")
+    assert [float(x) < 1e-5 for x in out.split()] == [True, True]
+
+
 def test_cpu_fallback_without_interpreter_warns_once_and_matches():
     code = (
         "import warnings, torch, hf_flash\n"
@@ -1487,6 +1513,27 @@ def test_cpu_fallback_without_interpreter_warns_once_and_matches():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_cpu_fallback_of_packed_sequences_compiles_to_one_graph():
+    # Without the interpreter the CPU runs packed sequences one by one, over lengths read from
+    # cu_seqlens; compiled, it takes them all at once, masked to their own sequences.
+    code = (
+        "import torch, hf_flash\n"
+        "q, k, v = (torch.randn(13, 2, 16, requires_grad=True) for _ in range(3))\n"
+        "cu = torch.tensor([0, 4, 4, 13], dtype=torch.int32)\n"
+        "f = lambda *a: hf_flash.flash_attention_varlen(*a, cu, 9, is_causal=True)\n"
+        "want = f(q, k, v)\n"
+        "grads = torch.autograd.grad(want.sum(), (q, k, v))\n"
+        "got = torch.compile(f, fullgraph=True, backend='aot_eager')(q, k, v)\n"
+        "again = torch.autograd.grad(got.sum(), (q, k, v))\n"
+        "print(max((a - b).abs().max().item() for a, b in zip((got, *again), (want, *grads))))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout.split()[-1]) < 1e-5
 
 
 def test_started_in_the_repo_root_the_kernels_load_once():
