@@ -240,8 +240,14 @@ def capturing_outputs() -> bool:
     return bool(_active_collector.get())
 
 
+# The keyword hf_flash's packed encoder (patches/bert.py) passes beside the cu_seq_lens it built
+# itself, valid by construction: the kernels then skip checking them in every layer.
+BUILT_CU_SEQ_LENS = "hf_flash_cu_seq_lens_built"
+
+
 def packed_rows(attention_mask, query, key, kwargs):
-    """(cu_seqlens, max_len) when the call is over packed sequences, else None.
+    """(cu_seqlens, max_len, built) when the call is over packed sequences, else None; `built`
+    when hf_flash's packed encoder made them.
 
     transformers passes cumulative lengths (cu_seq_lens_q/k) for sequences packed into one row
     of a batch of one, as FlashAttention's varlen API takes them. With no mask beside them, they
@@ -249,6 +255,7 @@ def packed_rows(attention_mask, query, key, kwargs):
     """
     cu_q, cu_k = kwargs.pop("cu_seq_lens_q", None), kwargs.pop("cu_seq_lens_k", None)
     max_q, max_k = kwargs.pop("max_length_q", None), kwargs.pop("max_length_k", None)
+    built = kwargs.pop(BUILT_CU_SEQ_LENS, False) is True
     if cu_q is None or attention_mask is not None:
         return None
     if query.shape[0] != 1 or query.shape[2] != key.shape[2]:
@@ -260,7 +267,8 @@ def packed_rows(attention_mask, query, key, kwargs):
         raise ValueError("hf_flash: cu_seq_lens_k differs from cu_seq_lens_q; packed attention "
                          "is served for self-attention, where both are the same")
     max_len = max_q if max_q is not None else max_k
-    return cu_q.to(torch.int32), (int(max_len) if max_len is not None else None)
+    return (cu_q.to(torch.int32), (int(max_len) if max_len is not None else None),
+            built and cu_k is cu_q and max_len is not None)
 
 
 def unservable_reason(module, query, key, value, kwargs) -> Optional[str]:
@@ -421,13 +429,14 @@ def hf_flash_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
                                        scaling=scaling, **kwargs)
 
     if packed is not None:
-        cu, max_len = packed
+        cu, max_len, built = packed
         _record(module, "kernel", f"packed sequences{', causal' if causal else ''}")
         # The (1, H, T, D) layout as it comes: no view to (T, H, D) and back, whose autograd
         # nodes cost host time in every layer's forward and backward.
         out = flash_attention_varlen(query, key, value, cu, max_len,
                                      dropout_p=float(dropout), is_causal=causal, scale=scaling,
-                                     enable_gqa=query.shape[1] != key.shape[1])
+                                     enable_gqa=query.shape[1] != key.shape[1],
+                                     _cu_seqlens_checked=built)
         return out.transpose(1, 2), None
     mask_args, detail = kernel_mask_args(attention_mask, causal, q_len, k_len, query.shape[0])
     _record(module, "kernel", detail)

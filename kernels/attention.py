@@ -2,7 +2,6 @@
 
 import math
 import warnings
-import weakref
 from typing import Optional, Union
 
 import torch
@@ -131,6 +130,7 @@ def flash_attention_varlen(
     enable_gqa: bool = False,
     *,
     return_lse: bool = False,
+    _cu_seqlens_checked: bool = False,
 ):
     """Attention over sequences packed back to back, with no padding anywhere.
 
@@ -153,6 +153,9 @@ def flash_attention_varlen(
     a read past the rows; on the CPU they raise ``ValueError``. The kernels see the
     same tiles as for one sequence of that length, so a batch of mixed lengths costs what its real
     tokens cost: this is what running a model on unpadded tokens needs.
+
+    (``_cu_seqlens_checked`` is for callers that build ``cu_seqlens`` and ``max_seqlen`` valid by
+    construction, hf_flash's packed encoder: it skips the check, a dozen small launches a call.)
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
@@ -181,17 +184,8 @@ def flash_attention_varlen(
                                    or max_seqlen < 0 or (max_seqlen == 0 and total > 0)):
         raise ValueError(f"max_seqlen must be a non-negative int, at least the longest sequence "
                          f"({total} rows hold tokens), got {max_seqlen!r}")
-    if max_seqlen is None or (cu.device.type == "cpu" and not torch.compiler.is_compiling()):
-        lengths = (cu[1:] - cu[:-1]).tolist()
-        if any(n < 0 for n in lengths) or int(cu[0]) != 0 or int(cu[-1]) != total:
-            raise ValueError(f"cu_seqlens must rise from 0 to total ({total}) without falling, "
-                             f"got {cu.tolist()}")
-        if max_seqlen is not None and max(lengths) > max_seqlen:
-            raise ValueError(f"max_seqlen ({max_seqlen}) is shorter than the longest sequence "
-                             f"({max(lengths)})")
-        max_seqlen = max(lengths) if max_seqlen is None else max_seqlen
-    else:
-        _assert_cu_seqlens_async(cu, total, max_seqlen)
+    if not (_cu_seqlens_checked and max_seqlen is not None):
+        max_seqlen = _check_lengths(cu, total, max_seqlen)
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
     if scale is None:
@@ -252,37 +246,37 @@ def _check_cu_seqlens(cu, query, total):
     return cu.contiguous()
 
 
-# The last cu_seqlens checked on the device: (weak reference, its version, total, max_seqlen,
-# stream). A model passes one cu_seqlens to every layer, whose check need not be queued again (a
-# dozen small launches, ~25 us of host time even on the CPU).
-_checked_cu: tuple = (None,)
-
-
-def _stream_of(t):
-    return torch._C._cuda_getCurrentRawStream(t.get_device()) if t.is_cuda else None
+def _check_lengths(cu, total, max_seqlen):
+    """Checks cu_seqlens (and max_seqlen, when given) against the rows; returns max_seqlen, read
+    from cu_seqlens when not given. On the CPU at once; on a GPU, with max_seqlen given, on the
+    device without waiting for it (as under torch.compile, which cannot read the values)."""
+    if max_seqlen is not None and (cu.device.type != "cpu" or torch.compiler.is_compiling()):
+        _assert_cu_seqlens_async(cu, total, max_seqlen)
+        return max_seqlen
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    if any(n < 0 for n in lengths) or int(cu[0]) != 0 or int(cu[-1]) != total:
+        raise ValueError(f"cu_seqlens must rise from 0 to total ({total}) without falling, "
+                         f"got {cu.tolist()}")
+    if max_seqlen is not None and max(lengths) > max_seqlen:
+        raise ValueError(f"max_seqlen ({max_seqlen}) is shorter than the longest sequence "
+                         f"({max(lengths)})")
+    return max(lengths) if max_seqlen is None else max_seqlen
 
 
 def _assert_cu_seqlens_async(cu, total, max_seqlen):
     """What the CPU checks at once, checked on the device (no host sync): a few small ops and
-    one device-side assertion, queued before the kernels that trust `cu`. Skipped for the
-    tensor checked last, unchanged (same version), with the same total and max_seqlen, on the
-    same stream: its check is queued ahead there, and a failed device assertion stops every
-    later launch."""
-    global _checked_cu
-    compiling = torch.compiler.is_compiling()
-    if not compiling:
-        key = (cu._version, total, max_seqlen, _stream_of(cu))
-        if _checked_cu[0] is not None and _checked_cu[0]() is cu and _checked_cu[1:] == key:
-            return
+    one device-side assertion, queued before the kernels that trust `cu`."""
     lengths = cu[1:] - cu[:-1]
     ok = ((cu[0] == 0) & (cu[-1] == total) & (lengths.min() >= 0)
           & (lengths.max() <= max_seqlen))
-    # (Compiled, total may be symbolic, which dynamo cannot format into the message.)
-    rows = "the packed rows" if compiling else total
-    torch._assert_async(ok, f"hf_flash: cu_seqlens must rise from 0 to total ({rows}) without "
-                            f"falling, each length at most max_seqlen ({max_seqlen})")
-    if not compiling:
-        _checked_cu = (weakref.ref(cu), *key)
+    if torch.compiler.is_compiling():
+        # Compiled, total and max_seqlen may be symbolic: formatted into the message they would
+        # specialise the graph on their values (a recompile for every padded length).
+        torch._assert_async(ok, "hf_flash: cu_seqlens must rise from 0 to total (the packed "
+                                "rows) without falling, each length at most max_seqlen")
+    else:
+        torch._assert_async(ok, f"hf_flash: cu_seqlens must rise from 0 to total ({total}) "
+                                f"without falling, each length at most max_seqlen ({max_seqlen})")
 
 
 def _varlen_fallback_traced(q4, k4, v4, cu, causal, scale, dropout_p):

@@ -57,14 +57,18 @@ def _packed_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     attention_mask = attention_mask[:, 0, 0, :]
     lengths = attention_mask.sum(1, dtype=torch.int32)
     cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    # The rows to keep: the one host sync of this mode, once per forward (compiled, an unbacked
-    # size). The padded length bounds the longest sequence: the kernels' grids are sized by it,
-    # and their programs past a sequence's end return at once, so the exact longest (a second
-    # sync) would buy nothing, and a bound that does not change keeps one launch plan per layer.
+    # The rows to keep (compiled, an unbacked count): a host sync, once per forward. The longest
+    # length sizes the kernels' grids; read right after, it costs no second wait. Compiled, the
+    # padded length bounds it instead (reading it would break the graph): the kernels' programs
+    # past a sequence's end return at once, so only a batch padded far past its longest sample
+    # launches many of them.
     rows = attention_mask.reshape(-1).nonzero().squeeze(1)
+    longest = N if torch.compiler.is_compiling() else int(lengths.max())
     packed = hidden_states.reshape(B * N, C).index_select(0, rows).unsqueeze(0)
-    out = unpacked(self, packed, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=N,
-                   max_length_k=N, **kwargs)
+    # Valid by construction (lengths of a bool mask, at most N and summing to the rows kept), so
+    # the attention calls need not check them: that keyword says so.
+    out = unpacked(self, packed, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+                   max_length_k=longest, **{_glue.BUILT_CU_SEQ_LENS: True}, **kwargs)
     real = out[0].squeeze(0)  # a view in backward too ([0] would allocate and copy)
     full = real.new_zeros(B * N, C).index_copy(0, rows, real).view(B, N, C)
     if isinstance(out, tuple):

@@ -119,6 +119,31 @@ def test_packed_is_refused_where_no_family_packs():
         hf_flash.patch(build("bert"), packed="yes")
 
 
+def test_only_cu_seq_lens_the_encoder_built_skip_their_check(monkeypatch):
+    # The packed encoder builds cu_seq_lens valid by construction and says so: its layers skip
+    # the check (on a GPU a dozen small launches each). cu_seq_lens from anyone else are checked
+    # in every call, and a keyword that merely says "built" beside them does not count unless
+    # it is True and the lengths come as the encoder passes them.
+    from hf_flash.kernels import attention
+    checks = []
+    real = attention._check_lengths
+    monkeypatch.setattr(attention, "_check_lengths", lambda *a: checks.append(a) or real(*a))
+    model = hf_flash.patch(build("bert").eval(), packed=True)
+    ids, mask, _ = _holey_batch("bert")
+    model(input_ids=ids, attention_mask=mask)
+    assert checks == []
+    layer = model.bert.encoder.layer[0].attention.self
+    x = torch.randn(1, 13, model.config.hidden_size)
+    cu = torch.tensor([0, 6, 13], dtype=torch.int32)
+    layer(x, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7)
+    assert len(checks) == 1
+    layer(x, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, hf_flash_cu_seq_lens_built=True)
+    assert len(checks) == 2  # no max_length: read from the lengths, so checked
+    bad = torch.tensor([0, 6, 14], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to total"):
+        layer(x, None, cu_seq_lens_q=bad, cu_seq_lens_k=bad, max_length_q=8, max_length_k=8)
+
+
 def test_cu_seq_lens_from_the_caller_pack_attention():
     # transformers' own packed-sequence arguments (as FlashAttention-2 users pass them) reach the
     # varlen kernel: two sequences in one row must not see each other.
@@ -152,9 +177,11 @@ def backend(gm, example_inputs):  # aot_eager, keeping each captured graph's cod
 model = hf_flash.patch(build("bert").train(), packed=True)
 compiled = torch.compile(model, backend=backend, fullgraph=True)
 g = torch.Generator().manual_seed(0)
-for lengths in ([11, 6, 9], [4, 11, 8]):  # two batches, other counts of real tokens
-    ids = torch.randint(3, 96, (3, 11), generator=g)
-    mask = (torch.arange(11)[None] < torch.tensor(lengths)[:, None]).long()
+# Batches with other counts of real tokens, then padded to other lengths.
+for lengths in ([11, 6, 9], [4, 11, 8], [13, 2, 7], [5, 9, 15]):
+    width = max(lengths)
+    ids = torch.randint(3, 96, (3, width), generator=g)
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
     labels = ids.masked_fill(mask == 0, -100)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -183,7 +210,7 @@ def _compiled_packed(option: bool) -> dict:
 
 
 def _assert_compiled_matches(found):
-    assert len(found["logits"]) == 2
+    assert len(found["logits"]) == 4
     for (logits,), (loss,), (grads, all_grads) in zip(found["logits"], found["loss"],
                                                       found["grads"]):
         assert float(logits) < 1e-5 and float(loss) < 1e-5
@@ -193,14 +220,15 @@ def _assert_compiled_matches(found):
 def test_packed_encoder_compiles_to_one_graph_with_unbacked_row_counts():
     found = _compiled_packed(True)
     _assert_compiled_matches(found)
-    # One forward graph, packed, serving both batches: the count of real tokens is symbolic, so
-    # a new count is no recompile.
-    assert found["graphs"] == [["1", "packed", "1"]]
-    assert found["warned"] == [["0"], ["0"]]
+    # Packed forward graphs: the count of real tokens is symbolic, so a new count is no
+    # recompile; a new padded length is one, once (dynamo's automatic dynamic shapes, as for any
+    # model), not one for each length.
+    assert found["graphs"] == [["2", "packed", "2"]]
+    assert found["warned"] == [["0"]] * 4
 
 
 def test_packed_encoder_compiled_without_the_option_runs_padded_in_one_graph():
     found = _compiled_packed(False)
     _assert_compiled_matches(found)
-    assert found["graphs"][0][2] == "0"  # no packing traced
-    assert found["warned"][0] == ["1"]
+    assert found["graphs"] == [["2", "packed", "0"]]  # as above; no packing traced
+    assert found["warned"] == [["1"], ["0"], ["0"], ["0"]]
