@@ -115,33 +115,40 @@ def test_two_process_gloo_run_reaches_target(tiny, tmp_path):
     assert all(e["eval_predictions"] == _evals(curve)[0]["eval_predictions"] for e in _evals(curve))
 
 
-def _compiled_run_follows_the_plain_one(tiny, tmp_path, attn, tol):
+def _compiled_run_follows_the_plain_one(tiny, tmp_path, attn, tol, same_draws):
     # --compile compiles the BERT body in the untimed warm-up: the timed run meets no new graph
     # (the Trainer's own switches, use_cache and grad mode, included), and learns what the
-    # uncompiled run learns.
+    # uncompiled run learns. With the same dropout draws (aot_eager runs the same ops in the same
+    # order) the curves agree evaluation by evaluation; inductor draws its own, so there only the
+    # first evaluation is compared, and both must reach the target.
     plain = _evals(_train(tiny, tmp_path / "plain", attn=attn))
     curve = _train(tiny, tmp_path / "compiled", "--compile", attn=attn)
     head, check = curve[0], [r for r in curve if r["event"] == "compile_check"]
     assert head["compiled"] and head["compiled_graphs_before_clock"] >= 2  # train and eval
     assert check == [{"event": "compile_check",
                       "compiled_graphs": head["compiled_graphs_before_clock"]}]
+    assert json.loads((tmp_path / "compiled" / "result.json").read_text())["reached"]
     compiled = _evals(curve)
-    assert [e["step"] for e in compiled] == [e["step"] for e in plain]
-    for a, b in zip(compiled, plain):
+    if same_draws:
+        assert [e["step"] for e in compiled] == [e["step"] for e in plain]
+    for a, b in zip(compiled, plain if same_draws else plain[:1]):
+        assert a["step"] == b["step"]
         assert abs(a["eval_loss"] - b["eval_loss"]) < tol * abs(b["eval_loss"])
-        assert abs(a["mlm_accuracy"] - b["mlm_accuracy"]) <= 1 / a["eval_predictions"]
+        if same_draws:
+            assert abs(a["mlm_accuracy"] - b["mlm_accuracy"]) <= 1 / a["eval_predictions"]
     return curve
 
 
 def test_compiled_tiny_run_follows_the_uncompiled_curve(tiny, tmp_path):
-    _compiled_run_follows_the_plain_one(tiny, tmp_path, "sdpa", 1e-4)
+    _compiled_run_follows_the_plain_one(tiny, tmp_path, "sdpa", 1e-4, same_draws=True)
 
 
 @pytest.mark.gpu
 def test_compiled_packed_tiny_run_on_gpu_follows_the_uncompiled_curve(tiny, tmp_path):
     # Inductor, the packing traced (an unbacked count of real tokens) and hf_flash's kernels as
-    # custom ops inside the graph; bf16, so the curves agree loosely.
-    curve = _compiled_run_follows_the_plain_one(tiny, tmp_path, "hf_flash_packed", 2e-2)
+    # custom ops inside the graph; bf16 and inductor's own dropout draws, so loosely.
+    curve = _compiled_run_follows_the_plain_one(tiny, tmp_path, "hf_flash_packed", 2e-2,
+                                                same_draws=False)
     assert curve[0]["attn_how"].endswith("packed=True)")
 
 
