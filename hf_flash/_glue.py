@@ -241,8 +241,11 @@ def capturing_outputs() -> bool:
 
 
 # The keyword hf_flash's packed encoder (patches/bert.py) passes beside the cu_seq_lens it built
-# itself, valid by construction: the kernels then skip checking them in every layer.
+# itself, valid by construction, and its value: the kernels then skip checking them in every
+# layer. The value is an object of hf_flash's own, so no caller's keyword can pass for it
+# (transformers hands a model's keyword arguments down to every attention call).
 BUILT_CU_SEQ_LENS = "hf_flash_cu_seq_lens_built"
+BUILT = object()
 
 
 def packed_rows(attention_mask, query, key, kwargs):
@@ -255,7 +258,7 @@ def packed_rows(attention_mask, query, key, kwargs):
     """
     cu_q, cu_k = kwargs.pop("cu_seq_lens_q", None), kwargs.pop("cu_seq_lens_k", None)
     max_q, max_k = kwargs.pop("max_length_q", None), kwargs.pop("max_length_k", None)
-    built = kwargs.pop(BUILT_CU_SEQ_LENS, False) is True
+    built = kwargs.pop(BUILT_CU_SEQ_LENS, None) is BUILT
     if cu_q is None or attention_mask is not None:
         return None
     if query.shape[0] != 1 or query.shape[2] != key.shape[2]:

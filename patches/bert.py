@@ -54,21 +54,28 @@ def _packed_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         _untraceable_packing()
         return unpacked(self, hidden_states, attention_mask, *args, **kwargs)
     B, N, C = hidden_states.shape
-    attention_mask = attention_mask[:, 0, 0, :]
-    lengths = attention_mask.sum(1, dtype=torch.int32)
+    if B == 0:
+        return unpacked(self, hidden_states, attention_mask, *args, **kwargs)
+    keep = attention_mask[:, 0, 0, :]
+    lengths = keep.sum(1, dtype=torch.int32)
     cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    # The rows to keep (compiled, an unbacked count): a host sync, once per forward. The longest
-    # length sizes the kernels' grids; read right after, it costs no second wait. Compiled, the
-    # padded length bounds it instead (reading it would break the graph): the kernels' programs
-    # past a sequence's end return at once, so only a batch padded far past its longest sample
-    # launches many of them.
-    rows = attention_mask.reshape(-1).nonzero().squeeze(1)
-    longest = N if torch.compiler.is_compiling() else int(lengths.max())
+    compiling = torch.compiler.is_compiling()
+    # The longest length sizes the kernels' grids. Compiled, the padded length bounds it instead
+    # (reading it would break the graph): the kernels' programs past a sequence's end return at
+    # once, so only a batch padded far past its longest sample launches many of them.
+    longest = N if compiling else lengths.max()  # queued before nonzero's wait, read after it
+    # The rows to keep (compiled, an unbacked count): the host waits for the GPU here, once per
+    # forward.
+    rows = keep.reshape(-1).nonzero().squeeze(1)
+    if not compiling:
+        if rows.numel() == 0:  # nothing but padding: nothing to pack
+            return unpacked(self, hidden_states, attention_mask, *args, **kwargs)
+        longest = int(longest)
     packed = hidden_states.reshape(B * N, C).index_select(0, rows).unsqueeze(0)
     # Valid by construction (lengths of a bool mask, at most N and summing to the rows kept), so
-    # the attention calls need not check them: that keyword says so.
+    # the attention calls need not check them: the keyword says so.
     out = unpacked(self, packed, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
-                   max_length_k=longest, **{_glue.BUILT_CU_SEQ_LENS: True}, **kwargs)
+                   max_length_k=longest, **{_glue.BUILT_CU_SEQ_LENS: _glue.BUILT}, **kwargs)
     real = out[0].squeeze(0)  # a view in backward too ([0] would allocate and copy)
     full = real.new_zeros(B * N, C).index_copy(0, rows, real).view(B, N, C)
     if isinstance(out, tuple):

@@ -1464,6 +1464,25 @@ for scale in (0.2, 0.3):
     assert [float(x) < 1e-5 for x in out.split()] == [True, True]
 
 
+def test_torch_compile_varlen_check_does_not_specialise_on_lengths():
+    # Compiled, the device check of cu_seqlens takes total and max_seqlen as symbols: a message
+    # formatted with them would make dynamo guard on their values, one graph per length.
+    out = run_fresh(f"""
+import conftest, torch, hf_flash
+from torch._dynamo.utils import counters
+f = lambda q, cu, n: hf_flash.flash_attention_varlen(q, q, q, cu, n)
+compiled = torch.compile(f, fullgraph=True, backend={"inductor" if GPU_GRID else "aot_eager"!r})
+for total, n in ((20, 11), (26, 13), (30, 15), (34, 17)):
+    q = torch.randn(1, 2, total, 16, device={DEVICE!r})
+    cu = torch.tensor([0, n, total], dtype=torch.int32, device={DEVICE!r})
+    print((compiled(q, cu, n) - f(q, cu, n)).abs().max().item())
+print(counters["stats"]["unique_graphs"])
+""")
+    *diffs, graphs = out.split()
+    assert len(diffs) == 4 and all(float(d) < 1e-5 for d in diffs)
+    assert graphs == "2"  # the first lengths, then dynamic ones (dynamo's automatic dynamic)
+
+
 def test_cpu_fallback_without_interpreter_warns_once_and_matches():
     code = (
         "import warnings, torch, hf_flash\n"

@@ -127,7 +127,8 @@ def _compiled_run_follows_the_plain_one(tiny, tmp_path, attn, tol, same_draws):
     assert head["compiled"] and head["compiled_graphs_before_clock"] >= 2  # train and eval
     assert check == [{"event": "compile_check",
                       "compiled_graphs": head["compiled_graphs_before_clock"]}]
-    assert json.loads((tmp_path / "compiled" / "result.json").read_text())["reached"]
+    for run in ("plain", "compiled"):
+        assert json.loads((tmp_path / run / "result.json").read_text())["reached"], run
     compiled = _evals(curve)
     if same_draws:
         assert [e["step"] for e in compiled] == [e["step"] for e in plain]

@@ -120,10 +120,11 @@ def test_packed_is_refused_where_no_family_packs():
 
 
 def test_only_cu_seq_lens_the_encoder_built_skip_their_check(monkeypatch):
-    # The packed encoder builds cu_seq_lens valid by construction and says so: its layers skip
-    # the check (on a GPU a dozen small launches each). cu_seq_lens from anyone else are checked
-    # in every call, and a keyword that merely says "built" beside them does not count unless
-    # it is True and the lengths come as the encoder passes them.
+    # The packed encoder builds cu_seq_lens valid by construction and says so, with a value of
+    # hf_flash's own: its layers skip the check (on a GPU a dozen small launches each).
+    # cu_seq_lens from anyone else are checked in every call, whatever keyword comes with them:
+    # transformers hands a model's keyword arguments down to every attention call.
+    from hf_flash import _glue
     from hf_flash.kernels import attention
     checks = []
     real = attention._check_lengths
@@ -131,17 +132,52 @@ def test_only_cu_seq_lens_the_encoder_built_skip_their_check(monkeypatch):
     model = hf_flash.patch(build("bert").eval(), packed=True)
     ids, mask, _ = _holey_batch("bert")
     model(input_ids=ids, attention_mask=mask)
-    assert checks == []
     layer = model.bert.encoder.layer[0].attention.self
+    assert layer._hf_flash_last_call == ("kernel", "packed sequences")
+    assert checks == []
     x = torch.randn(1, 13, model.config.hidden_size)
     cu = torch.tensor([0, 6, 13], dtype=torch.int32)
-    layer(x, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7)
-    assert len(checks) == 1
-    layer(x, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, hf_flash_cu_seq_lens_built=True)
-    assert len(checks) == 2  # no max_length: read from the lengths, so checked
+    for claim in (None, True, "hf_flash", _glue.BUILT):
+        extra = {} if claim is None else {_glue.BUILT_CU_SEQ_LENS: claim}
+        before = len(checks)
+        # Another tensor for k (equal values), or no max length: checked even with the claim.
+        layer(x, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(), max_length_q=7,
+              max_length_k=7, **extra)
+        layer(x, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, **extra)
+        assert len(checks) == before + 2, claim
+        if claim is not _glue.BUILT:
+            layer(x, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7,
+                  **extra)
+            assert len(checks) == before + 3, claim
     bad = torch.tensor([0, 6, 14], dtype=torch.int32)
     with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to total"):
-        layer(x, None, cu_seq_lens_q=bad, cu_seq_lens_k=bad, max_length_q=8, max_length_k=8)
+        model(input_ids=ids[:1, :13], cu_seq_lens_q=bad, cu_seq_lens_k=bad, max_length_q=8,
+              max_length_k=8, **{_glue.BUILT_CU_SEQ_LENS: True})
+
+
+def test_varlen_skips_its_check_only_for_lengths_said_to_be_checked(monkeypatch):
+    from hf_flash.kernels import attention
+    checks = []
+    real = attention._check_lengths
+    monkeypatch.setattr(attention, "_check_lengths", lambda *a: checks.append(a) or real(*a))
+    q = torch.randn(13, 2, 8)
+    cu = torch.tensor([0, 6, 13], dtype=torch.int32)
+    hf_flash.flash_attention_varlen(q, q, q, cu, 7, _cu_seqlens_checked=True)
+    assert checks == []
+    hf_flash.flash_attention_varlen(q, q, q, cu, 7)
+    hf_flash.flash_attention_varlen(q, q, q, cu, _cu_seqlens_checked=True)  # no max: read, checked
+    assert len(checks) == 2
+
+
+def test_packed_batch_of_padding_only_runs_padded():
+    model = hf_flash.patch(build("bert").eval(), packed=True)
+    ids, mask, _ = _holey_batch("bert")
+    mask[:] = 0
+    hidden = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert hidden.shape == (*ids.shape, model.config.hidden_size)
+    layer = model.bert.encoder.layer[0].attention.self
+    assert layer._hf_flash_last_call[0] == "kernel"
+    assert layer._hf_flash_last_call != ("kernel", "packed sequences")
 
 
 def test_cu_seq_lens_from_the_caller_pack_attention():
