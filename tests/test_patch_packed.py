@@ -119,16 +119,22 @@ def test_packed_is_refused_where_no_family_packs():
         hf_flash.patch(build("bert"), packed="yes")
 
 
+def _count_length_checks(monkeypatch) -> list:
+    """A list that each check of cu_seqlens (kernels.attention._check_lengths) appends to."""
+    from hf_flash.kernels import attention
+    checks = []
+    real = attention._check_lengths
+    monkeypatch.setattr(attention, "_check_lengths", lambda *a: checks.append(a) or real(*a))
+    return checks
+
+
 def test_only_cu_seq_lens_the_encoder_built_skip_their_check(monkeypatch):
     # The packed encoder builds cu_seq_lens valid by construction and says so, with a value of
     # hf_flash's own: its layers skip the check (on a GPU a dozen small launches each).
     # cu_seq_lens from anyone else are checked in every call, whatever keyword comes with them:
     # transformers hands a model's keyword arguments down to every attention call.
     from hf_flash import _glue
-    from hf_flash.kernels import attention
-    checks = []
-    real = attention._check_lengths
-    monkeypatch.setattr(attention, "_check_lengths", lambda *a: checks.append(a) or real(*a))
+    checks = _count_length_checks(monkeypatch)
     model = hf_flash.patch(build("bert").eval(), packed=True)
     ids, mask, _ = _holey_batch("bert")
     model(input_ids=ids, attention_mask=mask)
@@ -156,10 +162,7 @@ def test_only_cu_seq_lens_the_encoder_built_skip_their_check(monkeypatch):
 
 
 def test_varlen_skips_its_check_only_for_lengths_said_to_be_checked(monkeypatch):
-    from hf_flash.kernels import attention
-    checks = []
-    real = attention._check_lengths
-    monkeypatch.setattr(attention, "_check_lengths", lambda *a: checks.append(a) or real(*a))
+    checks = _count_length_checks(monkeypatch)
     q = torch.randn(13, 2, 8)
     cu = torch.tensor([0, 6, 13], dtype=torch.int32)
     hf_flash.flash_attention_varlen(q, q, q, cu, 7, _cu_seqlens_checked=True)
