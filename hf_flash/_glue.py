@@ -395,12 +395,26 @@ def _eager_function(module):
 
 
 def _record(module, path: str, detail: str) -> None:
-    # Read back by explain(); skipped while compiling so the graph has no side effects.
-    if not torch.compiler.is_compiling():
-        try:
-            object.__setattr__(module, "_hf_flash_last_call", (path, detail))
-        except Exception:  # pragma: no cover - exotic modules with __slots__
-            pass
+    # Read back by explain(). Compiled, it is written once, while dynamo traces, outside the
+    # graph: the path and mask form are fixed within one graph, and a write inside the graph
+    # would be a side effect for dynamo to replay on every call.
+    if torch.compiler.is_compiling():
+        _record_when_traced(module, path, detail)
+    else:
+        _set_last_call(module, (path, detail))
+
+
+@torch._dynamo.assume_constant_result
+def _record_when_traced(module, path: str, detail: str) -> int:
+    _set_last_call(module, (path, f"{detail}; as compiled"))
+    return 0
+
+
+def _set_last_call(module, value) -> None:
+    try:
+        object.__setattr__(module, "_hf_flash_last_call", value)
+    except Exception:  # pragma: no cover - exotic modules with __slots__
+        pass
 
 
 def hf_flash_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,

@@ -229,10 +229,14 @@ for padding in ("right", "left"):  # a second call, other mask values: no recomp
     ids, mask, _ = batch("gpt2", padding)
     with torch.no_grad():  # compiled first: what the first call leaves must not recompile
         got = compiled(input_ids=ids, attention_mask=mask).logits
+        if padding == "right":  # explain() reads what the trace recorded, outside the graph
+            calls = {r["last_call"] for r in hf_flash.explain(model, file=open("/dev/null", "w"))}
         want = model(input_ids=ids, attention_mask=mask).logits
     print((got - want).abs().max().item())
 print(counters["stats"]["unique_graphs"])
+print(calls == {("kernel", "causal, key padding; as compiled")})
 """)
-    *diffs, graphs = out.split()
+    *diffs, graphs, recorded = out.split()
     assert len(diffs) == 2 and all(float(d) < 1e-5 for d in diffs)
     assert graphs == "1"
+    assert recorded == "True"
