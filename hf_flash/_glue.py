@@ -119,7 +119,7 @@ def _refuse_bypassing_models(config) -> None:
     """
     if config is None:
         return
-    name = _bypassing_model_of(type(config), config)
+    name = _bypassing_model_of(type(config), getattr(config, "model_type", None))
     if name is not None:
         from ._registry import UnsupportedModelError
         raise UnsupportedModelError(
@@ -130,30 +130,32 @@ def _refuse_bypassing_models(config) -> None:
 
 
 @torch._dynamo.assume_constant_result
-def _bypassing_model_of(key, config) -> Optional[str]:
+def _bypassing_model_of(config_class: type, model_type: Optional[str]) -> Optional[str]:
     """_bypassing_model, once per config class. Compiled, run while dynamo traces, outside the
     graph: filling the cache inside it would make the graph guard on the cache, and recompile
-    on the next call, once the cache holds what the first call put there."""
+    on the next call, once the cache holds what the first call put there. Its arguments are
+    constants (a class, a string): torch 2.11's dynamo passes no other objects to such a call."""
+    key = (config_class, model_type)
     if key not in _bypassing:
-        _bypassing[key] = _bypassing_model(config)
+        _bypassing[key] = _bypassing_model(config_class, model_type)
     return _bypassing[key]
 
 
-def _bypassing_model(config) -> Optional[str]:
+def _bypassing_model(config_class: type, model_type: Optional[str]) -> Optional[str]:
     """The name of a model class built on this config class (found among the loaded modules of
     the config's own package) whose attention never calls AttentionInterface, else None."""
     from transformers import PreTrainedModel
 
     from ._registry import supported_model_types
 
-    if getattr(config, "model_type", None) in supported_model_types():
+    if model_type in supported_model_types():
         return None
-    package = type(config).__module__.rpartition(".")[0] + "."
+    package = config_class.__module__.rpartition(".")[0] + "."
     found = [obj for name, module in list(sys.modules.items())
              if name.startswith(package) and module is not None
              for obj in list(vars(module).values())
              if isinstance(obj, type) and issubclass(obj, PreTrainedModel)
-             and obj.__module__ == name and obj.config_class is type(config)
+             and obj.__module__ == name and obj.config_class is config_class
              and _runs_its_own_attention(obj)]
     # Named by a model class users build (BloomModel), not the shared base (BloomPreTrainedModel).
     found.sort(key=lambda cls: cls.__name__.endswith("PreTrainedModel"))
@@ -395,26 +397,14 @@ def _eager_function(module):
 
 
 def _record(module, path: str, detail: str) -> None:
-    # Read back by explain(). Compiled, it is written once, while dynamo traces, outside the
-    # graph: the path and mask form are fixed within one graph, and a write inside the graph
-    # would be a side effect for dynamo to replay on every call.
-    if torch.compiler.is_compiling():
-        _record_when_traced(module, path, detail)
-    else:
-        _set_last_call(module, (path, detail))
-
-
-@torch._dynamo.assume_constant_result
-def _record_when_traced(module, path: str, detail: str) -> int:
-    _set_last_call(module, (path, f"{detail}; as compiled"))
-    return 0
-
-
-def _set_last_call(module, value) -> None:
-    try:
-        object.__setattr__(module, "_hf_flash_last_call", value)
-    except Exception:  # pragma: no cover - exotic modules with __slots__
-        pass
+    # Read back by explain(); skipped while compiling so the graph has no side effects. (Writing
+    # it while dynamo traces, through assume_constant_result, would take the module as an
+    # argument, which torch 2.11's dynamo refuses: only constants and tensors pass.)
+    if not torch.compiler.is_compiling():
+        try:
+            object.__setattr__(module, "_hf_flash_last_call", (path, detail))
+        except Exception:  # pragma: no cover - exotic modules with __slots__
+            pass
 
 
 def hf_flash_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,

@@ -283,7 +283,7 @@ def explain(model, file=None) -> list:
 
     Keys: layer, module, path ("hf_flash kernel", "eager fallback", or "not patched"), mask (how
     masks reach the kernel), scale, dropout, reason, last_call (path and mask form of the latest
-    call, once the model has run; compiled, of the latest trace, marked "as compiled").
+    call, once the model has run).
     """
     file = sys.stdout if file is None else file
     hf = find_pretrained(model)

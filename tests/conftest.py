@@ -44,6 +44,29 @@ def device():
     return DEVICE
 
 
+def strict_constant_results() -> None:
+    """Make this process's dynamo hold functions marked assume_constant_result to torch 2.11's
+    rule: their arguments must be tensors or Python constants (a class, a string, a number).
+    torch 2.13 also passes other objects (a model's config, a module) by identity, so code that
+    compiles here could fail under 2.11 with "... is not a constant" unless a test checks."""
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 13):
+        return  # the rule is dynamo's own here
+    from torch._dynamo.variables import functions
+    from torch._dynamo.variables.user_defined import UserDefinedObjectVariable
+
+    call = functions.invoke_and_store_as_constant
+
+    def strict(tx, fn, name, args, kwargs):
+        for arg in [*args, *kwargs.values()]:
+            if isinstance(arg, UserDefinedObjectVariable) or (
+                    not arg.is_tensor() and not arg.is_python_constant()):
+                raise AssertionError(f"{name} takes {arg}, which torch 2.11 cannot pass to an "
+                                     f"assume_constant_result function")
+        return call(tx, fn, name, args, kwargs)
+
+    functions.invoke_and_store_as_constant = strict
+
+
 def run_fresh(code: str, timeout: int = 600, fails: bool = False) -> str:
     """Run `code` in a new Python process (same environment, tests/ importable); return stdout,
     or with fails=True assert that it fails and return its stderr.

@@ -208,6 +208,7 @@ import warnings
 import conftest, torch, hf_flash
 from torch._dynamo.backends.registry import lookup_backend
 from patch_utils import build, run
+conftest.strict_constant_results()
 torch._dynamo.config.capture_dynamic_output_shape_ops = {option}
 graphs = []
 def backend(gm, example_inputs):  # aot_eager, keeping each captured graph's code
