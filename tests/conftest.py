@@ -49,7 +49,7 @@ def strict_constant_results() -> None:
     rule: their arguments must be tensors or Python constants (a class, a string, a number).
     torch 2.13 also passes other objects (a model's config, a module) by identity, so code that
     compiles here could fail under 2.11 with "... is not a constant" unless a test checks."""
-    if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 13):
+    if torch.__version__ < "2.13":
         return  # the rule is dynamo's own here
     from torch._dynamo.variables import functions
     from torch._dynamo.variables.user_defined import UserDefinedObjectVariable
@@ -67,9 +67,10 @@ def strict_constant_results() -> None:
     functions.invoke_and_store_as_constant = strict
 
 
-def run_fresh(code: str, timeout: int = 600, fails: bool = False) -> str:
+def run_fresh(code: str, timeout: int = 600, fails: bool = False, env: dict = None) -> str:
     """Run `code` in a new Python process (same environment, tests/ importable); return stdout,
-    or with fails=True assert that it fails and return its stderr.
+    or with fails=True assert that it fails and return its stderr. `env`: variables to set in
+    its environment (None: unset).
 
     torch.compile tests run this way: dynamo and the custom-op registry are process-wide, and a
     compile test should see what a user's fresh process sees, not what earlier tests left behind.
@@ -77,7 +78,10 @@ def run_fresh(code: str, timeout: int = 600, fails: bool = False) -> str:
     """
     import subprocess
     import sys
-    env = dict(os.environ)
+    changes, env = env or {}, dict(os.environ)
+    env.update({k: v for k, v in changes.items() if v is not None})
+    for k in [k for k, v in changes.items() if v is None]:  # None: unset it
+        env.pop(k, None)
     here = os.path.dirname(os.path.abspath(__file__))
     # No empty entry: Python reads one as the current folder, which from the repository root
     # would put its kernels/ folder ahead of the 'kernels' package transformers imports.

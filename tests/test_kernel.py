@@ -8,8 +8,6 @@ every dtype, more head dims and longer sequences.
 import itertools
 import os
 import re
-import subprocess
-import sys
 import warnings
 import zlib
 
@@ -1486,12 +1484,7 @@ print(counters["stats"]["unique_graphs"])
 def _run_on_the_cpu_fallback(code: str) -> str:
     """Runs `code` in a process without Triton's interpreter and without a GPU (so on the plain
     PyTorch fallback); returns its stdout."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return res.stdout
+    return run_fresh(code, timeout=300, env={"TRITON_INTERPRET": None, "CUDA_VISIBLE_DEVICES": ""})
 
 
 def test_cpu_fallback_without_interpreter_warns_once_and_matches():
