@@ -2,6 +2,7 @@
 
     python benchmarks/profile_op.py --case bert     # B32 H16 N512 D64, fwd+bwd, bf16
     python benchmarks/profile_op.py --case gpt2 --padded --dropout 0.1
+    HF_FLASH_HOPPER_KPM=1 python benchmarks/profile_op.py --padded --dropout 0.1 --hopper-floors fused=512
 
 When the host time per call exceeds the summed GPU time, the op is launch-bound at that size.
 """
@@ -12,6 +13,7 @@ import time
 import torch
 
 import hf_flash
+from benchlib import add_hopper_floors_arg, parse_hopper_floors, set_hopper_floors
 
 CASES = {"bert": (32, 16, 512, 64, False), "gpt2": (16, 16, 1024, 64, True),
          "long": (4, 32, 4096, 128, False), "n16k": (1, 16, 16384, 64, False)}
@@ -23,7 +25,9 @@ def main():
     ap.add_argument("--padded", action="store_true")
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--iters", type=int, default=20)
+    add_hopper_floors_arg(ap, "e.g. fused=512 to put BERT's row on the fused backward")
     a = ap.parse_args()
+    set_hopper_floors(parse_hopper_floors(ap, a.hopper_floors))
     B, H, N, D, causal = CASES[a.case]
     q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
                .requires_grad_() for _ in range(3))
