@@ -381,7 +381,9 @@ def warn_once(reason: str, where: str) -> None:
 
 
 def warn_once_text(text: str, stacklevel: int = 4) -> None:
-    if text in _warned:
+    # Not while compiling: torch 2.11's dynamo cannot trace warnings.warn (fullgraph=True fails
+    # on it); an eager call with the same reason gives the notice.
+    if text in _warned or torch.compiler.is_compiling():
         return
     _warned.add(text)
     warnings.warn(f"hf_flash: {text}", stacklevel=stacklevel)

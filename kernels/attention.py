@@ -316,7 +316,9 @@ def _dispatch(q, k, v, mask, kpm, causal, scale, dropout_p, want_lse, cu_seqlens
         return out, (torch.full(q.shape[:3], float("-inf"), device=q.device) if want_lse else None)
     if q.device.type == "cpu" and not INTERPRET:
         global _warned_fallback
-        if not _warned_fallback:
+        # Not while compiling: torch 2.11's dynamo cannot trace warnings.warn (fullgraph=True
+        # fails on it); the next eager call gives the notice.
+        if not _warned_fallback and not torch.compiler.is_compiling():
             warnings.warn("hf_flash: CPU tensors without TRITON_INTERPRET=1 use the plain PyTorch "
                           "fallback (same results, O(N^2) memory, its own dropout RNG)",
                           stacklevel=3)
