@@ -380,13 +380,15 @@ def warn_once(reason: str, where: str) -> None:
     warn_once_text(f"{where} falls back to eager attention for calls with {reason}", stacklevel=5)
 
 
-def warn_once_text(text: str, stacklevel: int = 4) -> None:
-    # Not while compiling: torch 2.11's dynamo cannot trace warnings.warn (fullgraph=True fails
-    # on it); an eager call with the same reason gives the notice.
-    if text in _warned or torch.compiler.is_compiling():
-        return
-    _warned.add(text)
-    warnings.warn(f"hf_flash: {text}", stacklevel=stacklevel)
+@torch._dynamo.assume_constant_result
+def warn_once_text(text: str, stacklevel: int = 4) -> bool:
+    """Warns once per text. Compiled, it runs while dynamo traces, outside the graph (dynamo
+    cannot trace warnings.warn: a graph break, and with fullgraph=True an error); so its
+    arguments must be constants (torch 2.11's rule for such functions)."""
+    if text not in _warned:
+        _warned.add(text)
+        warnings.warn(f"hf_flash: {text}", stacklevel=stacklevel)
+    return True
 
 
 def _eager_function(module):

@@ -21,6 +21,18 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned_fallback = False
 
 
+@torch._dynamo.assume_constant_result
+def _notice_cpu_fallback() -> bool:
+    """Warns once. Compiled, it runs while dynamo traces, outside the graph (dynamo cannot trace
+    warnings.warn: a graph break, and with fullgraph=True an error)."""
+    global _warned_fallback
+    if not _warned_fallback:
+        warnings.warn("hf_flash: CPU tensors without TRITON_INTERPRET=1 use the plain PyTorch "
+                      "fallback (same results, O(N^2) memory, its own dropout RNG)", stacklevel=4)
+        _warned_fallback = True
+    return True
+
+
 def flash_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -315,14 +327,7 @@ def _dispatch(q, k, v, mask, kpm, causal, scale, dropout_p, want_lse, cu_seqlens
         out = _NoWork.apply(q, k, v)
         return out, (torch.full(q.shape[:3], float("-inf"), device=q.device) if want_lse else None)
     if q.device.type == "cpu" and not INTERPRET:
-        global _warned_fallback
-        # Not while compiling: torch 2.11's dynamo cannot trace warnings.warn (fullgraph=True
-        # fails on it); the next eager call gives the notice.
-        if not _warned_fallback and not torch.compiler.is_compiling():
-            warnings.warn("hf_flash: CPU tensors without TRITON_INTERPRET=1 use the plain PyTorch "
-                          "fallback (same results, O(N^2) memory, its own dropout RNG)",
-                          stacklevel=3)
-            _warned_fallback = True
+        _notice_cpu_fallback()
         float_mask = mask if mask is not None and mask.is_floating_point() else None
         bool_mask = mask if mask is not None and not mask.is_floating_point() else None
         return reference_attention(q, k, v, float_mask=float_mask, bool_mask=bool_mask, kpm=kpm,

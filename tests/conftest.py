@@ -6,7 +6,6 @@ the kernels are defined. GPU-only tests carry the `gpu` marker; `slow` ones need
 
 import os
 import sys
-import warnings
 from pathlib import Path
 
 # The repository's top-level kernels/ folder (installed as hf_flash.kernels) would shadow the
@@ -66,22 +65,6 @@ def strict_constant_results() -> None:
         return call(tx, fn, name, args, kwargs)
 
     functions.invoke_and_store_as_constant = strict
-
-
-def untraceable_warnings() -> None:
-    """Make hf_flash's warnings fail inside a compiled graph in this process, as under torch 2.11,
-    whose dynamo cannot trace warnings.warn (a graph break; an error with fullgraph=True). torch
-    2.13 traces it, so a warning reached while tracing would go unnoticed here unless a test
-    checks. (Only hf_flash's: torch warns from its own tracing code too.)"""
-    real = warnings.warn
-
-    def warn(*args, **kwargs):
-        if torch.compiler.is_compiling() and str(args[0]).startswith("hf_flash"):
-            raise RuntimeError("warnings.warn reached inside a compiled graph (torch 2.11's dynamo "
-                               f"cannot trace it): {args[0]!r}")
-        return real(*args, **kwargs)
-
-    warnings.warn = warn
 
 
 def run_fresh(code: str, timeout: int = 600, fails: bool = False, env: dict = None) -> str:
