@@ -276,11 +276,10 @@ def test_agrees_with_the_triton_kernels(monkeypatch, any_length, causal, route):
     _check_agreement(monkeypatch, route, 5 + causal, 128, fa, weighted_lse=False)
 
 
-def _check_agreement(monkeypatch, route, seed, D, fa, weighted_lse, call_seed=None, batch=2,
-                     dq_entries=None):
+def _check_agreement(monkeypatch, route, seed, D, fa, weighted_lse, call_seed=None, batch=2):
     """One GQA call (lengths off the tiles) through `route`, then through Triton's kernels (the
     draw of a dropout mask seeded alike by call_seed): each gradient within a rounding step of
-    its row's largest entry (dQ of the batch entries in `dq_entries` only, when given)."""
+    its row's largest entry."""
     routes = _Routes(monkeypatch)
     _take_route(monkeypatch, route)
     torch.manual_seed(seed)
@@ -298,9 +297,6 @@ def _check_agreement(monkeypatch, route, seed, D, fa, weighted_lse, call_seed=No
         assert routes.counts()[route] == 1
     report = []
     for name, a, b in zip(("dq", "dk", "dv"), *grads):
-        entries = list(range(batch))
-        if name == "dq" and dq_entries is not None:
-            a, b, entries = a[dq_entries], b[dq_entries], dq_entries
         row_scale = b.float().abs().amax(-1, keepdim=True).clamp_min(1e-6)
         ratio = (a.float() - b.float()).abs() / row_scale
         worst = ratio.max().item()
@@ -309,9 +305,15 @@ def _check_agreement(monkeypatch, route, seed, D, fa, weighted_lse, call_seed=No
             # scale is the clamp) tells rounding apart from a fault.
             at = divmod(ratio.argmax().item(), a.shape[-1])[0]
             entry, rest = divmod(at, a.shape[1] * a.shape[2])
+            # And each batch entry's worst, in ratio and in absolute terms: an error confined to
+            # one entry (its lengths) reads apart from one spread over all.
+            per_entry = ", ".join(
+                f"{r.max().item():.1e} ({(x - y).abs().max().item():.1e})" for r, x, y in
+                zip(ratio, a.float(), b.float()))
             report.append(f"{name} differs by {worst:.2e} of its row's largest entry (batch entry "
-                          f"{entries[entry]}, head {rest // a.shape[2]}, row {rest % a.shape[2]}, whose "
-                          f"largest entry is {b.float().abs().amax(-1).flatten()[at].item():.2e})")
+                          f"{entry}, head {rest // a.shape[2]}, row {rest % a.shape[2]}, whose "
+                          f"largest entry is {b.float().abs().amax(-1).flatten()[at].item():.2e}; "
+                          f"per entry: {per_entry})")
     assert not report, "; ".join(report)
 
 
@@ -434,23 +436,22 @@ def test_key_padding_matches_the_reference(monkeypatch, any_length, n_q, n_k, ca
 @pytest.mark.gpu
 @on_sm90
 @needs_gluon
-@pytest.mark.parametrize("causal,p", [(C_NONE, 0.0), (C_TL, 0.0), (C_NONE, 0.1)])
+@pytest.mark.parametrize("causal,p", [(C_NONE, 0.0), (C_TL, 0.0), pytest.param(
+    C_NONE, 0.1, marks=pytest.mark.xfail(strict=True, reason=(
+        "open (the reason HF_FLASH_HOPPER_KPM is off): on an H100 (Triton 3.6, 2026-12-05) dQ "
+        "of the entry with one real key differed by 2.4e-3, 97x its row's largest entry; that "
+        "entry's delta from the first pass is exact (test_prepare_takes_a_one_key_rows_delta_"
+        "from_that_key), so the difference arises later; benchmarks/kpm_dq_probe.py")))])
 def test_key_padding_agrees_with_the_triton_kernels(monkeypatch, any_length, causal, p):
     # A BERT-like padded batch (one entry of a single real key: its rows are one-hot) through
     # the fused route and through Triton's kernels, whose dQ kernel sums P * dP exactly.
-    # Under dropout a one-hot row's dQ is scale * dlse * K0 (dlse = w here, at times tiny): the
-    # fused route gets it as the difference of dP and delta = rowsum(dO * O), O being the stored
-    # bf16 output (FlashAttention's form too), whose rounding (up to 2^-8 of rowsum |dO * O|)
-    # can exceed that difference. Those rows' dQ is left to test_key_padding_matches_the_reference,
-    # which holds it to the error of a same-dtype reference; their dK and dV are compared here.
     monkeypatch.setattr(_backward_hopper, "KEY_PADDING", True)
     monkeypatch.setattr(_backward_hopper, "DROPOUT", True)
     lengths = torch.tensor([1700, 900, 1, 1337])
     kpm = (torch.arange(1700)[None, :] < lengths[:, None]).to("cuda")
     fa = {"is_causal": causal != C_NONE, "dropout_p": p, "key_padding_mask": kpm}
     _check_agreement(monkeypatch, "fused", 13 + causal, 64, fa, weighted_lse=True,
-                     call_seed=2 if p > 0 else None, batch=4,
-                     dq_entries=[0, 1, 3] if p > 0 else None)
+                     call_seed=2 if p > 0 else None, batch=4)
 
 
 @pytest.mark.gpu

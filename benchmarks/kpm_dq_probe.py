@@ -1,0 +1,70 @@
+"""Where the fused backward's dQ departs under key padding and dropout (HF_FLASH_HOPPER_KPM's open
+failure: tests/test_hopper_backward.py::test_key_padding_agrees_with_the_triton_kernels[0-0.1]).
+
+    python benchmarks/kpm_dq_probe.py          # an H100 or H200 with Gluon; about 30 s
+
+For batches like the test's, with the lone short entry at several lengths (1, 2, 64, 65 real
+keys: one key, a few, half a 128-key block, just past it), prints each entry's largest dQ, dK and
+dV difference of the fused route against Triton's kernels and against the float64 reference
+(with the call's keep mask replayed), with dropout 0.1 and without. Which side departs from the
+reference, and whether only the one-key entry does, or every entry whose keys end inside the
+first half of a block, locates the fault.
+"""
+
+import torch
+
+import hf_flash
+from hf_flash.kernels import _backward_hopper, _forward_hopper, dropout_mask, dropout_seed
+from hf_flash.kernels import reference_attention
+
+
+def grads(q, k, v, do, w, fa, call_seed):
+    for t in (q, k, v):
+        t.grad = None
+    torch.manual_seed(call_seed)
+    out, lse = hf_flash.flash_attention(q, k, v, enable_gqa=True, return_lse=True, **fa)
+    ((out * do).sum() + (lse * w).sum()).backward()
+    return [t.grad.float().clone() for t in (q, k, v)]
+
+
+def main():
+    # Every length on the Gluon routes; the fused one with key padding and dropout.
+    for mod in (_forward_hopper, _backward_hopper):
+        mod.MIN_LENGTH = dict.fromkeys(mod.MIN_LENGTH, 1)
+    _backward_hopper.FUSED_MIN_LENGTH = dict.fromkeys(_backward_hopper.MIN_LENGTH, 1)
+    _backward_hopper.KEY_PADDING = _backward_hopper.DROPOUT = _backward_hopper.FUSED = True
+    B, H, H_KV, N_Q, N_K, D = 4, 8, 4, 1500, 1700, 64
+    torch.manual_seed(13)
+    q = torch.randn(B, H, N_Q, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(B, H_KV, N_K, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    do = torch.randn_like(q)
+    w = torch.randn(B, H, N_Q, device="cuda")
+    for short in (1, 2, 64, 65):
+        lengths = torch.tensor([N_K, 900, short, 1337])
+        kpm = (torch.arange(N_K)[None, :] < lengths[:, None]).to("cuda")
+        for p in (0.1, 0.0):
+            fa = {"dropout_p": p, "key_padding_mask": kpm}
+            got = {}
+            for enabled in (True, False):
+                _backward_hopper.ENABLED = enabled
+                got["fused" if enabled else "triton"] = grads(q, k, v, do, w, fa, 2)
+            torch.manual_seed(2)
+            keep = dropout_mask(dropout_seed("cuda"), p, B, H, N_Q, N_K) if p > 0 else None
+            leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            o, lse = reference_attention(*leaves, kpm=kpm, dropout_p=p, keep_mask=keep)
+            ((o * do.double()).sum() + (lse * w.double()).sum()).backward()
+            ref = [t.grad for t in leaves]
+            print(f"lengths {lengths.tolist()} p={p}")
+            for name, i in (("dq", 0), ("dk", 1), ("dv", 2)):
+                cells = []
+                for e in range(B):
+                    f, t, r = got["fused"][i][e], got["triton"][i][e], ref[i][e].float()
+                    cells.append(f"{(f - t).abs().max().item():.1e}/{(f - r).abs().max().item():.1e}"
+                                 f"/{(t - r).abs().max().item():.1e}")
+                print(f"  {name} per entry, |fused-triton|/|fused-ref|/|triton-ref|: "
+                      + "  ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
