@@ -81,8 +81,9 @@ DROPOUT = os.environ.get("HF_FLASH_HOPPER_DROPOUT",
 # otherwise: blocks of padded keys run no query tile (dK = dV = 0 there), and padded keys inside
 # a block get P = 0 from the same compare as the causal mask. Off by default: its first GPU run
 # (H100, Triton 3.6, e952c0e) passed 45 of its 46 tests but failed dQ's agreement with dropout
-# (no causality), and with the switch the padding + dropout row's fwd+bwd took twice as long
-# (docs/perf-notes.md, "Key padding ... first GPU run"). Compiled for sm_90 by the CPU tests.
+# (no causality; open), and on BERT's padding + dropout row it saved no GPU time: this first
+# pass and dQ's rounding spend what the kernel saves (docs/perf-notes.md, "Key padding ... first
+# GPU run" and the section after it). Compiled for sm_90 by the CPU tests.
 # With dropout, unmasked only: this kernel's delta is rowsum(dO * O) of the 16-bit O, and under
 # dropout a batch entry with one real key makes every row's P one-hot with O = V / (1 - p)
 # rounded, so dS would keep that rounding where it should cancel, and dK of the key would sum it
