@@ -1,7 +1,8 @@
 """Where the fused backward's dQ departs under key padding and dropout (HF_FLASH_HOPPER_KPM's open
 failure: tests/test_hopper_backward.py::test_key_padding_agrees_with_the_triton_kernels[0-0.1]).
 
-    python benchmarks/kpm_dq_probe.py          # an H100 or H200 with Gluon; about 30 s
+    python benchmarks/kpm_dq_probe.py          # an H100 or H200 with Gluon; about a minute
+    python benchmarks/kpm_dq_probe.py --shorts 1,65 --ps 0.1
 
 For batches like the test's, with the lone short entry at several lengths (1, 2, 64, 65 real
 keys: one key, a few, half a 128-key block, just past it), prints each entry's largest dQ, dK and
@@ -10,6 +11,8 @@ dV difference of the fused route against Triton's kernels and against the float6
 reference, and whether only the one-key entry does, or every entry whose keys end inside the
 first half of a block, locates the fault.
 """
+
+import argparse
 
 import torch
 
@@ -28,6 +31,10 @@ def grads(q, k, v, do, w, fa, call_seed):
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shorts", default="1,2,64,65", help="real keys of the short entry")
+    ap.add_argument("--ps", default="0.1,0.0", help="dropout probabilities")
+    a = ap.parse_args()
     # Every length on the Gluon routes; the fused one with key padding and dropout.
     for mod in (_forward_hopper, _backward_hopper):
         mod.MIN_LENGTH = dict.fromkeys(mod.MIN_LENGTH, 1)
@@ -40,10 +47,10 @@ def main():
             for _ in range(2))
     do = torch.randn_like(q)
     w = torch.randn(B, H, N_Q, device="cuda")
-    for short in (1, 2, 64, 65):
+    for short in (int(x) for x in a.shorts.split(",")):
         lengths = torch.tensor([N_K, 900, short, 1337])
         kpm = (torch.arange(N_K)[None, :] < lengths[:, None]).to("cuda")
-        for p in (0.1, 0.0):
+        for p in (float(x) for x in a.ps.split(",")):
             fa = {"dropout_p": p, "key_padding_mask": kpm}
             got = {}
             for enabled in (True, False):
@@ -55,7 +62,7 @@ def main():
             o, lse = reference_attention(*leaves, kpm=kpm, dropout_p=p, keep_mask=keep)
             ((o * do.double()).sum() + (lse * w.double()).sum()).backward()
             ref = [t.grad for t in leaves]
-            print(f"lengths {lengths.tolist()} p={p}")
+            print(f"lengths {lengths.tolist()} p={p}", flush=True)
             for name, i in (("dq", 0), ("dk", 1), ("dv", 2)):
                 cells = []
                 for e in range(B):
@@ -63,7 +70,7 @@ def main():
                     cells.append(f"{(f - t).abs().max().item():.1e}/{(f - r).abs().max().item():.1e}"
                                  f"/{(t - r).abs().max().item():.1e}")
                 print(f"  {name} per entry, |fused-triton|/|fused-ref|/|triton-ref|: "
-                      + "  ".join(cells))
+                      + "  ".join(cells), flush=True)
 
 
 if __name__ == "__main__":
