@@ -238,6 +238,7 @@ print(counters["stats"]["unique_graphs"])
     assert len(diffs) == 2 and all(float(d) < 1e-5 for d in diffs)
     assert graphs == "1"
 
+
 def test_torch_compile_fullgraph_through_an_eager_fallback():
     # A call hf_flash hands to eager attention (float64, which the kernel does not take) gives
     # its one-time notice while dynamo traces, outside the graph: dynamo cannot trace
