@@ -12,8 +12,10 @@ optimizer state and activations), the eval-mode loss on one batch (the implement
 agree) and how many times each attention kernel ran in one forward pass (profiler), so an
 hf_flash row whose kernel never ran cannot pass for a result. A run out of memory is recorded
 as OOM. `host ms` is the median time the step's Python took to queue its work: near the step
-time, the host is the bound. `--profile` adds the step's summed GPU kernel time and its top
-kernels; `--compile` runs every model under torch.compile.
+time, the host is the bound. `--profile` adds the step's summed GPU kernel time, its top
+kernels and the GPU's idle time between kernels with its longest waits (`gpu_idle` in the
+JSON's profiles: a long wait after one kernel is a sync); `--compile` runs every model under
+torch.compile.
 
 On a CUDA machine, from the repository root (each fits in one 10-minute call):
 
@@ -37,7 +39,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (add_hopper_floors_arg, device_kernels, hopper_floors,  # noqa: E402
+from benchlib import (add_hopper_floors_arg, device_kernels, hopper_floors, idle_gaps,  # noqa: E402
                       output_dir, parse_hopper_floors, run_metadata, set_hopper_floors,
                       short_reason, table, write_results)
 
@@ -111,7 +113,8 @@ def parse_args(argv=None):
                         "host-bound step; the first warm-up step pays the compilation")
     p.add_argument("--profile", action="store_true",
                    help="also profile one step: GPU kernel time against the step's time (is it "
-                        "bound by the GPU or by the host?) and the kernels that take the most")
+                        "bound by the GPU or by the host?), the kernels that take the most, and "
+                        "where the GPU waited between kernels")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny models on the CPU, kernels under TRITON_INTERPRET=1, fp32; "
                         "tests the plumbing, timings are meaningless")
@@ -139,7 +142,7 @@ class Bench:
         self.steps = args.steps if args.steps is not None else (
             2 if args.dry_run else QUICK_TIMED_STEPS if args.quick else TIMED_STEPS)
         self.deadline = time.perf_counter() + args.time_budget
-        self.profiles = {}  # "model impl" -> top kernels of one profiled step
+        self.profiles = {}  # "model impl" -> top kernels and GPU waits of one profiled step
 
     def free(self):
         gc.collect()
@@ -264,7 +267,7 @@ class Bench:
         return counts
 
     def profile_step(self, step, top_n=15):
-        """(summed GPU kernel ms of one step, top kernels).
+        """(summed GPU kernel ms of one step, top kernels, the GPU's waits: benchlib.idle_gaps).
 
         If the kernel time is well under the step time the step is bound by the host (Python and
         launches), and making kernels faster or the batch smaller will not show."""
@@ -283,7 +286,11 @@ class Bench:
         kernels.sort(reverse=True)
         total = sum(k[0] for k in kernels)
         top = [dict(ms=round(ms, 3), calls=n, kernel=name) for ms, n, name in kernels[:top_n]]
-        return (total if self.device == "cuda" else None), top
+        # And the GPU's waits between kernels: a step whose kernels sum to less than its time
+        # either waits on the host throughout or stalls at a few points (a sync).
+        timeline = [(e.time_range.start, e.time_range.end, e.name)
+                    for e in device_kernels(prof.events())]
+        return (total if self.device == "cuda" else None), top, idle_gaps(timeline)
 
     def run_one(self, suite, label, family, overrides, B, N, padded, impl, patch_opts):
         torch = self.torch
@@ -291,7 +298,7 @@ class Bench:
                    status="n/a", ms_step=None, ms_step_min=None, tokens_s=None,
                    real_tokens_s=None, peak_gib=None, eval_loss=None, hf_flash_calls=None,
                    sdpa_calls=None, params_m=None, host_ms=None, gpu_kernel_ms=None,
-                   compiled=bool(self.args.compile), reason="")
+                   gpu_idle_ms=None, compiled=bool(self.args.compile), reason="")
         if time.perf_counter() > self.deadline:
             row["reason"] = "skipped: time budget"
             return row
@@ -368,8 +375,9 @@ class Bench:
             if self.device == "cuda":
                 row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if self.args.profile:
-                row["gpu_kernel_ms"], top = self.profile_step(step)
-                self.profiles[f"{label} {impl}"] = top
+                row["gpu_kernel_ms"], top, idle = self.profile_step(step)
+                row["gpu_idle_ms"] = idle["idle_ms"] if self.device == "cuda" else None
+                self.profiles[f"{label} {impl}"] = {"top_kernels": top, "gpu_idle": idle}
             if impl.startswith("hf_flash") and not row["hf_flash_calls"]:
                 row.update(status="FAIL", reason="hf_flash's kernel did not run in the forward pass")
             if impl.startswith("hf_flash") and self.args.compile and (

@@ -161,6 +161,28 @@ def device_kernels(events) -> list:
             and not getattr(e, "is_user_annotation", False)]
 
 
+def idle_gaps(kernels, top_n=5) -> dict:
+    """Where the GPU waited inside a profiled span: `kernels` are (start_us, end_us, name) of
+    its kernels (any order). Returns the span's ms, the ms no kernel ran (the union of kernel
+    intervals taken from the span), and the `top_n` longest waits, each with the kernels before
+    and after it: a wait after a kernel that ends a data-dependent step (a `nonzero`, say) is
+    the host catching up after a sync; waits spread evenly are launch overhead."""
+    if not kernels:
+        return {"span_ms": 0.0, "idle_ms": 0.0, "gaps": []}
+    kernels = sorted(kernels)
+    gaps, busy_end, last = [], kernels[0][0], kernels[0]
+    for start, end, name in kernels:
+        if start > busy_end:
+            gaps.append((start - busy_end, last[2], name))
+        if end >= busy_end:
+            busy_end, last = end, (start, end, name)
+    gaps.sort(key=lambda g: -g[0])
+    return {"span_ms": round((busy_end - kernels[0][0]) / 1e3, 3),
+            "idle_ms": round(sum(g[0] for g in gaps) / 1e3, 3),
+            "gaps": [dict(ms=round(us / 1e3, 3), after=a[:80], before=b[:80])
+                     for us, a, b in gaps[:top_n]]}
+
+
 # ---------------------------------------------------------------------------------------------
 # The Gluon routes' length floors, for experiments: each route serves calls from a sequence
 # length on (kernels/_forward_hopper.py, _backward_hopper.py); a run may move them all at once.

@@ -45,6 +45,7 @@ def test_bench_models_dry_run_with_packed_and_profile(tmp_path):
     assert abs(rows["hf_flash+opts"]["eval_loss"] - rows["sdpa"]["eval_loss"]) < 1e-4
     assert all(r["host_ms"] > 0 for r in rows.values())  # --profile ran (no GPU kernel time here)
     assert {f"bert_tiny_mlm {i}" for i in rows} <= set(doc["profiles"])
+    assert {"top_kernels", "gpu_idle"} <= set(doc["profiles"]["bert_tiny_mlm sdpa"])
     # The results folder (an absolute path here) is not written into the results.
     assert doc["meta"]["args"]["out"] == "OUT" and "--out OUT" in doc["meta"]["command"]
 
@@ -281,3 +282,16 @@ def test_gluon_fused_bwd_probe_compiles_for_sm90():
     # dQ's sum must go out as a bulk TMA reduction, not element atomics.
     _gluon_probe_compiles_for_sm90("benchmarks/gluon_fused_bwd_probe.py", 2,
                                    extra=("bulk reduce True",))
+
+
+def test_idle_gaps_finds_the_gpus_waits_between_kernels():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import benchlib
+    # Three kernels with waits of 5 and 20 us, one kernel inside another's interval (a second
+    # stream): the union of intervals counts, and each wait names its neighbours.
+    kernels = [(30, 40, "c"), (0, 10, "a"), (15, 25, "b"), (16, 20, "inner"), (60, 61, "d")]
+    got = benchlib.idle_gaps(kernels, top_n=2)
+    assert got["span_ms"] == 0.061 and got["idle_ms"] == 0.030
+    assert got["gaps"] == [dict(ms=0.02, after="c", before="d"),
+                           dict(ms=0.005, after="a", before="b")]
+    assert benchlib.idle_gaps([]) == {"span_ms": 0.0, "idle_ms": 0.0, "gaps": []}
