@@ -17,8 +17,8 @@ import argparse
 import torch
 
 import hf_flash
-from hf_flash.kernels import _backward_hopper, _forward_hopper, dropout_mask, dropout_seed
-from hf_flash.kernels import reference_attention
+from benchlib import set_hopper_floors
+from hf_flash.kernels import _backward_hopper, dropout_mask, dropout_seed, reference_attention
 
 
 def grads(q, k, v, do, w, fa, call_seed):
@@ -36,9 +36,7 @@ def main():
     ap.add_argument("--ps", default="0.1,0.0", help="dropout probabilities")
     a = ap.parse_args()
     # Every length on the Gluon routes; the fused one with key padding and dropout.
-    for mod in (_forward_hopper, _backward_hopper):
-        mod.MIN_LENGTH = dict.fromkeys(mod.MIN_LENGTH, 1)
-    _backward_hopper.FUSED_MIN_LENGTH = dict.fromkeys(_backward_hopper.MIN_LENGTH, 1)
+    set_hopper_floors({"fwd": 1, "dkdv": 1, "fused": 1})
     _backward_hopper.KEY_PADDING = _backward_hopper.DROPOUT = _backward_hopper.FUSED = True
     B, H, H_KV, N_Q, N_K, D = 4, 8, 4, 1500, 1700, 64
     torch.manual_seed(13)
