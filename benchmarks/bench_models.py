@@ -118,6 +118,11 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true",
                    help="tiny models on the CPU, kernels under TRITON_INTERPRET=1, fp32; "
                         "tests the plumbing, timings are meaningless")
+    p.add_argument("--flattened", action="store_true",
+                   help="adds an 'hf_flash+flat' run of BERT: the padded batch's real tokens "
+                        "flattened into one row, as transformers' DataCollatorWithFlattening("
+                        "return_flash_attn_kwargs=True) hands them over (position_ids, "
+                        "cu_seq_lens_q/k, max_length_q/k); the padding never reaches the model")
     add_hopper_floors_arg(p, "e.g. fused=1024 for GPT-2-medium's step on the fused backward")
     args = p.parse_args(argv)
     args.floors = parse_hopper_floors(p, args.hopper_floors)
@@ -128,6 +133,25 @@ def parse_args(argv=None):
         p.error(f"unknown impls {sorted(unknown)}; choose from {IMPLS}")
     args.patch_opts = json.loads(args.patch_kwargs) if args.patch_kwargs else None
     return args
+
+
+def flatten(batch, max_length):
+    """A padded BERT batch's real tokens as one row of a batch of one, in the form transformers'
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True) gives a padding-free batch:
+    positions restart at 0 for every sequence, cu_seq_lens_q/k hold the sequences' boundaries and
+    no attention mask is passed. The labels are kept as they are (the collator would also blank
+    each sequence's first label, a causal LM's separator; BERT's MLM labels need no separator).
+    max_length_q/k is the padded length, a bound, rather than the batch's longest: the kernels'
+    grids are sized by it, and a constant keeps the compiled graph the same from batch to batch."""
+    import torch
+    keep = batch["attention_mask"].bool()
+    lengths = keep.sum(1)
+    positions = torch.arange(keep.shape[1]).expand_as(keep)
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    out = {k: batch[k][keep][None] for k in ("input_ids", "token_type_ids", "labels")}
+    out.update(position_ids=positions[keep][None], cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+               max_length_q=max_length, max_length_k=max_length)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +235,7 @@ class Bench:
             torch.manual_seed(self.args.seed)
             return auto.from_config(cfg, attn_implementation=attn_implementation).to(self.device)
 
-    def batch(self, family, cfg_vocab, B, N, padded):
+    def batch(self, family, cfg_vocab, B, N, padded, flat=False):
         torch = self.torch
         g = torch.Generator().manual_seed(self.args.seed + 1)
         ids = torch.randint(1000 if cfg_vocab > 2000 else 5, cfg_vocab, (B, N), generator=g)
@@ -228,7 +252,16 @@ class Bench:
         ids = ids.masked_fill(pick, 103 if cfg_vocab > 103 else 1)  # [MASK]
         batch = dict(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids),
                      labels=labels)
-        return {k: v.to(self.device) for k, v in batch.items()}, int(mask.sum())
+        if flat:
+            batch = flatten(batch, N)
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                 for k, v in batch.items()}
+        if flat and self.args.compile:
+            # The row's length is the batch's count of real tokens: a dynamic size, as in
+            # training, where every batch has its own count (not one graph per count).
+            for k in ("input_ids", "token_type_ids", "position_ids", "labels"):
+                torch._dynamo.mark_dynamic(batch[k], 1)
+        return batch, int(mask.sum())
 
     # -- measurement ---------------------------------------------------------------------------
     def kernel_calls(self, model, batch) -> dict:
@@ -307,7 +340,10 @@ class Bench:
             model, row["how"] = self.build(family, overrides, impl, patch_opts)
             row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
             vocab = model.config.vocab_size
-            batch, real_tokens = self.batch(family, vocab, B, N, padded)
+            flat = impl == "hf_flash+flat"
+            if flat and family != "bert":
+                raise NotAvailable("--flattened is a BERT (masked-LM) run")
+            batch, real_tokens = self.batch(family, vocab, B, N, padded, flat)
             # Eval mode (no dropout): the implementations should give the same loss.
             model.eval()
             with torch.no_grad(), self.autocast():
@@ -455,6 +491,8 @@ def main(argv=None):
     impls = [(i, None) for i in args.impl_list]
     if args.patch_opts is not None:
         impls.append(("hf_flash+opts", args.patch_opts))
+    if args.flattened:
+        impls.append(("hf_flash+flat", None))
     rows = []
     t0 = time.perf_counter()
     for suite_name, label, family, overrides, B, N, padded in runs_for(args):
