@@ -30,6 +30,7 @@ from typing import Any, Optional
 import torch
 
 from .kernels import MAX_HEAD_DIM, flash_attention, flash_attention_varlen
+from .kernels.attention import CheckedOnce
 
 # The name models use for this backend. It must not contain "flash": transformers treats every
 # attn_implementation containing that word as a flash-attn kernel (it tries to import one at load
@@ -268,12 +269,33 @@ def packed_rows(attention_mask, query, key, kwargs):
                          f"query has batch {query.shape[0]} and {query.shape[2]} rows against "
                          f"{key.shape[2]} key rows; packed self-attention needs batch 1 and equal "
                          f"rows")
-    if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k, cu_q):
-        raise ValueError("hf_flash: cu_seq_lens_k differs from cu_seq_lens_q; packed attention "
-                         "is served for self-attention, where both are the same")
+    if cu_k is not None and cu_k is not cu_q:
+        _check_same_cu_seq_lens(cu_q, cu_k)
     max_len = max_q if max_q is not None else max_k
     return (cu_q.to(torch.int32), (int(max_len) if max_len is not None else None),
             built and cu_k is cu_q and max_len is not None)
+
+
+_DIFFERENT_CU_SEQ_LENS = ("hf_flash: cu_seq_lens_k differs from cu_seq_lens_q; packed attention "
+                          "is served for self-attention, where both are the same")
+_CU_PAIR_CHECKED = CheckedOnce()
+
+
+def _check_same_cu_seq_lens(cu_q, cu_k) -> None:
+    """cu_seq_lens_k must hold cu_seq_lens_q's values. transformers' padding-free collator
+    (DataCollatorWithFlattening) gives two tensors of the same values, moved to the device one
+    by one, so identity cannot tell. Comparing values on the host would make the host wait for
+    the GPU in every layer, and break a compiled graph; so, as for the lengths themselves
+    (kernels/attention.py), a GPU or a compiled call queues a device-side assertion instead,
+    once for the pair a model hands every layer. The CPU raises at once."""
+    if cu_k.shape != cu_q.shape or cu_k.device != cu_q.device:
+        raise ValueError(f"{_DIFFERENT_CU_SEQ_LENS} (shape {tuple(cu_k.shape)} on {cu_k.device} "
+                         f"against {tuple(cu_q.shape)} on {cu_q.device})")
+    if cu_q.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not torch.equal(cu_k, cu_q):
+            raise ValueError(_DIFFERENT_CU_SEQ_LENS)
+    elif torch.compiler.is_compiling() or not _CU_PAIR_CHECKED.seen((cu_q, cu_k), ()):
+        torch._assert_async((cu_k == cu_q).all(), _DIFFERENT_CU_SEQ_LENS)
 
 
 def unservable_reason(module, query, key, value, kwargs) -> Optional[str]:

@@ -2,6 +2,7 @@
 
 import math
 import warnings
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -263,7 +264,8 @@ def _check_lengths(cu, total, max_seqlen):
     from cu_seqlens when not given. On the CPU at once; on a GPU, with max_seqlen given, on the
     device without waiting for it (as under torch.compile, which cannot read the values)."""
     if max_seqlen is not None and (cu.device.type != "cpu" or torch.compiler.is_compiling()):
-        _assert_cu_seqlens_async(cu, total, max_seqlen)
+        if torch.compiler.is_compiling() or not LAST_CHECKED.seen((cu,), (total, max_seqlen)):
+            _assert_cu_seqlens_async(cu, total, max_seqlen)
         return max_seqlen
     lengths = (cu[1:] - cu[:-1]).tolist()
     if any(n < 0 for n in lengths) or int(cu[0]) != 0 or int(cu[-1]) != total:
@@ -273,6 +275,32 @@ def _check_lengths(cu, total, max_seqlen):
         raise ValueError(f"max_seqlen ({max_seqlen}) is shorter than the longest sequence "
                          f"({max(lengths)})")
     return max(lengths) if max_seqlen is None else max_seqlen
+
+
+class CheckedOnce:
+    """The tensors (and values) a device-side check was last queued for, so that calls repeating
+    them skip it. A model hands the same cu_seqlens to every layer: one assertion queued before
+    the first layer's kernels guards all the layers after it (a failed device-side assertion
+    stops every kernel queued behind it), and the other layers save its dozen small launches.
+    A tensor changed in place (its version counter moves), another tensor, or other values are
+    checked again. Eager calls only: compiled, the check is in the graph, where inductor emits
+    one assertion for the repeats anyway."""
+
+    def __init__(self):
+        self._last = None
+
+    def seen(self, tensors, values) -> bool:
+        try:
+            key = tuple((weakref.ref(t), t._version) for t in tensors), values
+        except RuntimeError:  # inference-mode tensors keep no version counter: always check
+            return False
+        last, self._last = self._last, key
+        return (last is not None and last[1] == values and len(last[0]) == len(tensors)
+                and all(ref() is t and version == t._version
+                        for (ref, version), t in zip(last[0], tensors)))
+
+
+LAST_CHECKED = CheckedOnce()
 
 
 def _assert_cu_seqlens_async(cu, total, max_seqlen):

@@ -131,6 +131,46 @@ def test_packed_encoder_compiled_fullgraph_inductor_gpu():
             assert max((a - b).abs().max().item() for a, b in zip(got[1:], want[1:])) < 1e-4 * top
 
 
+def test_padding_free_batch_gpu(monkeypatch):
+    # DataCollatorWithFlattening's batch on a GPU: the same loss as the padded batch, the
+    # collator's cu_seq_lens checked on the device once per forward rather than in each layer
+    # (no host wait anywhere), and compiled with inductor, the same loss and gradients (fp32).
+    from hf_flash.kernels import attention
+    from test_patch_packed import _flattened
+    model = build("bert").cuda().train()
+    (ids, mask, labels), flat = _flattened([64, 17, 40])
+    flat = {k: v.cuda() if torch.is_tensor(v) else v for k, v in flat.items()}
+    want = model(input_ids=ids.cuda(), attention_mask=mask.cuda(), labels=labels.cuda()).loss
+    patched = hf_flash.patch(copy.deepcopy(model))
+    checks = []
+    real = attention._assert_cu_seqlens_async
+    monkeypatch.setattr(attention, "_assert_cu_seqlens_async",
+                        lambda *a: checks.append(a) or real(*a))
+    torch.cuda.synchronize()
+    for _ in range(2):
+        loss = patched(**flat).loss
+    torch.cuda.synchronize()
+    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-5)
+    if patched.bert.encoder.layer[0].attention.self._hf_flash_last_call[1] == "packed sequences":
+        # One per forward; its layers (two) hand over the same tensors.
+        assert patched.config.num_hidden_layers > 1 and len(checks) == 2, len(checks)
+    else:  # transformers that build a dense mask from the position ids (5.2x): no lengths
+        assert checks == []
+    compiled = torch.compile(patched, fullgraph=True)
+    for lengths in ([64, 17, 40], [5, 64, 33]):
+        _, flat = _flattened(lengths, seed=lengths[0])
+        flat = {k: v.cuda() if torch.is_tensor(v) else v for k, v in flat.items()}
+        got, want = [], []
+        for run, grads in ((compiled, got), (patched, want)):
+            patched.zero_grad(set_to_none=True)
+            loss = run(**flat).loss
+            loss.backward()
+            grads.extend([loss.detach()] + [p.grad.clone() for p in patched.parameters()])
+        top = max(w.abs().max().item() for w in want[1:])
+        torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+        assert max((a - b).abs().max().item() for a, b in zip(got[1:], want[1:])) < 1e-4 * top
+
+
 def test_dropout_kept_fraction_gpu():
     # Statistics: in train mode with attention dropout p, the expected output is unchanged.
     model = build("bert", attention_probs_dropout_prob=0.2).cuda()

@@ -197,6 +197,77 @@ def test_cu_seq_lens_from_the_caller_pack_attention():
     assert (together - apart).abs().max() < 1e-5
 
 
+def _flattened(lengths, seed=0):
+    """(padded ids, mask, labels) and the same sequences as transformers' padding-free collator
+    hands them over: one row, positions restarting per sequence, cu_seq_lens_q/k (two tensors
+    of equal values), no mask. Labels blank each sequence's first token, the collator's
+    separator, in both forms."""
+    from transformers import DataCollatorWithFlattening
+    from patch_utils import VOCAB
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(3, VOCAB, (len(lengths), width), generator=g)
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, 0] = -100
+    features = [{"input_ids": ids[i, :n].tolist(), "labels": labels[i, :n].tolist()}
+                for i, n in enumerate(lengths)]
+    flat = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(features)
+    assert flat["cu_seq_lens_k"] is not flat["cu_seq_lens_q"]
+    return (ids, mask, labels), flat
+
+
+def test_a_padding_free_batch_matches_the_padded_one():
+    # The whole model on DataCollatorWithFlattening's batch: the real tokens' logits, the loss
+    # and every gradient as the padded batch gives them in eager attention.
+    model = build("bert").train()  # dropout is 0 in these configs; train mode runs autograd
+    (ids, mask, labels), flat = _flattened([11, 6, 9])
+    want_logits, want_loss, want_grads = run(model, ids, mask, labels)
+    patched = hf_flash.patch(copy.deepcopy(model))
+    patched.zero_grad(set_to_none=True)
+    out = patched(**flat)
+    out.loss.backward()
+    assert (out.logits[0] - want_logits[mask.bool()]).abs().max() < 1e-4
+    assert (out.loss - want_loss).abs() < 1e-5
+    top = max(g.abs().max().item() for g in want_grads.values())
+    for name, p in patched.named_parameters():
+        assert (p.grad - want_grads[name]).abs().max() < 1e-4 * top, name
+
+
+def test_cu_seq_lens_k_must_hold_q_s_values():
+    # Two tensors of equal values (what the collator gives) are served; other values, or other
+    # shapes, raise rather than attend across the wrong boundaries.
+    model = hf_flash.patch(build("bert").eval())
+    layer = model.bert.encoder.layer[0].attention.self
+    x = torch.randn(1, 13, model.config.hidden_size)
+    cu = torch.tensor([0, 6, 13], dtype=torch.int32)
+    same = layer(x, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(), max_length_q=7,
+                 max_length_k=7)[0]
+    assert torch.equal(same, layer(x, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                   max_length_q=7, max_length_k=7)[0])
+    for other in (torch.tensor([0, 7, 13], dtype=torch.int32),
+                  torch.tensor([0, 6, 9, 13], dtype=torch.int32)):
+        with pytest.raises(ValueError, match="cu_seq_lens_k differs from cu_seq_lens_q"):
+            layer(x, None, cu_seq_lens_q=cu, cu_seq_lens_k=other, max_length_q=7,
+                  max_length_k=7)
+
+
+def test_checked_once_remembers_the_last_tensors_and_values():
+    # The memo behind the GPU's once-per-model checks of cu_seqlens (kernels/attention.py).
+    from hf_flash.kernels.attention import CheckedOnce
+    memo, cu = CheckedOnce(), torch.tensor([0, 6, 13], dtype=torch.int32)
+    assert not memo.seen((cu,), (13, 7))
+    assert memo.seen((cu,), (13, 7))  # the next layer, same tensor: skipped
+    assert not memo.seen((cu,), (13, 8))  # other values
+    cu[1] = 5  # changed in place: its version counter moves
+    assert not memo.seen((cu,), (13, 8))
+    assert memo.seen((cu,), (13, 8))
+    assert not memo.seen((cu.clone(),), (13, 8))  # another tensor of the same values
+    with torch.inference_mode():
+        frozen = torch.tensor([0, 13], dtype=torch.int32)
+    assert not memo.seen((frozen,), (13, 13)) and not memo.seen((frozen,), (13, 13))
+
+
 # ---- torch.compile --------------------------------------------------------------------------
 # Packing keeps the rows of real tokens, whose count only the mask's values tell. Dynamo traces
 # that with capture_dynamic_output_shape_ops (the count becomes an unbacked size); without it the
@@ -272,3 +343,51 @@ def test_packed_encoder_compiled_without_the_option_runs_padded_in_one_graph():
     _assert_compiled_matches(found)
     assert found["graphs"] == [["2", "packed", "0"]]  # as above; no packing traced
     assert found["warned"] == [["1"], ["0"], ["0"], ["0"]]
+
+
+# A padding-free batch compiled: the row's length is an ordinary (backed) dynamic size, so
+# inductor fuses around it as for a padded batch, and the collator's two cu_seq_lens tensors are
+# compared on the device, inside the graph (a host-side comparison broke it: a graph break in
+# every layer, an error under fullgraph=True).
+_COMPILED_FLAT = """
+import conftest, torch, hf_flash
+from torch._dynamo.backends.registry import lookup_backend
+from patch_utils import build
+from test_patch_packed import _flattened
+conftest.strict_constant_results()
+graphs = []
+def backend(gm, example_inputs):
+    graphs.append(gm.code)
+    return lookup_backend("aot_eager")(gm, example_inputs)
+model = hf_flash.patch(build("bert").train())
+compiled = torch.compile(model, backend=backend, fullgraph=True)
+# Every batch its own count of tokens, and most their own longest sequence.
+for seed, lengths in enumerate(([11, 6, 9], [4, 11, 8], [13, 2, 7], [3, 5, 10], [9, 9, 8],
+                                [2, 3, 4])):
+    _, flat = _flattened(lengths, seed)
+    out = compiled(**flat)
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    want = model(**flat)
+    want.loss.backward()
+    top = max(p.grad.abs().max().item() for p in model.parameters())
+    print("loss", (out.loss - want.loss).abs().item(), "logits",
+          (out.logits - want.logits).abs().max().item(), "grads",
+          max((got[n] - p.grad).abs().max().item() for n, p in model.named_parameters()) / top,
+          "graphs", len(graphs))
+    model.zero_grad(set_to_none=True)
+"""
+
+
+def test_a_padding_free_batch_compiles_whole_and_stops_recompiling():
+    results = [line.split() for line in run_fresh(_COMPILED_FLAT).splitlines()]
+    assert len(results) == 6
+    for _, loss, _, logits, _, grads, _, _ in results:
+        assert float(loss) < 1e-5 and float(logits) < 1e-5 and float(grads) < 1e-4
+    # dynamo's automatic dynamic shapes: a size or int that changes recompiles once, symbolic
+    # (the row length at the second batch; the collator's max_length_q/k, a Python int, at the
+    # first batch whose longest sequence is new). After that no batch compiles again: a length
+    # specialised in the graph would cost a graph per batch.
+    graphs = [int(r[-1]) for r in results]
+    assert graphs[2] <= 3 and graphs[-1] == graphs[2], graphs
