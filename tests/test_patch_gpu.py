@@ -147,12 +147,15 @@ def test_padding_free_batch_gpu(monkeypatch):
     monkeypatch.setattr(attention, "_assert_cu_seqlens_async",
                         lambda *a: checks.append(a) or real(*a))
     torch.cuda.synchronize()
-    for _ in range(2):
-        loss = patched(**flat).loss
+    # The same batch twice, then its cu_seq_lens copied (new tensors, checked again).
+    for batch in (flat, flat, {k: v.clone() if torch.is_tensor(v) else v
+                               for k, v in flat.items()}):
+        loss = patched(**batch).loss
     torch.cuda.synchronize()
     torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-5)
     if patched.bert.encoder.layer[0].attention.self._hf_flash_last_call[1] == "packed sequences":
-        # One per forward; its layers (two) hand over the same tensors.
+        # Once per tensor, not once per layer (two) or per forward: the check queued for the
+        # first forward's first layer guards every later use of the unchanged tensor.
         assert patched.config.num_hidden_layers > 1 and len(checks) == 2, len(checks)
     else:  # transformers that build a dense mask from the position ids (5.2x): no lengths
         assert checks == []
