@@ -1,15 +1,15 @@
-"""Where the fused backward's dQ departs under key padding and dropout (HF_FLASH_HOPPER_KPM's open
-failure: tests/test_hopper_backward.py::test_key_padding_agrees_with_the_triton_kernels[0-0.1]).
+"""The fused backward's gradients under key padding and dropout (HF_FLASH_HOPPER_KPM), per batch
+entry, against Triton's kernels and against the float64 reference.
 
     python benchmarks/kpm_dq_probe.py          # an H100 or H200 with Gluon; about a minute
     python benchmarks/kpm_dq_probe.py --shorts 1,65 --ps 0.1
 
-For batches like the test's, with the lone short entry at several lengths (1, 2, 64, 65 real
-keys: one key, a few, half a 128-key block, just past it), prints each entry's largest dQ, dK and
-dV difference of the fused route against Triton's kernels and against the float64 reference
-(with the call's keep mask replayed), with dropout 0.1 and without. Which side departs from the
-reference, and whether only the one-key entry does, or every entry whose keys end inside the
-first half of a block, locates the fault.
+For batches like tests/test_hopper_backward.py's key-padding tests, with the lone short entry at
+several lengths (1, 2, 64, 65 real keys: one key, a few, half a 128-key block, just past it),
+prints each entry's largest dQ, dK and dV difference of the fused route against Triton's kernels
+and of each against the float64 reference (with the call's keep mask replayed), with dropout 0.1
+and without. It is what showed that on the one-key entry with dropout Triton's kernels, not the
+fused route, are the ones off (docs/perf-notes.md, "key padding's dQ failure explained").
 """
 
 import argparse
