@@ -281,10 +281,10 @@ class CheckedOnce:
     """The tensors (and values) a device-side check was last queued for, so that calls repeating
     them skip it. A model hands the same cu_seqlens to every layer: one assertion queued before
     the first layer's kernels guards all the layers after it (a failed device-side assertion
-    stops every kernel queued behind it), and the other layers save its dozen small launches.
-    A tensor changed in place (its version counter moves), another tensor, or other values are
-    checked again. Eager calls only: compiled, the check is in the graph, where inductor emits
-    one assertion for the repeats anyway."""
+    stops every kernel queued behind it on its stream), and the other layers save its dozen
+    small launches. A tensor changed in place (its version counter moves), another tensor, other
+    values or another stream are checked again. Eager calls only: compiled, the check is in the
+    graph, where inductor emits one assertion for the repeats anyway."""
 
     def __init__(self):
         self._last = None
@@ -294,8 +294,10 @@ class CheckedOnce:
             key = tuple((weakref.ref(t), t._version) for t in tensors), values
         except RuntimeError:  # inference-mode tensors keep no version counter: always check
             return False
+        if tensors and tensors[0].is_cuda:  # an assertion guards only its own stream
+            key = key[0], (values, torch.cuda.current_stream(tensors[0].device).cuda_stream)
         last, self._last = self._last, key
-        return (last is not None and last[1] == values and len(last[0]) == len(tensors)
+        return (last is not None and last[1] == key[1] and len(last[0]) == len(tensors)
                 and all(ref() is t and version == t._version
                         for (ref, version), t in zip(last[0], tensors)))
 
