@@ -52,7 +52,8 @@ def test_bench_models_dry_run_with_packed_and_profile(tmp_path):
 
 def test_bench_models_dry_run_compiled(tmp_path):
     _run(["benchmarks/bench_models.py", "--dry-run", "--models", "bert", "--impls",
-          "sdpa,hf_flash", "--compile", "--patch-kwargs", '{"packed": true}'], tmp_path)
+          "sdpa,hf_flash", "--compile", "--patch-kwargs", '{"packed": true}', "--flattened"],
+         tmp_path)
     doc = json.loads(next(tmp_path.rglob("models_dry-run_compiled.json")).read_text())
     rows = {r["impl"]: r for r in doc["rows"]}
     assert all(r["status"] == "ok" and r["compiled"] for r in rows.values())
@@ -64,6 +65,10 @@ def test_bench_models_dry_run_compiled(tmp_path):
     # The packed encoder, compiled, packs (the option it needs is set and recorded).
     assert rows["hf_flash+opts"]["compiled_hf_flash_calls"] > 0
     assert rows["hf_flash+opts"]["compiled_packings"] > 0 == rows["hf_flash"]["compiled_packings"]
+    # The padding-free batch: the same tokens, so the same eval loss; compiled through the op.
+    flat = rows["hf_flash+flat"]
+    assert flat["compiled_hf_flash_calls"] > 0 and flat["compiled_eager_hf_flash_calls"] == 0
+    assert abs(flat["eval_loss"] - rows["sdpa"]["eval_loss"]) < 1e-4
     assert doc["meta"]["timing"]["capture_dynamic_output_shape_ops"] is True
     assert doc["meta"]["timing"]["compiled"] == "torch.compile, aot_eager"
     assert all(r["host_ms"] > 0 and r["warmup_s"] > 0 for r in rows.values())
