@@ -230,8 +230,14 @@ def test_explain_predicts_what_the_calls_then_take(model_type):
 
     seq2seq = model_type == "t5"
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    model = hf_flash.patch(auto.from_config(AutoConfig.for_model(model_type,
-                                                                 **_CONFIGURED[model_type])))
+    hf = auto.from_config(AutoConfig.for_model(model_type, **_CONFIGURED[model_type]))
+    try:
+        model = hf_flash.patch(hf)
+    except hf_flash.UnsupportedModelError as e:
+        # transformers releases whose T5 stacks cannot switch implementation (5.17): refused,
+        # by name, rather than run with attention hf_flash does not serve.
+        assert seq2seq and "could not switch T5Stack" in str(e), e
+        return
     predicted = [r["path"] for r in hf_flash.explain(model.eval(), file=open("/dev/null", "w"))]
     ids = torch.randint(0, 64, (1, 6))
     with warnings.catch_warnings(), torch.no_grad():
