@@ -104,6 +104,9 @@ def _same(a, b) -> bool:
         return False
 
 
+_SWITCH_FIELDS = ("_attn_implementation_internal", "_attn_was_changed")
+
+
 def _give_back_configs(root, pairs) -> None:
     """Hand the original configs back, keeping what was set on the copies meanwhile (a Trainer
     run sets fields such as problem_type): only the switch to hf_flash stays behind."""
@@ -111,7 +114,10 @@ def _give_back_configs(root, pairs) -> None:
 
     for original, dup in pairs:
         for key, value in vars(dup).items():
-            if key == "_attn_implementation_internal" or isinstance(value, PreTrainedConfig):
+            # The switch itself stays behind: the implementation, and the mark transformers
+            # (5.17) leaves on a submodel's config it switched or skipped, which would make a
+            # later set_attn_implementation pass that submodel over.
+            if key in _SWITCH_FIELDS or isinstance(value, PreTrainedConfig):
                 continue  # sub-configs are pairs of their own
             if key not in vars(original) or not _same(vars(original)[key], value):
                 original.__dict__[key] = value
