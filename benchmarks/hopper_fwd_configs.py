@@ -7,9 +7,10 @@ model-shaped cases (do_bench medians, forward only):
 
     python3 benchmarks/hopper_fwd_configs.py [--out DIR]
 
-What a config changes: BLOCK_N (keys per tile), NUM_BUF (K/V buffers), WORKER_REGS (setmaxnreg
-of the worker partitions) and maxnreg (the launch's registers per thread: 80 lets two programs
-share an SM, 65536 / (80 x 384) = 2.1).
+What a config changes: PERSISTENT (one program per SM taking work items in turn, or one program
+per item), BLOCK_N (keys per tile), NUM_BUF (K/V buffers), WORKER_REGS (setmaxnreg of the worker
+partitions) and maxnreg (the launch's registers per thread: 80 lets two programs share an SM,
+65536 / (80 x 384) = 2.1; no faster at e46ee33, docs/perf-notes.md "v10").
 """
 
 import argparse
@@ -22,18 +23,19 @@ import triton.testing
 
 
 CONFIGS = {
-    "default": {},
-    "n64": {"BLOCK_N": 64},
-    "n64 r80 112/24": {"BLOCK_N": 64, "maxnreg": 80, "WORKER_REGS": (112, 24)},
-    "n64 r80 104/24": {"BLOCK_N": 64, "maxnreg": 80, "WORKER_REGS": (104, 24)},
-    "n64 b2 r80 112/24": {"BLOCK_N": 64, "NUM_BUF": 2, "maxnreg": 80, "WORKER_REGS": (112, 24)},
+    "one per item": {"PERSISTENT": False},
+    "persistent": {"PERSISTENT": True},
+    "persistent n64": {"PERSISTENT": True, "BLOCK_N": 64},
 }
 CASES = [  # (name, B, H, N, D, causal)
     ("bert B32 H16 N512 D64", 32, 16, 512, 64, False),
     ("gpt2 B16 H16 N1024 D64 causal", 16, 16, 1024, 64, True),
     ("B8 H16 N2048 D64", 8, 16, 2048, 64, False),
+    ("B8 H16 N2048 D64 causal", 8, 16, 2048, 64, True),
+    ("B1 H16 N16384 D64", 1, 16, 16384, 64, False),
     ("B16 H16 N1024 D128 causal", 16, 16, 1024, 128, True),
     ("B32 H16 N512 D128", 32, 16, 512, 128, False),
+    ("B4 H32 N4096 D128", 4, 32, 4096, 128, False),
 ]
 
 
@@ -44,7 +46,9 @@ def check(config, head_dim):
     worst = 0.0
     for (b, h, hk, nq, nk, d, causal, offset) in (
             (2, 4, 2, 1000, 1000, 64, True, 0), (2, 4, 4, 129, 700, 64, False, 0),
-            (1, 4, 4, 300, 1100, 128, True, 800), (2, 2, 1, 77, 77, 128, False, 0)):
+            (1, 4, 4, 300, 1100, 128, True, 800), (2, 2, 1, 77, 77, 128, False, 0),
+            # more work items than SMs: persistent programs take several each
+            (8, 16, 8, 1000, 1000, 64, True, 0), (4, 16, 16, 1100, 900, 128, False, 0)):
         if d != head_dim:
             continue
         g = torch.Generator(device="cuda").manual_seed(nq + nk + d)

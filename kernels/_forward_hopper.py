@@ -26,7 +26,7 @@ import os
 import torch
 
 from . import _common
-from ._hopper import AVAILABLE, ONCE, config_from_env, plain_call, tma_ok
+from ._hopper import AVAILABLE, ONCE, config_from_env, plain_call, sm_count, tma_ok
 
 if AVAILABLE:
     from ._hopper import (fence_async_shared, gl, gluon, mbarrier, tma, tma_load, tma_store,
@@ -42,10 +42,16 @@ GROUP_M = BLOCK_M // 2
 # setmaxnreg; the default partition (group 0) takes what is left. Without it all 12 warps get 168
 # and the 64 x 128 score and accumulator tiles spill. maxnreg: the launch's registers per thread
 # (None: the compiler's choice, 168), which decides how many programs share an SM.
-CONFIG = {"BLOCK_N": 128, "NUM_BUF": 3, "WORKER_REGS": (240, 24), "maxnreg": None}
+# PERSISTENT: one program per SM, each taking work items (query blocks) in turn, so that an
+# item's start (its Q and first K/V tiles) loads while the last one ends; else one program per item.
+CONFIG = {"BLOCK_N": 128, "NUM_BUF": 3, "WORKER_REGS": (240, 24), "maxnreg": None,
+          "PERSISTENT": True}
 # HF_FLASH_HOPPER_CONFIG='{"BLOCK_N": 64, ...}' replaces entries (experiments: the GPU tests run
 # under it, so a config is checked before it is timed or kept).
 CONFIG = config_from_env(CONFIG, "HF_FLASH_HOPPER_CONFIG")
+
+# Q plus O staging plus the K/V ring above this many bytes: O is staged in Q's buffer instead.
+SMEM_FOR_SEPARATE_O = 200 * 1024
 
 # The shortest sequence (queries and keys) this kernel takes, per (head dim, causal): below it
 # _forward.py is faster. Measured on an H200, bf16 forwards, the sweep of 16M-token batches
@@ -59,39 +65,70 @@ MIN_LENGTH = {(64, False): 4096, (64, True): 8192, (128, False): 512, (128, True
 
 if AVAILABLE:
     @gluon.jit
-    def _producer(k_desc, v_desc, k_smem, v_smem, ready, free, off_b, off_hk, n_tiles,
-                  BLOCK_N: gl.constexpr, D: gl.constexpr, NUM_BUF: gl.constexpr):
-        kv_bytes: gl.constexpr = 2 * BLOCK_N * D * k_desc.dtype.primitive_bitwidth // 8
-        for t in range(0, n_tiles):
-            buf = t % NUM_BUF
-            # From the fourth tile on, both groups must have released the buffer's last tile.
-            mbarrier.wait(free.index(buf), phase=((t // NUM_BUF) + 1) & 1, pred=t >= NUM_BUF)
-            mbarrier.expect(ready.index(buf), kv_bytes)
-            # Rows past the keys' end come back as zeros (the descriptor's bounds are this head's);
-            # the consumers mask their scores.
-            tma_load(k_desc, [off_b, off_hk, t * BLOCK_N, 0], ready.index(buf), k_smem.index(buf))
-            tma_load(v_desc, [off_b, off_hk, t * BLOCK_N, 0], ready.index(buf), v_smem.index(buf))
+    def _item(item, n_m, BH, H, IS_CAUSAL: gl.constexpr):
+        """Work item `item` (a block of BLOCK_M query rows of one head): (bh, query block)."""
+        if IS_CAUSAL:
+            # Longest first: later query blocks see more keys, and a persistent program takes
+            # items in turn, so starting every head's long blocks first evens out the programs.
+            return item % BH, n_m - 1 - item // BH
+        # A head's blocks together, so the programs running at once share its K and V in L2.
+        return item // n_m, item % n_m
 
     @gluon.jit
-    def _tile(t, acc, p_op, m_i, l_i, s_zero, q, k_smem, v_smem, ready, free, my_turn, their_turn,
-              rows, cols0, n_k, causal_offset, qk_scale,
+    def _producer(k_desc, v_desc, k_smem, v_smem, ready, free, H, GROUP, BH, n_m, n_items,
+                  N_K, causal_offset, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  D: gl.constexpr, IS_CAUSAL: gl.constexpr, NUM_BUF: gl.constexpr):
+        kv_bytes: gl.constexpr = 2 * BLOCK_N * D * k_desc.dtype.primitive_bitwidth // 8
+        g = 0  # tiles loaded by this program so far, over all its items: the ring's position
+        for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+            bh, pid_m = _item(item, n_m, BH, H, IS_CAUSAL)
+            off_b = bh // H
+            off_hk = (bh % H) // GROUP  # grouped-query attention: GROUP query heads share K/V
+            n_tiles = _n_tiles(pid_m * BLOCK_M, N_K, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+            for t in range(0, n_tiles):
+                buf = g % NUM_BUF
+                # Once the ring has gone round, both groups must have released the buffer's tile.
+                mbarrier.wait(free.index(buf), phase=((g // NUM_BUF) + 1) & 1, pred=g >= NUM_BUF)
+                mbarrier.expect(ready.index(buf), kv_bytes)
+                # Rows past the keys' end come back as zeros (the descriptor's bounds are this
+                # head's); the consumers mask their scores.
+                tma_load(k_desc, [off_b, off_hk, t * BLOCK_N, 0], ready.index(buf),
+                         k_smem.index(buf))
+                tma_load(v_desc, [off_b, off_hk, t * BLOCK_N, 0], ready.index(buf),
+                         v_smem.index(buf))
+                g += 1
+
+    @gluon.jit
+    def _n_tiles(start_m, N_K, causal_offset, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 IS_CAUSAL: gl.constexpr):
+        """The key tiles a query block sees."""
+        if IS_CAUSAL:
+            hi = gl.minimum(N_K, start_m + BLOCK_M + causal_offset)
+        else:
+            hi = N_K
+        return (hi + BLOCK_N - 1) // BLOCK_N
+
+    @gluon.jit
+    def _tile(t, g, acc, p_op, m_i, l_i, s_zero, q, k_smem, v_smem, ready, free, my_turn,
+              their_turn, rows, cols0, n_k, causal_offset, qk_scale,
               FIRST_GROUP: gl.constexpr, PEELED: gl.constexpr, MASKED: gl.constexpr,
               IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
               NUM_BUF: gl.constexpr, o_layout: gl.constexpr):
-        """Key tile t of one consumer group: issue S[t] and P[t-1] V[t-1] on this group's turn,
-        then the online-softmax step of S[t]. PEELED: t is the first tile, no P V before it."""
-        buf = t % NUM_BUF
-        mbarrier.wait(ready.index(buf), phase=(t // NUM_BUF) & 1)
+        """Key tile t of the item, the program's g-th tile, for one consumer group: issue S[t] and
+        P[t-1] V[t-1] on this group's turn, then the online-softmax step of S[t]. PEELED: t is
+        the item's first tile, no P V before it."""
+        buf = g % NUM_BUF
+        mbarrier.wait(ready.index(buf), phase=(g // NUM_BUF) & 1)
         # Turns alternate strictly (group 0 opens), so a group is at most one hand-over ahead
         # and the phase parity identifies the hand-over it waits for.
         if FIRST_GROUP:
-            mbarrier.wait(my_turn, phase=(t + 1) & 1, pred=t >= 1)
+            mbarrier.wait(my_turn, phase=(g + 1) & 1, pred=g >= 1)
         else:
-            mbarrier.wait(my_turn, phase=t & 1)
+            mbarrier.wait(my_turn, phase=g & 1)
         s = warpgroup_mma(q, k_smem.index(buf).reshape([BLOCK_N, D]).permute((1, 0)), s_zero,
                           use_acc=False, is_async=True)
         if not PEELED:
-            prev = (t + NUM_BUF - 1) % NUM_BUF
+            prev = (g + NUM_BUF - 1) % NUM_BUF
             acc = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, D]), acc,
                                 is_async=True)
         mbarrier.arrive(their_turn)
@@ -120,12 +157,22 @@ if AVAILABLE:
         return acc, p_op, m_new, l_i
 
     @gluon.jit
-    def _consumer(o_desc, stats_ptr, q_smem, k_smem, v_smem, q_bar, ready, free, my_turn,
-                  their_turn, off_b, off_h, row0, n_q, n_k, causal_offset, full_tiles, n_tiles,
-                  qk_scale, FIRST_GROUP: gl.constexpr, IS_CAUSAL: gl.constexpr,
+    def _load_q(q_desc, q_smem, q_bar, item, n_m, BH, H, HALF: gl.constexpr,
+                BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr, D: gl.constexpr,
+                IS_CAUSAL: gl.constexpr):
+        """This group's half of the item's query block, into its Q buffer."""
+        bh, pid_m = _item(item, n_m, BH, H, IS_CAUSAL)
+        mbarrier.expect(q_bar, GROUP_M * D * q_desc.dtype.primitive_bitwidth // 8)
+        tma_load(q_desc, [bh // H, bh % H, pid_m * BLOCK_M + HALF * GROUP_M, 0], q_bar, q_smem)
+
+    @gluon.jit
+    def _consumer(q_desc, o_desc, STATS, q_smem, o_smem, k_smem, v_smem, q_bar, ready, free,
+                  my_turn, their_turn, H, BH, n_m, n_items, N_Q, N_K, causal_offset, qk_scale,
+                  FIRST_GROUP: gl.constexpr, IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
                   GROUP_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                  NUM_BUF: gl.constexpr):
+                  NUM_BUF: gl.constexpr, O_IN_Q: gl.constexpr):
         dtype: gl.constexpr = o_desc.dtype
+        HALF: gl.constexpr = 0 if FIRST_GROUP else 1
         # One warp group: 4 warps x 16 rows.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -134,105 +181,130 @@ if AVAILABLE:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        rows = gl.expand_dims(row0 + gl.arange(0, GROUP_M, layout=row_s), 1)
         cols0 = gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)), 0)
         q = q_smem.reshape([GROUP_M, D])
-        m_i = gl.full([GROUP_M], float("-inf"), gl.float32, layout=row_s)
-        l_i = gl.zeros([GROUP_M], gl.float32, layout=row_s)
-        acc = gl.zeros([GROUP_M, D], gl.float32, layout=o_layout)
         s_zero = gl.zeros([GROUP_M, BLOCK_N], gl.float32, layout=s_layout)
-        p_op = gl.zeros([GROUP_M, BLOCK_N], dtype, layout=p_layout)
-        mbarrier.wait(q_bar, phase=0)
-        # Tile 0 (masked: it may be the last, or on the diagonal), then the tiles every row of the
-        # block sees whole, then the rest (the key tail, the causal diagonal) masked.
-        acc, p_op, m_i, l_i = _tile(0, acc, p_op, m_i, l_i, s_zero, q, k_smem, v_smem, ready, free,
-                                    my_turn, their_turn, rows, cols0, n_k, causal_offset, qk_scale,
-                                    FIRST_GROUP, True, True, IS_CAUSAL, BLOCK_N, D, NUM_BUF,
-                                    o_layout)
-        first_masked = gl.maximum(full_tiles, 1)
-        for t in range(1, first_masked):
-            acc, p_op, m_i, l_i = _tile(t, acc, p_op, m_i, l_i, s_zero, q, k_smem, v_smem, ready,
-                                        free, my_turn, their_turn, rows, cols0, n_k, causal_offset,
-                                        qk_scale, FIRST_GROUP, False, False, IS_CAUSAL, BLOCK_N, D,
-                                        NUM_BUF, o_layout)
-        for t in range(first_masked, n_tiles):
-            acc, p_op, m_i, l_i = _tile(t, acc, p_op, m_i, l_i, s_zero, q, k_smem, v_smem, ready,
-                                        free, my_turn, their_turn, rows, cols0, n_k, causal_offset,
-                                        qk_scale, FIRST_GROUP, False, True, IS_CAUSAL, BLOCK_N, D,
-                                        NUM_BUF, o_layout)
-        last = (n_tiles - 1) % NUM_BUF
-        acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, D]), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        o = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
-        # Q's buffer is free (every S of this group is done): it stages O for the TMA store,
-        # which writes only the rows inside this head's N_Q.
-        q.store(o.to(dtype))
-        fence_async_shared()
-        tma_store(o_desc, [off_b, off_h, row0, 0], q_smem)
-        # The same stats as _forward.py: lse, row max and log2(row sum), base 2.
-        log2_l = gl.log2(l_i)
-        r = row0 + gl.arange(0, GROUP_M, layout=row_s)
-        ok = r < n_q
-        gl.store(stats_ptr + r, m_i + log2_l, mask=ok)
-        gl.store(stats_ptr + n_q + r, m_i, mask=ok)
-        gl.store(stats_ptr + 2 * n_q + r, log2_l, mask=ok)
+        first = gl.program_id(0)
+        step = gl.num_programs(0)
+        _load_q(q_desc, q_smem, q_bar, first, n_m, BH, H, HALF, BLOCK_M, GROUP_M, D, IS_CAUSAL)
+        g = 0  # this program's key tiles so far, over all its items (the ring and the turns)
+        c = 0  # its items so far (Q's barrier phase)
+        for item in range(first, n_items, step):
+            bh, pid_m = _item(item, n_m, BH, H, IS_CAUSAL)
+            row0 = pid_m * BLOCK_M + HALF * GROUP_M
+            start_m = pid_m * BLOCK_M
+            n_tiles = _n_tiles(start_m, N_K, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+            if IS_CAUSAL:
+                full_tiles = gl.minimum(start_m + causal_offset + 1, N_K) // BLOCK_N
+            else:
+                full_tiles = N_K // BLOCK_N
+            rows = gl.expand_dims(row0 + gl.arange(0, GROUP_M, layout=row_s), 1)
+            m_i = gl.full([GROUP_M], float("-inf"), gl.float32, layout=row_s)
+            l_i = gl.zeros([GROUP_M], gl.float32, layout=row_s)
+            acc = gl.zeros([GROUP_M, D], gl.float32, layout=o_layout)
+            p_op = gl.zeros([GROUP_M, BLOCK_N], dtype, layout=p_layout)
+            mbarrier.wait(q_bar, phase=c & 1)
+            # Tile 0 (masked: it may be the last, or on the diagonal), then the tiles every row of
+            # the block sees whole, then the rest (the key tail, the causal diagonal) masked.
+            acc, p_op, m_i, l_i = _tile(0, g, acc, p_op, m_i, l_i, s_zero, q, k_smem, v_smem,
+                                        ready, free, my_turn, their_turn, rows, cols0, N_K,
+                                        causal_offset, qk_scale, FIRST_GROUP, True, True,
+                                        IS_CAUSAL, BLOCK_N, D, NUM_BUF, o_layout)
+            first_masked = gl.maximum(full_tiles, 1)
+            for t in range(1, first_masked):
+                acc, p_op, m_i, l_i = _tile(t, g + t, acc, p_op, m_i, l_i, s_zero, q, k_smem,
+                                            v_smem, ready, free, my_turn, their_turn, rows, cols0,
+                                            N_K, causal_offset, qk_scale, FIRST_GROUP, False,
+                                            False, IS_CAUSAL, BLOCK_N, D, NUM_BUF, o_layout)
+            for t in range(first_masked, n_tiles):
+                acc, p_op, m_i, l_i = _tile(t, g + t, acc, p_op, m_i, l_i, s_zero, q, k_smem,
+                                            v_smem, ready, free, my_turn, their_turn, rows, cols0,
+                                            N_K, causal_offset, qk_scale, FIRST_GROUP, False,
+                                            True, IS_CAUSAL, BLOCK_N, D, NUM_BUF, o_layout)
+            g += n_tiles
+            nxt = item + step
+            if not O_IN_Q:
+                # Every S of this item is done, so Q's buffer is free: the next item's queries
+                # load while this one's last P V and its epilogue run.
+                if nxt < n_items:
+                    _load_q(q_desc, q_smem, q_bar, nxt, n_m, BH, H, HALF, BLOCK_M, GROUP_M, D,
+                            IS_CAUSAL)
+            last = (g - 1) % NUM_BUF
+            acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, D]), acc,
+                                is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(free.index(last))
+            o = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
+            # O goes out by a TMA store, which writes only the rows inside this head's N_Q, from
+            # a staging buffer: Q's own where shared memory is short (head dim 128), else one of
+            # its own, whose last store must have left it first.
+            if O_IN_Q:
+                q.store(o.to(dtype))
+            else:
+                tma.store_wait(pendings=0)
+                o_smem.reshape([GROUP_M, D]).store(o.to(dtype))
+            fence_async_shared()
+            if O_IN_Q:
+                tma_store(o_desc, [bh // H, bh % H, row0, 0], q_smem)
+            else:
+                tma_store(o_desc, [bh // H, bh % H, row0, 0], o_smem)
+            # The same stats as _forward.py: lse, row max and log2(row sum), base 2.
+            stats_ptr = STATS + bh.to(gl.int64) * 3 * N_Q
+            log2_l = gl.log2(l_i)
+            r = row0 + gl.arange(0, GROUP_M, layout=row_s)
+            ok = r < N_Q
+            gl.store(stats_ptr + r, m_i + log2_l, mask=ok)
+            gl.store(stats_ptr + N_Q + r, m_i, mask=ok)
+            gl.store(stats_ptr + 2 * N_Q + r, log2_l, mask=ok)
+            if O_IN_Q:
+                tma.store_wait(pendings=0)
+                if nxt < n_items:
+                    _load_q(q_desc, q_smem, q_bar, nxt, n_m, BH, H, HALF, BLOCK_M, GROUP_M, D,
+                            IS_CAUSAL)
+            c += 1
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _fwd_hopper_kernel(q_desc, k_desc, v_desc, o_desc, STATS, H, GROUP, N_Q, N_K,
+    def _fwd_hopper_kernel(q_desc, k_desc, v_desc, o_desc, STATS, H, GROUP, BH, N_Q, N_K,
                            causal_offset, qk_scale,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                           IS_CAUSAL: gl.constexpr, NUM_BUF: gl.constexpr,
+                           IS_CAUSAL: gl.constexpr, NUM_BUF: gl.constexpr, O_IN_Q: gl.constexpr,
                            WORKER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """Program p takes work items p, p + programs, ... (one each when the grid has one
+        program per item; persistent when it has one per SM)."""
         GROUP_M: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = q_desc.dtype
-        pid_m = gl.program_id(0)
-        if IS_CAUSAL:
-            # Later query blocks see more keys: start them first (the grid's tail holds the short
-            # ones), as _forward.py does.
-            pid_m = gl.num_programs(0) - 1 - pid_m
-        bh = gl.program_id(1)
-        off_b = bh // H
-        off_h = bh % H
-        off_hk = off_h // GROUP  # grouped-query attention: GROUP query heads share a K/V head
-        start_m = pid_m * BLOCK_M
-        if IS_CAUSAL:
-            hi = gl.minimum(N_K, start_m + BLOCK_M + causal_offset)
-            full_tiles = gl.minimum(start_m + causal_offset + 1, N_K) // BLOCK_N
-        else:
-            hi = N_K
-            full_tiles = N_K // BLOCK_N
-        n_tiles = (hi + BLOCK_N - 1) // BLOCK_N
-        stats_ptr = STATS + bh.to(gl.int64) * 3 * N_Q
-
+        n_m = (N_Q + BLOCK_M - 1) // BLOCK_M
+        n_items = n_m * BH
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, GROUP_M, D], q_desc.layout)
+        if O_IN_Q:
+            o_smem = q_smem  # unused: O is staged in each group's Q buffer
+        else:
+            o_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, GROUP_M, D], o_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, 1, 1, BLOCK_N, D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [NUM_BUF, 1, 1, BLOCK_N, D], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(q_bar.index(i), count=1)
+            mbarrier.init(turn.index(i), count=1)
         for i in gl.static_range(NUM_BUF):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(free.index(i), count=2)  # both groups release a buffer
-        for i in gl.static_range(2):
-            mbarrier.init(turn.index(i), count=1)
         fence_async_shared()
-        mbarrier.expect(q_bar, BLOCK_M * D * dtype.primitive_bitwidth // 8)
-        tma_load(q_desc, [off_b, off_h, start_m, 0], q_bar, q_smem.index(0))
-        tma_load(q_desc, [off_b, off_h, start_m + GROUP_M, 0], q_bar, q_smem.index(1))
         gl.warp_specialize([
-            (_consumer, (o_desc, stats_ptr, q_smem.index(0), k_smem, v_smem, q_bar, ready, free,
-                         turn.index(0), turn.index(1), off_b, off_h, start_m, N_Q, N_K,
-                         causal_offset, full_tiles, n_tiles, qk_scale, True, IS_CAUSAL, GROUP_M,
-                         BLOCK_N, D, NUM_BUF)),
-            (_consumer, (o_desc, stats_ptr, q_smem.index(1), k_smem, v_smem, q_bar, ready, free,
-                         turn.index(1), turn.index(0), off_b, off_h, start_m + GROUP_M, N_Q, N_K,
-                         causal_offset, full_tiles, n_tiles, qk_scale, False, IS_CAUSAL, GROUP_M,
-                         BLOCK_N, D, NUM_BUF)),
-            (_producer, (k_desc, v_desc, k_smem, v_smem, ready, free, off_b, off_hk, n_tiles,
-                         BLOCK_N, D, NUM_BUF)),
+            (_consumer, (q_desc, o_desc, STATS, q_smem.index(0), o_smem.index(0), k_smem, v_smem,
+                         q_bar.index(0), ready, free, turn.index(0), turn.index(1), H, BH, n_m,
+                         n_items, N_Q, N_K, causal_offset, qk_scale, True, IS_CAUSAL, BLOCK_M,
+                         GROUP_M, BLOCK_N, D, NUM_BUF, O_IN_Q)),
+            (_consumer, (q_desc, o_desc, STATS, q_smem.index(1), o_smem.index(1), k_smem, v_smem,
+                         q_bar.index(1), ready, free, turn.index(1), turn.index(0), H, BH, n_m,
+                         n_items, N_Q, N_K, causal_offset, qk_scale, False, IS_CAUSAL, BLOCK_M,
+                         GROUP_M, BLOCK_N, D, NUM_BUF, O_IN_Q)),
+            (_producer, (k_desc, v_desc, k_smem, v_smem, ready, free, H, GROUP, BH, n_m, n_items,
+                         N_K, causal_offset, BLOCK_M, BLOCK_N, D, IS_CAUSAL, NUM_BUF)),
         ], [4, 1], WORKER_REGS)
 
 
@@ -258,13 +330,19 @@ def attention_forward(q, k, v, causal, causal_offset, scale, config=None, launch
         o = torch.empty((B, H, N_Q, D), device=q.device, dtype=q.dtype)
     o, stats = _common.forward_outputs(q, o)
     block_n = cfg["BLOCK_N"]
+    items = -(-N_Q // BLOCK_M) * B * H
+    programs = min(items, sm_count(q.device)) if cfg["PERSISTENT"] else items
+    # O's staging buffer of its own lets the next item's queries load during an item's epilogue;
+    # at head dim 128 the K/V ring leaves no room for it, and O is staged in Q's buffer.
+    smem = (2 * BLOCK_M * D + 2 * cfg["NUM_BUF"] * block_n * D) * q.element_size()
     extra = {} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}
     launches(
-        "main", _fwd_hopper_kernel, (-(-N_Q // BLOCK_M), B * H),
+        "main", _fwd_hopper_kernel, (programs,),
         (launches.descriptor("q", q, GROUP_M), launches.descriptor("k", k, block_n),
          launches.descriptor("v", v, block_n), launches.descriptor("o", o, GROUP_M), stats, H,
-         H // k.shape[1], N_Q, N_K, causal_offset, scale * _common.LOG2E),
+         H // k.shape[1], B * H, N_Q, N_K, causal_offset, scale * _common.LOG2E),
         dict(BLOCK_M=BLOCK_M, BLOCK_N=block_n, D=D, IS_CAUSAL=bool(causal),
-             NUM_BUF=cfg["NUM_BUF"], WORKER_REGS=cfg["WORKER_REGS"], num_warps=4,
+             NUM_BUF=cfg["NUM_BUF"], O_IN_Q=smem > SMEM_FOR_SEPARATE_O,
+             WORKER_REGS=cfg["WORKER_REGS"], num_warps=4,
              enable_fp_fusion=_common.fp_fusion(q.dtype), **extra))
     return o, stats

@@ -62,6 +62,18 @@ def _capability(index: int) -> tuple:
     return torch.cuda.get_device_capability(index)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(driver, index: int) -> int:
+    return driver.utils.get_device_properties(index)["multiprocessor_count"]
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors on `device` (a persistent kernel's grid), as Triton's driver
+    reports them."""
+    driver = triton.runtime.driver.active
+    return _sm_count(driver, driver.get_current_device() if device.index is None else device.index)
+
+
 def on_sm90(t: torch.Tensor) -> bool:
     """Whether `t` is on an sm_90 GPU (H100/H200). (Tests that launch into a stand-in driver on
     the CPU, scripts/fake_sm90.py, replace it.)"""

@@ -254,10 +254,11 @@ def build_hopper_forward(d: int, causal: bool, dtype: str, target=None, config=N
         return f"tensordesc<{dtype}[1,1,{rows},{d}],{layout!r}>"
 
     sig = {"q_desc": desc(hop.GROUP_M), "k_desc": desc(cfg["BLOCK_N"]), "v_desc": desc(cfg["BLOCK_N"]),
-           "o_desc": desc(hop.GROUP_M), "STATS": "*fp32", "H": "i32", "GROUP": "i32", "N_Q": "i32",
+           "o_desc": desc(hop.GROUP_M), "STATS": "*fp32", "H": "i32", "GROUP": "i32", "BH": "i32", "N_Q": "i32",
            "N_K": "i32", "causal_offset": "i32", "qk_scale": "fp32"}
     cx = {"BLOCK_M": hop.BLOCK_M, "BLOCK_N": cfg["BLOCK_N"], "D": d, "IS_CAUSAL": causal,
-          "NUM_BUF": cfg["NUM_BUF"], "WORKER_REGS": cfg["WORKER_REGS"], "num_warps": 4}
+          "NUM_BUF": cfg["NUM_BUF"], "O_IN_Q": d > 64, "WORKER_REGS": cfg["WORKER_REGS"],
+          "num_warps": 4}
     sig.update({k: "constexpr" for k in cx})
     names = list(sig)
     # STATS is a fresh allocation, 16-byte aligned, which the launch specialises on.

@@ -129,6 +129,37 @@ def test_matches_the_reference(monkeypatch, any_length, n_q, n_k, causal, dtype,
 @pytest.mark.gpu
 @on_sm90
 @needs_gluon
+@pytest.mark.parametrize("programs", [1, 3])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("n_q,n_k,causal", [(1000, 1000, C_TL), (777, 1300, C_NONE),
+                                            (300, 1100, C_BR), (129, 129, C_TL)])
+def test_persistent_programs_take_items_in_turn(monkeypatch, any_length, programs, D, n_q, n_k,
+                                                causal):
+    # A persistent grid has one program per SM, so the tests' small batches would give each
+    # program one item. With one or three programs every program takes many items in turn, of
+    # different tile counts when causal: the K/V ring and the groups' turns carry over from item
+    # to item, and Q loads and O stores overlap them.
+    asked = []
+    monkeypatch.setattr(_forward_hopper, "sm_count", lambda device: asked.append(device) or programs)
+    spy = _spy(monkeypatch)
+    torch.manual_seed(n_q + n_k + D + programs)
+    gqa = n_q % 2 == 1
+    q, k, v = make_qkv(2, 4, 2 if gqa else 4, n_q, n_k, D, torch.bfloat16, DEVICE,
+                       "bnhd" if gqa else "bhnd")
+    fa = {"is_causal": causal != C_NONE,
+          "causal_alignment": "bottom_right" if causal == C_BR else "top_left"}
+    out, lse = hf_flash.flash_attention(q, k, v, enable_gqa=gqa, return_lse=True, **fa)
+    assert spy.calls == 1 and asked, "the persistent grid was not taken"
+    o64, lse64, _ = reference_with_grads(q, k, v, torch.zeros_like(out), causal=causal)
+    o_lo, _, _ = reference_with_grads(q, k, v, torch.zeros_like(out), dtype=torch.bfloat16,
+                                      causal=causal)
+    check_ratio("out", out, o64, o_lo, OUT_RATIO, torch.bfloat16)
+    assert max_err(lse, lse64) <= 1e-3 + 1e-5 * lse64.abs().max().item()
+
+
+@pytest.mark.gpu
+@on_sm90
+@needs_gluon
 @pytest.mark.parametrize("causal", [False, True])
 def test_agrees_with_the_triton_forward(monkeypatch, any_length, causal):
     # Same inputs through both forwards: both round P to bf16 and sum in fp32 in another order,
