@@ -8,7 +8,8 @@ model-shaped cases (do_bench medians, forward only):
     python3 benchmarks/hopper_fwd_configs.py [--out DIR]
 
 What a config changes: PERSISTENT (one program per SM taking work items in turn, or one program
-per item), BLOCK_N (keys per tile), NUM_BUF (K/V buffers), WORKER_REGS (setmaxnreg of the worker
+per item), PAIRED (causal query blocks taken in pairs of equal work), CARRY (an item's last P V and
+epilogue overlapping the next item's first tile), BLOCK_N (keys per tile), NUM_BUF (K/V buffers), WORKER_REGS (setmaxnreg of the worker
 partitions) and maxnreg (the launch's registers per thread: 80 lets two programs share an SM,
 65536 / (80 x 384) = 2.1; no faster at e46ee33, docs/perf-notes.md "v10").
 """
@@ -23,9 +24,10 @@ import triton.testing
 
 
 CONFIGS = {
-    "one per item": {"PERSISTENT": False},
-    "persistent": {"PERSISTENT": True},
-    "persistent n64": {"PERSISTENT": True, "BLOCK_N": 64},
+    "one per item": {"PERSISTENT": False, "PAIRED": False, "CARRY": False},
+    "persistent": {"PERSISTENT": True, "PAIRED": False, "CARRY": False},
+    "persistent paired": {"PERSISTENT": True, "PAIRED": True, "CARRY": False},
+    "persistent paired carry": {"PERSISTENT": True, "PAIRED": True, "CARRY": True},
 }
 CASES = [  # (name, B, H, N, D, causal)
     ("bert B32 H16 N512 D64", 32, 16, 512, 64, False),

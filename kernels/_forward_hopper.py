@@ -44,8 +44,10 @@ GROUP_M = BLOCK_M // 2
 # (None: the compiler's choice, 168), which decides how many programs share an SM.
 # PERSISTENT: one program per SM, each taking work items (query blocks) in turn, so that an
 # item's start (its Q and first K/V tiles) loads while the last one ends; else one program per item.
+# PAIRED: causal calls take query blocks in pairs (_item). CARRY: an item's last P V and epilogue
+# overlap the next item's first tile (_consumer; not where O is staged in Q's buffer).
 CONFIG = {"BLOCK_N": 128, "NUM_BUF": 3, "WORKER_REGS": (240, 24), "maxnreg": None,
-          "PERSISTENT": True}
+          "PERSISTENT": True, "PAIRED": True, "CARRY": True}
 # HF_FLASH_HOPPER_CONFIG='{"BLOCK_N": 64, ...}' replaces entries (experiments: the GPU tests run
 # under it, so a config is checked before it is timed or kept).
 CONFIG = config_from_env(CONFIG, "HF_FLASH_HOPPER_CONFIG")
@@ -65,23 +67,44 @@ MIN_LENGTH = {(64, False): 4096, (64, True): 8192, (128, False): 512, (128, True
 
 if AVAILABLE:
     @gluon.jit
-    def _item(item, n_m, BH, H, IS_CAUSAL: gl.constexpr):
-        """Work item `item` (a block of BLOCK_M query rows of one head): (bh, query block)."""
+    def _n_mine(n_m, BH, PAIRED: gl.constexpr):
+        """How many work items (blocks of BLOCK_M query rows of one head) this program takes."""
+        per_unit: gl.constexpr = 2 if PAIRED else 1
+        units = n_m // per_unit * BH
+        return per_unit * ((units - gl.program_id(0) + gl.num_programs(0) - 1)
+                           // gl.num_programs(0))
+
+    @gluon.jit
+    def _item(k, n_m, BH, PAIRED: gl.constexpr, IS_CAUSAL: gl.constexpr):
+        """This program's k-th work item: (bh, query block). Programs take units in turn, so
+        every program must get about the same work, and the programs running at once should
+        share K and V in L2."""
+        pid = gl.program_id(0)
+        programs = gl.num_programs(0)
+        if PAIRED:
+            # Causal, n_m even: a unit is query blocks j and n_m - 1 - j of one head, the long
+            # one first, n_m + 1 key tiles together whatever j is; units in head order.
+            half = n_m // 2
+            unit = pid + (k // 2) * programs
+            j = unit % half
+            second = k % 2
+            return unit // half, (n_m - 1 - j) * (1 - second) + j * second
+        item = pid + k * programs
         if IS_CAUSAL:
-            # Longest first: later query blocks see more keys, and a persistent program takes
-            # items in turn, so starting every head's long blocks first evens out the programs.
+            # Longest first (later query blocks see more keys), every head's at once.
             return item % BH, n_m - 1 - item // BH
-        # A head's blocks together, so the programs running at once share its K and V in L2.
+        # A head's blocks together: the programs running at once share its K and V in L2.
         return item // n_m, item % n_m
 
     @gluon.jit
-    def _producer(k_desc, v_desc, k_smem, v_smem, ready, free, H, GROUP, BH, n_m, n_items,
+    def _producer(k_desc, v_desc, k_smem, v_smem, ready, free, H, GROUP, BH, n_m,
                   N_K, causal_offset, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  D: gl.constexpr, IS_CAUSAL: gl.constexpr, NUM_BUF: gl.constexpr):
+                  D: gl.constexpr, IS_CAUSAL: gl.constexpr, NUM_BUF: gl.constexpr,
+                  PAIRED: gl.constexpr):
         kv_bytes: gl.constexpr = 2 * BLOCK_N * D * k_desc.dtype.primitive_bitwidth // 8
         g = 0  # tiles loaded by this program so far, over all its items: the ring's position
-        for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            bh, pid_m = _item(item, n_m, BH, H, IS_CAUSAL)
+        for k in range(0, _n_mine(n_m, BH, PAIRED)):
+            bh, pid_m = _item(k, n_m, BH, PAIRED, IS_CAUSAL)
             off_b = bh // H
             off_hk = (bh % H) // GROUP  # grouped-query attention: GROUP query heads share K/V
             n_tiles = _n_tiles(pid_m * BLOCK_M, N_K, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
@@ -113,10 +136,11 @@ if AVAILABLE:
               their_turn, rows, cols0, n_k, causal_offset, qk_scale,
               FIRST_GROUP: gl.constexpr, PEELED: gl.constexpr, MASKED: gl.constexpr,
               IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-              NUM_BUF: gl.constexpr, o_layout: gl.constexpr):
+              NUM_BUF: gl.constexpr, o_layout: gl.constexpr, NEW_ITEM: gl.constexpr = False):
         """Key tile t of the item, the program's g-th tile, for one consumer group: issue S[t] and
         P[t-1] V[t-1] on this group's turn, then the online-softmax step of S[t]. PEELED: t is
-        the item's first tile, no P V before it."""
+        the item's first tile, no P V before it. NEW_ITEM: t is the item's first tile, and the
+        P V issued with it is the previous item's last, into `acc`, returned finished."""
         buf = g % NUM_BUF
         mbarrier.wait(ready.index(buf), phase=(g // NUM_BUF) & 1)
         # Turns alternate strictly (group 0 opens), so a group is at most one hand-over ahead
@@ -151,26 +175,58 @@ if AVAILABLE:
         if not PEELED:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(free.index(prev))  # this group is done with tile t - 1
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        if not NEW_ITEM:
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         p_op = gl.convert_layout(p.to(q.dtype),
                                  gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
         return acc, p_op, m_new, l_i
 
     @gluon.jit
-    def _load_q(q_desc, q_smem, q_bar, item, n_m, BH, H, HALF: gl.constexpr,
+    def _load_q(q_desc, q_smem, q_bar, k, n_m, BH, H, HALF: gl.constexpr,
                 BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr, D: gl.constexpr,
-                IS_CAUSAL: gl.constexpr):
-        """This group's half of the item's query block, into its Q buffer."""
-        bh, pid_m = _item(item, n_m, BH, H, IS_CAUSAL)
+                PAIRED: gl.constexpr, IS_CAUSAL: gl.constexpr):
+        """This group's half of the k-th item's query block, into its Q buffer."""
+        bh, pid_m = _item(k, n_m, BH, PAIRED, IS_CAUSAL)
         mbarrier.expect(q_bar, GROUP_M * D * q_desc.dtype.primitive_bitwidth // 8)
         tma_load(q_desc, [bh // H, bh % H, pid_m * BLOCK_M + HALF * GROUP_M, 0], q_bar, q_smem)
 
     @gluon.jit
+    def _epilogue(acc, m_i, l_i, bh, row0, q_smem, o_smem, o_desc, STATS, H, N_Q,
+                  GROUP_M: gl.constexpr, D: gl.constexpr, O_IN_Q: gl.constexpr,
+                  row_s: gl.constexpr, row_o: gl.constexpr):
+        """An item's O (by a TMA store, which writes only the rows inside this head's N_Q) and
+        its stats, as _forward.py writes them: lse, row max and log2(row sum), base 2."""
+        o = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
+        # The staging buffer: Q's own where shared memory is short (head dim 128), else one of
+        # its own, whose last store must have left it first.
+        if O_IN_Q:
+            q_smem.reshape([GROUP_M, D]).store(o.to(o_desc.dtype))
+        else:
+            tma.store_wait(pendings=0)
+            o_smem.reshape([GROUP_M, D]).store(o.to(o_desc.dtype))
+        fence_async_shared()
+        if O_IN_Q:
+            tma_store(o_desc, [bh // H, bh % H, row0, 0], q_smem)
+        else:
+            tma_store(o_desc, [bh // H, bh % H, row0, 0], o_smem)
+        stats_ptr = STATS + bh.to(gl.int64) * 3 * N_Q
+        log2_l = gl.log2(l_i)
+        r = row0 + gl.arange(0, GROUP_M, layout=row_s)
+        ok = r < N_Q
+        gl.store(stats_ptr + r, m_i + log2_l, mask=ok)
+        gl.store(stats_ptr + N_Q + r, m_i, mask=ok)
+        gl.store(stats_ptr + 2 * N_Q + r, log2_l, mask=ok)
+
+    @gluon.jit
     def _consumer(q_desc, o_desc, STATS, q_smem, o_smem, k_smem, v_smem, q_bar, ready, free,
-                  my_turn, their_turn, H, BH, n_m, n_items, N_Q, N_K, causal_offset, qk_scale,
+                  my_turn, their_turn, H, BH, n_m, N_Q, N_K, causal_offset, qk_scale,
                   FIRST_GROUP: gl.constexpr, IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
                   GROUP_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                  NUM_BUF: gl.constexpr, O_IN_Q: gl.constexpr):
+                  NUM_BUF: gl.constexpr, O_IN_Q: gl.constexpr, PAIRED: gl.constexpr,
+                  CARRY: gl.constexpr):
+        """One consumer group's items. CARRY: an item's last P V is issued with the next item's
+        first S, and its epilogue runs after that tile's softmax, so that neither product waits
+        alone (needs O's own staging buffer: the next item's Q is in Q's by then)."""
         dtype: gl.constexpr = o_desc.dtype
         HALF: gl.constexpr = 0 if FIRST_GROUP else 1
         # One warp group: 4 warps x 16 rows.
@@ -184,13 +240,25 @@ if AVAILABLE:
         cols0 = gl.expand_dims(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)), 0)
         q = q_smem.reshape([GROUP_M, D])
         s_zero = gl.zeros([GROUP_M, BLOCK_N], gl.float32, layout=s_layout)
-        first = gl.program_id(0)
-        step = gl.num_programs(0)
-        _load_q(q_desc, q_smem, q_bar, first, n_m, BH, H, HALF, BLOCK_M, GROUP_M, D, IS_CAUSAL)
+        o_zero = gl.zeros([GROUP_M, D], gl.float32, layout=o_layout)
+        m_start = gl.full([GROUP_M], float("-inf"), gl.float32, layout=row_s)
+        l_start = gl.zeros([GROUP_M], gl.float32, layout=row_s)
+        n_mine = _n_mine(n_m, BH, PAIRED)
+        if n_mine > 0:
+            _load_q(q_desc, q_smem, q_bar, 0, n_m, BH, H, HALF, BLOCK_M, GROUP_M, D, PAIRED,
+                    IS_CAUSAL)
         g = 0  # this program's key tiles so far, over all its items (the ring and the turns)
-        c = 0  # its items so far (Q's barrier phase)
-        for item in range(first, n_items, step):
-            bh, pid_m = _item(item, n_m, BH, H, IS_CAUSAL)
+        # The item before, while its epilogue is pending (CARRY).
+        acc = o_zero
+        p_op = gl.zeros([GROUP_M, BLOCK_N], dtype, layout=p_layout)
+        m_i = m_start
+        l_i = l_start
+        bh = 0
+        row0 = 0
+        for k in range(0, n_mine):
+            prev_bh = bh
+            prev_row0 = row0
+            bh, pid_m = _item(k, n_m, BH, PAIRED, IS_CAUSAL)
             row0 = pid_m * BLOCK_M + HALF * GROUP_M
             start_m = pid_m * BLOCK_M
             n_tiles = _n_tiles(start_m, N_K, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
@@ -199,17 +267,30 @@ if AVAILABLE:
             else:
                 full_tiles = N_K // BLOCK_N
             rows = gl.expand_dims(row0 + gl.arange(0, GROUP_M, layout=row_s), 1)
-            m_i = gl.full([GROUP_M], float("-inf"), gl.float32, layout=row_s)
-            l_i = gl.zeros([GROUP_M], gl.float32, layout=row_s)
-            acc = gl.zeros([GROUP_M, D], gl.float32, layout=o_layout)
-            p_op = gl.zeros([GROUP_M, BLOCK_N], dtype, layout=p_layout)
-            mbarrier.wait(q_bar, phase=c & 1)
+            mbarrier.wait(q_bar, phase=k & 1)
             # Tile 0 (masked: it may be the last, or on the diagonal), then the tiles every row of
             # the block sees whole, then the rest (the key tail, the causal diagonal) masked.
-            acc, p_op, m_i, l_i = _tile(0, g, acc, p_op, m_i, l_i, s_zero, q, k_smem, v_smem,
-                                        ready, free, my_turn, their_turn, rows, cols0, N_K,
-                                        causal_offset, qk_scale, FIRST_GROUP, True, True,
-                                        IS_CAUSAL, BLOCK_N, D, NUM_BUF, o_layout)
+            if CARRY:
+                if k > 0:
+                    done, p_op, m_new, l_new = _tile(
+                        0, g, acc, p_op, m_start, l_start, s_zero, q, k_smem, v_smem, ready, free,
+                        my_turn, their_turn, rows, cols0, N_K, causal_offset, qk_scale,
+                        FIRST_GROUP, False, True, IS_CAUSAL, BLOCK_N, D, NUM_BUF, o_layout, True)
+                    _epilogue(done, m_i, l_i, prev_bh, prev_row0, q_smem, o_smem, o_desc, STATS,
+                              H, N_Q, GROUP_M, D, O_IN_Q, row_s, row_o)
+                else:
+                    _, p_op, m_new, l_new = _tile(
+                        0, g, o_zero, p_op, m_start, l_start, s_zero, q, k_smem, v_smem, ready,
+                        free, my_turn, their_turn, rows, cols0, N_K, causal_offset, qk_scale,
+                        FIRST_GROUP, True, True, IS_CAUSAL, BLOCK_N, D, NUM_BUF, o_layout)
+                acc = o_zero
+                m_i = m_new
+                l_i = l_new
+            else:
+                acc, p_op, m_i, l_i = _tile(0, g, o_zero, p_op, m_start, l_start, s_zero, q,
+                                            k_smem, v_smem, ready, free, my_turn, their_turn, rows,
+                                            cols0, N_K, causal_offset, qk_scale, FIRST_GROUP, True,
+                                            True, IS_CAUSAL, BLOCK_N, D, NUM_BUF, o_layout)
             first_masked = gl.maximum(full_tiles, 1)
             for t in range(1, first_masked):
                 acc, p_op, m_i, l_i = _tile(t, g + t, acc, p_op, m_i, l_i, s_zero, q, k_smem,
@@ -222,46 +303,34 @@ if AVAILABLE:
                                             N_K, causal_offset, qk_scale, FIRST_GROUP, False,
                                             True, IS_CAUSAL, BLOCK_N, D, NUM_BUF, o_layout)
             g += n_tiles
-            nxt = item + step
             if not O_IN_Q:
                 # Every S of this item is done, so Q's buffer is free: the next item's queries
                 # load while this one's last P V and its epilogue run.
-                if nxt < n_items:
-                    _load_q(q_desc, q_smem, q_bar, nxt, n_m, BH, H, HALF, BLOCK_M, GROUP_M, D,
-                            IS_CAUSAL)
-            last = (g - 1) % NUM_BUF
-            acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, D]), acc,
-                                is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(free.index(last))
-            o = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
-            # O goes out by a TMA store, which writes only the rows inside this head's N_Q, from
-            # a staging buffer: Q's own where shared memory is short (head dim 128), else one of
-            # its own, whose last store must have left it first.
-            if O_IN_Q:
-                q.store(o.to(dtype))
-            else:
-                tma.store_wait(pendings=0)
-                o_smem.reshape([GROUP_M, D]).store(o.to(dtype))
-            fence_async_shared()
-            if O_IN_Q:
-                tma_store(o_desc, [bh // H, bh % H, row0, 0], q_smem)
-            else:
-                tma_store(o_desc, [bh // H, bh % H, row0, 0], o_smem)
-            # The same stats as _forward.py: lse, row max and log2(row sum), base 2.
-            stats_ptr = STATS + bh.to(gl.int64) * 3 * N_Q
-            log2_l = gl.log2(l_i)
-            r = row0 + gl.arange(0, GROUP_M, layout=row_s)
-            ok = r < N_Q
-            gl.store(stats_ptr + r, m_i + log2_l, mask=ok)
-            gl.store(stats_ptr + N_Q + r, m_i, mask=ok)
-            gl.store(stats_ptr + 2 * N_Q + r, log2_l, mask=ok)
-            if O_IN_Q:
-                tma.store_wait(pendings=0)
-                if nxt < n_items:
-                    _load_q(q_desc, q_smem, q_bar, nxt, n_m, BH, H, HALF, BLOCK_M, GROUP_M, D,
-                            IS_CAUSAL)
-            c += 1
+                if k + 1 < n_mine:
+                    _load_q(q_desc, q_smem, q_bar, k + 1, n_m, BH, H, HALF, BLOCK_M, GROUP_M, D,
+                            PAIRED, IS_CAUSAL)
+            if not CARRY:
+                last = (g - 1) % NUM_BUF
+                acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, D]), acc,
+                                    is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                mbarrier.arrive(free.index(last))
+                _epilogue(acc, m_i, l_i, bh, row0, q_smem, o_smem, o_desc, STATS, H, N_Q,
+                          GROUP_M, D, O_IN_Q, row_s, row_o)
+                if O_IN_Q:
+                    tma.store_wait(pendings=0)
+                    if k + 1 < n_mine:
+                        _load_q(q_desc, q_smem, q_bar, k + 1, n_m, BH, H, HALF, BLOCK_M, GROUP_M,
+                                D, PAIRED, IS_CAUSAL)
+        if CARRY:
+            if n_mine > 0:  # the last item's last P V and epilogue
+                last = (g - 1) % NUM_BUF
+                acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, D]), acc,
+                                    is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                mbarrier.arrive(free.index(last))
+                _epilogue(acc, m_i, l_i, bh, row0, q_smem, o_smem, o_desc, STATS, H, N_Q,
+                          GROUP_M, D, O_IN_Q, row_s, row_o)
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -269,13 +338,13 @@ if AVAILABLE:
                            causal_offset, qk_scale,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
                            IS_CAUSAL: gl.constexpr, NUM_BUF: gl.constexpr, O_IN_Q: gl.constexpr,
-                           WORKER_REGS: gl.constexpr, num_warps: gl.constexpr):
-        """Program p takes work items p, p + programs, ... (one each when the grid has one
-        program per item; persistent when it has one per SM)."""
+                           PAIRED: gl.constexpr, CARRY: gl.constexpr, WORKER_REGS: gl.constexpr,
+                           num_warps: gl.constexpr):
+        """Program p takes units of work p, p + programs, ... (_item): one each when the grid has
+        one program per unit, several when it is persistent (one program per SM)."""
         GROUP_M: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = q_desc.dtype
         n_m = (N_Q + BLOCK_M - 1) // BLOCK_M
-        n_items = n_m * BH
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, GROUP_M, D], q_desc.layout)
         if O_IN_Q:
             o_smem = q_smem  # unused: O is staged in each group's Q buffer
@@ -297,14 +366,14 @@ if AVAILABLE:
         gl.warp_specialize([
             (_consumer, (q_desc, o_desc, STATS, q_smem.index(0), o_smem.index(0), k_smem, v_smem,
                          q_bar.index(0), ready, free, turn.index(0), turn.index(1), H, BH, n_m,
-                         n_items, N_Q, N_K, causal_offset, qk_scale, True, IS_CAUSAL, BLOCK_M,
-                         GROUP_M, BLOCK_N, D, NUM_BUF, O_IN_Q)),
+                         N_Q, N_K, causal_offset, qk_scale, True, IS_CAUSAL, BLOCK_M, GROUP_M,
+                         BLOCK_N, D, NUM_BUF, O_IN_Q, PAIRED, CARRY)),
             (_consumer, (q_desc, o_desc, STATS, q_smem.index(1), o_smem.index(1), k_smem, v_smem,
                          q_bar.index(1), ready, free, turn.index(1), turn.index(0), H, BH, n_m,
-                         n_items, N_Q, N_K, causal_offset, qk_scale, False, IS_CAUSAL, BLOCK_M,
-                         GROUP_M, BLOCK_N, D, NUM_BUF, O_IN_Q)),
-            (_producer, (k_desc, v_desc, k_smem, v_smem, ready, free, H, GROUP, BH, n_m, n_items,
-                         N_K, causal_offset, BLOCK_M, BLOCK_N, D, IS_CAUSAL, NUM_BUF)),
+                         N_Q, N_K, causal_offset, qk_scale, False, IS_CAUSAL, BLOCK_M, GROUP_M,
+                         BLOCK_N, D, NUM_BUF, O_IN_Q, PAIRED, CARRY)),
+            (_producer, (k_desc, v_desc, k_smem, v_smem, ready, free, H, GROUP, BH, n_m, N_K,
+                         causal_offset, BLOCK_M, BLOCK_N, D, IS_CAUSAL, NUM_BUF, PAIRED)),
         ], [4, 1], WORKER_REGS)
 
 
@@ -330,11 +399,17 @@ def attention_forward(q, k, v, causal, causal_offset, scale, config=None, launch
         o = torch.empty((B, H, N_Q, D), device=q.device, dtype=q.dtype)
     o, stats = _common.forward_outputs(q, o)
     block_n = cfg["BLOCK_N"]
-    items = -(-N_Q // BLOCK_M) * B * H
-    programs = min(items, sm_count(q.device)) if cfg["PERSISTENT"] else items
+    n_m = -(-N_Q // BLOCK_M)
+    # Causal query blocks see from 1 to n_m key tiles; paired (j with n_m - 1 - j), every unit of
+    # work has the same n_m + 1, so programs that take units in turn finish together, and units
+    # go in head order, so the programs running at once share K and V in L2.
+    paired = bool(causal) and cfg["PAIRED"] and n_m % 2 == 0
+    units = n_m * B * H // (2 if paired else 1)
+    programs = min(units, sm_count(q.device)) if cfg["PERSISTENT"] else units
     # O's staging buffer of its own lets the next item's queries load during an item's epilogue;
     # at head dim 128 the K/V ring leaves no room for it, and O is staged in Q's buffer.
     smem = (2 * BLOCK_M * D + 2 * cfg["NUM_BUF"] * block_n * D) * q.element_size()
+    o_in_q = smem > SMEM_FOR_SEPARATE_O
     extra = {} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}
     launches(
         "main", _fwd_hopper_kernel, (programs,),
@@ -342,7 +417,8 @@ def attention_forward(q, k, v, causal, causal_offset, scale, config=None, launch
          launches.descriptor("v", v, block_n), launches.descriptor("o", o, GROUP_M), stats, H,
          H // k.shape[1], B * H, N_Q, N_K, causal_offset, scale * _common.LOG2E),
         dict(BLOCK_M=BLOCK_M, BLOCK_N=block_n, D=D, IS_CAUSAL=bool(causal),
-             NUM_BUF=cfg["NUM_BUF"], O_IN_Q=smem > SMEM_FOR_SEPARATE_O,
+             NUM_BUF=cfg["NUM_BUF"], O_IN_Q=o_in_q, PAIRED=paired,
+             CARRY=cfg["CARRY"] and not o_in_q,
              WORKER_REGS=cfg["WORKER_REGS"], num_warps=4,
              enable_fp_fusion=_common.fp_fusion(q.dtype), **extra))
     return o, stats
