@@ -8,15 +8,17 @@ model-shaped cases (do_bench medians, forward only):
     python3 benchmarks/hopper_fwd_configs.py [--out DIR]
 
 What a config changes: PERSISTENT (one program per SM taking work items in turn, or one program
-per item), PAIRED (causal query blocks taken in pairs of equal work), CARRY (an item's last P V and
-epilogue overlapping the next item's first tile), BLOCK_N (keys per tile), NUM_BUF (K/V buffers), WORKER_REGS (setmaxnreg of the worker
-partitions) and maxnreg (the launch's registers per thread: 80 lets two programs share an SM,
-65536 / (80 x 384) = 2.1; no faster at e46ee33, docs/perf-notes.md "v10").
+per item), PAIRED (causal query blocks taken in pairs of equal work), CARRY (an item's last P V
+and epilogue overlapping the next item's first tile), BLOCK_N (keys per tile), NUM_BUF (K/V
+buffers), WORKER_REGS (setmaxnreg of the worker partitions) and maxnreg (the launch's registers
+per thread: 80 lets two programs share an SM, 65536 / (80 x 384) = 2.1; no faster at e46ee33,
+docs/perf-notes.md "v10").
 """
 
 import argparse
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -26,8 +28,8 @@ import triton.testing
 CONFIGS = {
     "one per item": {"PERSISTENT": False, "PAIRED": False, "CARRY": False},
     "persistent": {"PERSISTENT": True, "PAIRED": False, "CARRY": False},
-    "persistent paired": {"PERSISTENT": True, "PAIRED": True, "CARRY": False},
-    "persistent paired carry": {"PERSISTENT": True, "PAIRED": True, "CARRY": True},
+    "paired": {"PERSISTENT": True, "PAIRED": True, "CARRY": False},
+    "paired carry": {"PERSISTENT": True, "PAIRED": True, "CARRY": True},
 }
 CASES = [  # (name, B, H, N, D, causal)
     ("bert B32 H16 N512 D64", 32, 16, 512, 64, False),
@@ -76,6 +78,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="")
     p.add_argument("--head-dims", default="64,128", help="comma-separated")
+    p.add_argument("--rounds", type=int, default=5, help="timing rounds (median reported)")
     args = p.parse_args()
     dims = [int(x) for x in args.head_dims.split(",")]
     if not torch.cuda.is_available():
@@ -117,10 +120,20 @@ def main():
                                                                          scale, c)))
                   for name, cfg in CONFIGS.items() if isinstance(errors[name, d], float)
                   and errors[name, d] < 1e-2]
-        for impl, fn in impls:
+        for _, fn in impls:
             fn()
-            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-            rows.append({"case": case, "impl": impl, "ms": ms, "tflops": flops / ms * 1e-9})
+        # Rounds, each timing every impl in turn: a drift of the GPU's clocks or of the host
+        # meets all impls alike, and the spread of the rounds shows how far one timing is good.
+        times = {impl: [] for impl, _ in impls}
+        for _ in range(args.rounds):
+            for impl, fn in impls:
+                times[impl].append(triton.testing.do_bench(fn, warmup=10, rep=40,
+                                                           return_mode="median"))
+        for impl, _ in impls:
+            ms = statistics.median(times[impl])
+            rows.append({"case": case, "impl": impl, "ms": ms, "tflops": flops / ms * 1e-9,
+                         "min_ms": min(times[impl]), "max_ms": max(times[impl]),
+                         "rounds_ms": times[impl]})
             print(rows[-1], flush=True)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__, "git_sha": os.environ.get("GIT_SHA", ""),
@@ -131,11 +144,13 @@ def main():
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "hopper_fwd_configs.json"), "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print("\nforward ms (TFLOP/s), bf16; checks (worst relative error):",
+    print(f"\nforward ms, median of {args.rounds} rounds (TFLOP/s) [min-max], bf16; checks (worst "
+          "relative error):",
           {f"{k[0]} D{k[1]}": (f"{v:.1e}" if isinstance(v, float) else v[:40])
            for k, v in errors.items()})
     for r in rows:
-        print(f"{r['case']:32} {r['impl']:26} {r['ms']:7.3f} ({r['tflops']:4.0f})")
+        print(f"{r['case']:30} {r['impl']:25} {r['ms']:7.3f} ({r['tflops']:4.0f}) "
+              f"[{r['min_ms']:.3f}-{r['max_ms']:.3f}]")
 
 
 if __name__ == "__main__":
