@@ -9,7 +9,8 @@ model-shaped cases (do_bench medians, forward only):
 
 What a config changes: PERSISTENT (one program per SM taking work items in turn, or one program
 per item), PAIRED (causal query blocks taken in pairs of equal work), CARRY (an item's last P V
-and epilogue overlapping the next item's first tile), BLOCK_N (keys per tile), NUM_BUF (K/V
+and epilogue overlapping the next item's first tile), LEAN_TILE0 (an item's first key tile masked
+only where it must be), BLOCK_N (keys per tile), NUM_BUF (K/V
 buffers), WORKER_REGS (setmaxnreg of the worker partitions) and maxnreg (the launch's registers
 per thread: 80 lets two programs share an SM, 65536 / (80 x 384) = 2.1; no faster at e46ee33,
 docs/perf-notes.md "v10").
@@ -26,10 +27,11 @@ import triton.testing
 
 
 CONFIGS = {
-    "one per item": {"PERSISTENT": False, "PAIRED": False, "CARRY": False},
-    "persistent": {"PERSISTENT": True, "PAIRED": False, "CARRY": False},
-    "paired": {"PERSISTENT": True, "PAIRED": True, "CARRY": False},
-    "paired carry": {"PERSISTENT": True, "PAIRED": True, "CARRY": True},
+    "one per item": {"PERSISTENT": False, "PAIRED": False, "CARRY": False, "LEAN_TILE0": False},
+    "persistent": {"PERSISTENT": True, "PAIRED": False, "CARRY": False, "LEAN_TILE0": False},
+    "paired": {"PERSISTENT": True, "PAIRED": True, "CARRY": False, "LEAN_TILE0": False},
+    "paired lean": {"PERSISTENT": True, "PAIRED": True, "CARRY": False, "LEAN_TILE0": True},
+    "paired lean carry": {"PERSISTENT": True, "PAIRED": True, "CARRY": True, "LEAN_TILE0": True},
 }
 CASES = [  # (name, B, H, N, D, causal)
     ("bert B32 H16 N512 D64", 32, 16, 512, 64, False),

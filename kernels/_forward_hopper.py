@@ -46,8 +46,10 @@ GROUP_M = BLOCK_M // 2
 # item's start (its Q and first K/V tiles) loads while the last one ends; else one program per item.
 # PAIRED: causal calls take query blocks in pairs (_item). CARRY: an item's last P V and epilogue
 # overlap the next item's first tile (_consumer; not where O is staged in Q's buffer).
+# LEAN_TILE0: an item's first key tile is masked only where it needs to be; head dim 64 only, where
+# a tile waits on its softmax (at 128 on its products, and causal 128 would spill with it).
 CONFIG = {"BLOCK_N": 128, "NUM_BUF": 3, "WORKER_REGS": (240, 24), "maxnreg": None,
-          "PERSISTENT": True, "PAIRED": True, "CARRY": True}
+          "PERSISTENT": True, "PAIRED": True, "CARRY": False, "LEAN_TILE0": True}
 # HF_FLASH_HOPPER_CONFIG='{"BLOCK_N": 64, ...}' replaces entries (experiments: the GPU tests run
 # under it, so a config is checked before it is timed or kept).
 CONFIG = config_from_env(CONFIG, "HF_FLASH_HOPPER_CONFIG")
@@ -133,7 +135,7 @@ if AVAILABLE:
 
     @gluon.jit
     def _tile(t, g, acc, p_op, m_i, l_i, s_zero, q, k_smem, v_smem, ready, free, my_turn,
-              their_turn, rows, cols0, n_k, causal_offset, qk_scale,
+              their_turn, rows, cols0, n_k, causal_offset, qk_scale, mask_it,
               FIRST_GROUP: gl.constexpr, PEELED: gl.constexpr, MASKED: gl.constexpr,
               IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
               NUM_BUF: gl.constexpr, o_layout: gl.constexpr, NEW_ITEM: gl.constexpr = False):
@@ -161,11 +163,14 @@ if AVAILABLE:
         else:
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))  # P V may still run
         if MASKED:
-            cols = t * BLOCK_N + cols0
-            keep = cols < n_k
-            if IS_CAUSAL:
-                keep = keep & (cols <= rows + causal_offset)
-            s = gl.where(keep, s, float("-inf"))
+            # (mask_it: whether this tile needs it after all, known at run time; the mask costs
+            # a quarter of a tile's softmax, which at head dim 64 is what the tile waits on.)
+            if mask_it:
+                cols = t * BLOCK_N + cols0
+                keep = cols < n_k
+                if IS_CAUSAL:
+                    keep = keep & (cols <= rows + causal_offset)
+                s = gl.where(keep, s, float("-inf"))
         # Every row sees a key in tile 0 (eligible() ensures it), so m_new is finite from the
         # first tile on and a fully masked later tile gives p = 0, alpha = 1.
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
@@ -223,7 +228,7 @@ if AVAILABLE:
                   FIRST_GROUP: gl.constexpr, IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
                   GROUP_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
                   NUM_BUF: gl.constexpr, O_IN_Q: gl.constexpr, PAIRED: gl.constexpr,
-                  CARRY: gl.constexpr):
+                  CARRY: gl.constexpr, LEAN_TILE0: gl.constexpr):
         """One consumer group's items. CARRY: an item's last P V is issued with the next item's
         first S, and its epilogue runs after that tile's softmax, so that neither product waits
         alone (needs O's own staging buffer: the next item's Q is in Q's by then)."""
@@ -268,20 +273,25 @@ if AVAILABLE:
                 full_tiles = N_K // BLOCK_N
             rows = gl.expand_dims(row0 + gl.arange(0, GROUP_M, layout=row_s), 1)
             mbarrier.wait(q_bar, phase=k & 1)
-            # Tile 0 (masked: it may be the last, or on the diagonal), then the tiles every row of
-            # the block sees whole, then the rest (the key tail, the causal diagonal) masked.
+            # Tile 0 (masked where it is the key tail or on the diagonal: with LEAN_TILE0, only
+            # then), then the tiles every row of the block sees whole, then the rest (the key
+            # tail, the causal diagonal) masked.
+            if LEAN_TILE0:
+                mask0 = full_tiles < 1
+            else:
+                mask0 = full_tiles < (1 << 30)  # always
             if CARRY:
                 if k > 0:
                     done, p_op, m_new, l_new = _tile(
                         0, g, acc, p_op, m_start, l_start, s_zero, q, k_smem, v_smem, ready, free,
-                        my_turn, their_turn, rows, cols0, N_K, causal_offset, qk_scale,
+                        my_turn, their_turn, rows, cols0, N_K, causal_offset, qk_scale, mask0,
                         FIRST_GROUP, False, True, IS_CAUSAL, BLOCK_N, D, NUM_BUF, o_layout, True)
                     _epilogue(done, m_i, l_i, prev_bh, prev_row0, q_smem, o_smem, o_desc, STATS,
                               H, N_Q, GROUP_M, D, O_IN_Q, row_s, row_o)
                 else:
                     _, p_op, m_new, l_new = _tile(
                         0, g, o_zero, p_op, m_start, l_start, s_zero, q, k_smem, v_smem, ready,
-                        free, my_turn, their_turn, rows, cols0, N_K, causal_offset, qk_scale,
+                        free, my_turn, their_turn, rows, cols0, N_K, causal_offset, qk_scale, mask0,
                         FIRST_GROUP, True, True, IS_CAUSAL, BLOCK_N, D, NUM_BUF, o_layout)
                 acc = o_zero
                 m_i = m_new
@@ -289,19 +299,22 @@ if AVAILABLE:
             else:
                 acc, p_op, m_i, l_i = _tile(0, g, o_zero, p_op, m_start, l_start, s_zero, q,
                                             k_smem, v_smem, ready, free, my_turn, their_turn, rows,
-                                            cols0, N_K, causal_offset, qk_scale, FIRST_GROUP, True,
-                                            True, IS_CAUSAL, BLOCK_N, D, NUM_BUF, o_layout)
+                                            cols0, N_K, causal_offset, qk_scale, mask0,
+                                            FIRST_GROUP, True, True, IS_CAUSAL, BLOCK_N, D,
+                                            NUM_BUF, o_layout)
             first_masked = gl.maximum(full_tiles, 1)
             for t in range(1, first_masked):
                 acc, p_op, m_i, l_i = _tile(t, g + t, acc, p_op, m_i, l_i, s_zero, q, k_smem,
                                             v_smem, ready, free, my_turn, their_turn, rows, cols0,
-                                            N_K, causal_offset, qk_scale, FIRST_GROUP, False,
-                                            False, IS_CAUSAL, BLOCK_N, D, NUM_BUF, o_layout)
+                                            N_K, causal_offset, qk_scale, False, FIRST_GROUP,
+                                            False, False, IS_CAUSAL, BLOCK_N, D, NUM_BUF,
+                                            o_layout)
             for t in range(first_masked, n_tiles):
                 acc, p_op, m_i, l_i = _tile(t, g + t, acc, p_op, m_i, l_i, s_zero, q, k_smem,
                                             v_smem, ready, free, my_turn, their_turn, rows, cols0,
-                                            N_K, causal_offset, qk_scale, FIRST_GROUP, False,
-                                            True, IS_CAUSAL, BLOCK_N, D, NUM_BUF, o_layout)
+                                            N_K, causal_offset, qk_scale, True, FIRST_GROUP,
+                                            False, True, IS_CAUSAL, BLOCK_N, D, NUM_BUF,
+                                            o_layout)
             g += n_tiles
             if not O_IN_Q:
                 # Every S of this item is done, so Q's buffer is free: the next item's queries
@@ -338,7 +351,8 @@ if AVAILABLE:
                            causal_offset, qk_scale,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
                            IS_CAUSAL: gl.constexpr, NUM_BUF: gl.constexpr, O_IN_Q: gl.constexpr,
-                           PAIRED: gl.constexpr, CARRY: gl.constexpr, WORKER_REGS: gl.constexpr,
+                           PAIRED: gl.constexpr, CARRY: gl.constexpr,
+                           LEAN_TILE0: gl.constexpr, WORKER_REGS: gl.constexpr,
                            num_warps: gl.constexpr):
         """Program p takes units of work p, p + programs, ... (_item): one each when the grid has
         one program per unit, several when it is persistent (one program per SM)."""
@@ -367,11 +381,11 @@ if AVAILABLE:
             (_consumer, (q_desc, o_desc, STATS, q_smem.index(0), o_smem.index(0), k_smem, v_smem,
                          q_bar.index(0), ready, free, turn.index(0), turn.index(1), H, BH, n_m,
                          N_Q, N_K, causal_offset, qk_scale, True, IS_CAUSAL, BLOCK_M, GROUP_M,
-                         BLOCK_N, D, NUM_BUF, O_IN_Q, PAIRED, CARRY)),
+                         BLOCK_N, D, NUM_BUF, O_IN_Q, PAIRED, CARRY, LEAN_TILE0)),
             (_consumer, (q_desc, o_desc, STATS, q_smem.index(1), o_smem.index(1), k_smem, v_smem,
                          q_bar.index(1), ready, free, turn.index(1), turn.index(0), H, BH, n_m,
                          N_Q, N_K, causal_offset, qk_scale, False, IS_CAUSAL, BLOCK_M, GROUP_M,
-                         BLOCK_N, D, NUM_BUF, O_IN_Q, PAIRED, CARRY)),
+                         BLOCK_N, D, NUM_BUF, O_IN_Q, PAIRED, CARRY, LEAN_TILE0)),
             (_producer, (k_desc, v_desc, k_smem, v_smem, ready, free, H, GROUP, BH, n_m, N_K,
                          causal_offset, BLOCK_M, BLOCK_N, D, IS_CAUSAL, NUM_BUF, PAIRED)),
         ], [4, 1], WORKER_REGS)
@@ -418,7 +432,7 @@ def attention_forward(q, k, v, causal, causal_offset, scale, config=None, launch
          H // k.shape[1], B * H, N_Q, N_K, causal_offset, scale * _common.LOG2E),
         dict(BLOCK_M=BLOCK_M, BLOCK_N=block_n, D=D, IS_CAUSAL=bool(causal),
              NUM_BUF=cfg["NUM_BUF"], O_IN_Q=o_in_q, PAIRED=paired,
-             CARRY=cfg["CARRY"] and not o_in_q,
+             CARRY=cfg["CARRY"] and not o_in_q, LEAN_TILE0=cfg["LEAN_TILE0"] and D == 64,
              WORKER_REGS=cfg["WORKER_REGS"], num_warps=4,
              enable_fp_fusion=_common.fp_fusion(q.dtype), **extra))
     return o, stats

@@ -258,7 +258,8 @@ def build_hopper_forward(d: int, causal: bool, dtype: str, target=None, config=N
            "N_K": "i32", "causal_offset": "i32", "qk_scale": "fp32"}
     cx = {"BLOCK_M": hop.BLOCK_M, "BLOCK_N": cfg["BLOCK_N"], "D": d, "IS_CAUSAL": causal,
           "NUM_BUF": cfg["NUM_BUF"], "O_IN_Q": d > 64, "PAIRED": causal and cfg["PAIRED"],
-          "CARRY": cfg["CARRY"] and d == 64, "WORKER_REGS": cfg["WORKER_REGS"],
+          "CARRY": cfg["CARRY"] and d == 64, "LEAN_TILE0": cfg["LEAN_TILE0"] and d == 64,
+          "WORKER_REGS": cfg["WORKER_REGS"],
           "num_warps": 4}
     sig.update({k: "constexpr" for k in cx})
     names = list(sig)
