@@ -98,7 +98,7 @@ KEY_PADDING = os.environ.get("HF_FLASH_HOPPER_KPM", "0") == "1"
 # (64: none with TMA reductions, 8-56 bytes with element atomics; compile_kernels.py --hopper).
 DROPOUT_HEAD_DIMS = (64,)
 # Dropout calls take the fused route from the lower of its floor and this one: drawing once pays
-# from shorter lengths. H200, Triton 3.6 (element atomics), bf16 backward at 16M tokens, p = 0.1,
+# from shorter lengths. H200, Triton 3.6 (element atomics), bf16 backward at 16k tokens, p = 0.1,
 # ms, Triton's kernels -> fused (benchmarks/results/h200/experiments/ops_sweep_d64_dropout-*):
 #                  n=  1024          2048          4096
 #   D64              1.873 -> 1.406  3.595 -> 2.490  7.048 -> 4.673   (cudnn 1.207 2.188 4.139)
@@ -109,7 +109,7 @@ DROPOUT_HEAD_DIMS = (64,)
 DROPOUT_MIN_LENGTH = {(64, False): 1024, (64, True): 1024}
 
 # The shortest sequence (queries and keys) each route takes, per (head dim, causal); H200, bf16,
-# backward in ms at 16M-token batches (benchmarks/results/h200/experiments/ops_sweep_*_bwd_*:
+# backward in ms at 16k-token batches (benchmarks/results/h200/experiments/ops_sweep_*_bwd_*:
 # min0_{on,off}_0c39220, fused_{tma,atomic}_996f229, unfused_996f229,
 # hopper_{on,off}_70df10c).
 #                    n=   512   1024   2048   4096  16384
@@ -124,7 +124,7 @@ DROPOUT_MIN_LENGTH = {(64, False): 1024, (64, True): 1024}
 #   D128 causal         0.42   0.65   1.15   2.11      -    (dkdv 0.63 1.07 1.95)
 #         fused, TMA    0.55   0.68   0.88   1.53   5.33    (atomic 0.52 0.77 1.24 2.17 7.52)
 # Below 1024 the fused route's extra passes (delta, zeroing dQ's fp32 sum, rounding it: ~0.1 ms
-# at 16M tokens) cost more than its products save. Element atomics (Triton before 3.9) only pay
+# at 16k tokens) cost more than its products save. Element atomics (Triton before 3.9) only pay
 # at head dim 64 from 4096. The floors start at 2048, not 1024: the route's host time (seven TMA
 # descriptors, three launches) made GPT-2's backward (B16 H16 N1024 causal) host-bound under
 # Triton 3.9, 0.90 ms against 0.36 by Triton's kernels (ops_bar_fused_triton39_479c863). A

@@ -10,7 +10,10 @@ lower-level language, lets the schedule be written out. This is FlashAttention-3
   issues S[j] = Q K[j]^T and O += P[j-1] V[j-1] together, waits for S[j] only, and runs the
   softmax of S[j] while P[j-1] V[j-1] is still on the tensor cores;
 - the groups take turns at issuing (ping-pong, a pair of mbarriers), so one group's softmax runs
-  while the other group's products hold the tensor cores.
+  while the other group's products hold the tensor cores;
+- the grid is persistent: one program per SM takes its work items (query blocks) in turn, so the
+  next item's K/V tiles and queries load while an item ends; causal blocks go in pairs of equal
+  work (block j with block n - 1 - j), so that programs taking them in turn finish together.
 
 On an H200 (bf16, B4 H32 N4096 D128) it runs the forward at 616 TFLOP/s against 474 for
 _forward.py (docs/perf-notes.md, "v10"). It serves what it is built for (attention_forward
@@ -49,7 +52,7 @@ GROUP_M = BLOCK_M // 2
 # LEAN_TILE0: an item's first key tile is masked only where it needs to be; head dim 64 only, where
 # a tile waits on its softmax (at 128 on its products, and causal 128 would spill with it).
 CONFIG = {"BLOCK_N": 128, "NUM_BUF": 3, "WORKER_REGS": (240, 24), "maxnreg": None,
-          "PERSISTENT": True, "PAIRED": True, "CARRY": False, "LEAN_TILE0": True}
+          "PERSISTENT": True, "PAIRED": True, "CARRY": False, "LEAN_TILE0": False}
 # HF_FLASH_HOPPER_CONFIG='{"BLOCK_N": 64, ...}' replaces entries (experiments: the GPU tests run
 # under it, so a config is checked before it is timed or kept).
 CONFIG = config_from_env(CONFIG, "HF_FLASH_HOPPER_CONFIG")
@@ -58,13 +61,17 @@ CONFIG = config_from_env(CONFIG, "HF_FLASH_HOPPER_CONFIG")
 SMEM_FOR_SEPARATE_O = 200 * 1024
 
 # The shortest sequence (queries and keys) this kernel takes, per (head dim, causal): below it
-# _forward.py is faster. Measured on an H200, bf16 forwards, the sweep of 16M-token batches
-# (benchmarks/results/h200/experiments/ops_sweep_fwd_hopper_{on,off}_*.csv): with one 384-thread
-# program per SM (its registers) and a handful of key tiles per program, the start and end of each
-# program (Q load, first tiles, O store) are not hidden. TFLOP/s, this kernel / _forward.py:
-#   D64:  n=2048 409/403, 4096 431/404, 8192 447/415; causal 4096 381/381, 8192 413/372
-#   D128: n=512 407/332, 2048 596/441;  causal 1024 198/308, 2048 391/372, 4096 527/411
-MIN_LENGTH = {(64, False): 4096, (64, True): 8192, (128, False): 512, (128, True): 2048}
+# _forward.py is faster. Measured on H100s (Triton 3.6), bf16 forwards, ms, this kernel /
+# _forward.py, with the persistent grid and paired causal blocks (benchmarks/results/h100/
+# experiments/*persist*_64d63b3*: hopper_fwd_configs' model shapes, and the bench_ops sweep of
+# 16k-token batches, whose head dim 64 rows ran with CARRY on). At head dim 64 an item's tiles wait
+# on their softmax, and at short lengths the start and end of each item are not hidden.
+#   D64:  B32 H16 n=512 0.124-0.138 / 0.112, B8 H16 n=2048 0.326 / 0.348,
+#         B1 H16 n=16384 2.34-2.49 / 2.62; causal: B16 H16 n=1024 0.141 / 0.126,
+#         B8 H16 n=2048 0.202 / 0.210, sweep n=4096 0.686 / 0.727
+#   D128: sweep n=512 0.163 / 0.203; causal: n=512 0.156 / 0.149, 1024 0.190 / 0.219,
+#         2048 0.280 / 0.359
+MIN_LENGTH = {(64, False): 2048, (64, True): 4096, (128, False): 512, (128, True): 1024}
 
 
 if AVAILABLE:
@@ -279,7 +286,7 @@ if AVAILABLE:
             if LEAN_TILE0:
                 mask0 = full_tiles < 1
             else:
-                mask0 = full_tiles < (1 << 30)  # always
+                mask0 = True
             if CARRY:
                 if k > 0:
                     done, p_op, m_new, l_new = _tile(
