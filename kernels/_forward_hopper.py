@@ -230,6 +230,19 @@ if AVAILABLE:
         gl.store(stats_ptr + 2 * N_Q + r, log2_l, mask=ok)
 
     @gluon.jit
+    def _last_pv_and_epilogue(acc, p_op, m_i, l_i, g, bh, row0, v_smem, free, q_smem, o_smem,
+                              o_desc, STATS, H, N_Q, GROUP_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                              D: gl.constexpr, NUM_BUF: gl.constexpr, O_IN_Q: gl.constexpr,
+                              row_s: gl.constexpr, row_o: gl.constexpr):
+        """An item's last P V (its tile is the program's (g-1)-th) on its own, then its epilogue."""
+        last = (g - 1) % NUM_BUF
+        acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, D]), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(free.index(last))
+        _epilogue(acc, m_i, l_i, bh, row0, q_smem, o_smem, o_desc, STATS, H, N_Q, GROUP_M, D,
+                  O_IN_Q, row_s, row_o)
+
+    @gluon.jit
     def _consumer(q_desc, o_desc, STATS, q_smem, o_smem, k_smem, v_smem, q_bar, ready, free,
                   my_turn, their_turn, H, BH, n_m, N_Q, N_K, causal_offset, qk_scale,
                   FIRST_GROUP: gl.constexpr, IS_CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -330,27 +343,19 @@ if AVAILABLE:
                     _load_q(q_desc, q_smem, q_bar, k + 1, n_m, BH, H, HALF, BLOCK_M, GROUP_M, D,
                             PAIRED, IS_CAUSAL)
             if not CARRY:
-                last = (g - 1) % NUM_BUF
-                acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, D]), acc,
-                                    is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                mbarrier.arrive(free.index(last))
-                _epilogue(acc, m_i, l_i, bh, row0, q_smem, o_smem, o_desc, STATS, H, N_Q,
-                          GROUP_M, D, O_IN_Q, row_s, row_o)
+                _last_pv_and_epilogue(acc, p_op, m_i, l_i, g, bh, row0, v_smem, free, q_smem,
+                                      o_smem, o_desc, STATS, H, N_Q, GROUP_M, BLOCK_N, D, NUM_BUF,
+                                      O_IN_Q, row_s, row_o)
                 if O_IN_Q:
                     tma.store_wait(pendings=0)
                     if k + 1 < n_mine:
                         _load_q(q_desc, q_smem, q_bar, k + 1, n_m, BH, H, HALF, BLOCK_M, GROUP_M,
                                 D, PAIRED, IS_CAUSAL)
         if CARRY:
-            if n_mine > 0:  # the last item's last P V and epilogue
-                last = (g - 1) % NUM_BUF
-                acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, D]), acc,
-                                    is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                mbarrier.arrive(free.index(last))
-                _epilogue(acc, m_i, l_i, bh, row0, q_smem, o_smem, o_desc, STATS, H, N_Q,
-                          GROUP_M, D, O_IN_Q, row_s, row_o)
+            if n_mine > 0:  # the last item's
+                _last_pv_and_epilogue(acc, p_op, m_i, l_i, g, bh, row0, v_smem, free, q_smem,
+                                      o_smem, o_desc, STATS, H, N_Q, GROUP_M, BLOCK_N, D, NUM_BUF,
+                                      O_IN_Q, row_s, row_o)
         tma.store_wait(pendings=0)
 
     @gluon.jit
