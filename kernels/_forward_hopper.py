@@ -431,6 +431,8 @@ def attention_forward(q, k, v, causal, causal_offset, scale, config=None, launch
     # go in head order, so the programs running at once share K and V in L2.
     paired = bool(causal) and cfg["PAIRED"] and n_m % 2 == 0
     units = n_m * B * H // (2 if paired else 1)
+    # Any grid computes the same result (programs stride over the units), so a plan that keeps
+    # its first call's grid stays right if an experiment changes PERSISTENT between calls.
     programs = min(units, sm_count(q.device)) if cfg["PERSISTENT"] else units
     # O's staging buffer of its own lets the next item's queries load during an item's epilogue;
     # at head dim 128 the K/V ring leaves no room for it, and O is staged in Q's buffer.
