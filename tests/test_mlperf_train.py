@@ -163,6 +163,53 @@ def test_packed_backend_patches_the_encoder(tiny):
     assert how == "hf_flash.patch(fallback=raise)"
 
 
+def test_padding_free_batches_train_like_padded_ones(tiny):
+    # --attn hf_flash_flat: the same samples, padded or padding-free, give the same loss and
+    # gradients (dropout off; hf_flash's kernels under the interpreter), and every masked
+    # position still points at its own token.
+    import torch
+    from train import Collator, MaskedLMShard, load_model
+
+    meta = json.loads((tiny / "data" / "meta.json").read_text())
+    shard = MaskedLMShard(tiny / "data" / "train.npz")
+    by_length = shard.lengths().argsort()
+    samples = [shard[int(i)] for i in (*by_length[:3], *by_length[-2:])]  # short ones padded
+    assert len({len(s["input_ids"]) for s in samples}) > 2
+    padded = Collator(meta["pad_id"])(samples)
+    flat = Collator(meta["pad_id"], flat_max_length=128)(samples)
+    assert "attention_mask" not in flat and flat["input_ids"].shape[0] == 1
+    assert flat["input_ids"].shape[1] == padded["attention_mask"].sum()
+    real = padded["masked_lm_labels"] != -100
+    assert torch.equal(flat["input_ids"][0][flat["masked_lm_positions"]][real],
+                       padded["input_ids"].gather(1, padded["masked_lm_positions"])[real])
+
+    model, how = load_model(tiny / "init", "hf_flash_flat")
+    assert how.endswith("padding-free batches")
+    model.eval()
+    results = []
+    for batch in (padded, flat):
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                        if p.grad is not None}))
+    (loss_p, grads_p), (loss_f, grads_f) = results
+    torch.testing.assert_close(loss_f, loss_p, rtol=1e-5, atol=1e-6)
+    assert grads_f.keys() == grads_p.keys()
+    for name in grads_p:
+        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+def test_hf_flash_flat_tiny_run_on_gpu_reaches_target(tiny, tmp_path):
+    curve = _train(tiny, tmp_path / "flat", attn="hf_flash_flat")
+    assert curve[0]["attn_how"].endswith("padding-free batches")
+    assert json.loads((tmp_path / "flat" / "result.json").read_text())["reached"]
+    assert curve[0]["attn_paths"] == ["hf_flash kernel"]
+    check = [r for r in curve if r["event"] == "attn_check"][-1]["layer0"]
+    assert check["last_call"][0] == "kernel" and "packed sequences" in check["last_call"][1]
+
+
 @pytest.mark.gpu
 def test_hf_flash_packed_tiny_run_on_gpu_reaches_target(tiny, tmp_path):
     curve = _train(tiny, tmp_path / "packed", attn="hf_flash_packed")

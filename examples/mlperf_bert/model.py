@@ -33,20 +33,34 @@ class BertForMLPerfMLM(BertForMaskedLM):
 
     masked_lm_positions: (B, P) int, padded with 0; masked_lm_labels: (B, P), padded with -100.
     Returns logits (B, P, vocab) and the mean cross-entropy over the real predictions.
+
+    A padding-free batch (train.py's --attn hf_flash_flat) is the B samples' tokens in one row,
+    input_ids (1, T), with position_ids restarting at every sample, cu_seq_lens_q/k (B + 1,) its
+    samples' boundaries and max_length_q/k a bound on their lengths, as transformers'
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True) makes them; masked_lm_positions then
+    index that row.
     """
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
-                masked_lm_positions=None, masked_lm_labels=None):
+                masked_lm_positions=None, masked_lm_labels=None, position_ids=None,
+                cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None):
+        flat = {} if cu_seq_lens_q is None else dict(
+            position_ids=position_ids, cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k,
+            max_length_q=max_length_q, max_length_k=max_length_k)
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                           token_type_ids=token_type_ids).last_hidden_state
-        if self.training and attention_mask is not None:
+                           token_type_ids=token_type_ids, **flat).last_hidden_state
+        if self.training and (attention_mask is not None or flat):
             # Real (non-padding) tokens trained on, kept on the device so no step waits on the host;
             # a plain attribute, not a buffer, so DDP does not overwrite it from rank 0.
-            n = attention_mask.sum()
+            n = attention_mask.sum() if attention_mask is not None else cu_seq_lens_q[-1]
             seen = getattr(self, "tokens_seen", None)
             self.tokens_seen = n if seen is None else seen + n
-        idx = masked_lm_positions.long().unsqueeze(-1).expand(-1, -1, hidden.size(-1))
-        logits = self.cls(torch.gather(hidden, 1, idx))
+        if flat:
+            selected = hidden[0][masked_lm_positions.long()]
+        else:
+            idx = masked_lm_positions.long().unsqueeze(-1).expand(-1, -1, hidden.size(-1))
+            selected = torch.gather(hidden, 1, idx)
+        logits = self.cls(selected)
         loss = None
         if masked_lm_labels is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)),

@@ -87,9 +87,13 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="folder written by prepare_data.py")
     p.add_argument("--init", required=True, help="checkpoint folder written by make_checkpoint.py")
     p.add_argument("--out", required=True)
-    p.add_argument("--attn", default=ATTN, choices=["eager", "sdpa", "hf_flash", "hf_flash_packed"],
+    p.add_argument("--attn", default=ATTN,
+                   choices=["eager", "sdpa", "hf_flash", "hf_flash_packed", "hf_flash_flat"],
                    help="hf_flash_packed: patch(model, packed=True), the encoder on real tokens only "
-                        "(what NVIDIA's MLPerf BERT does by unpadding)")
+                        "(what NVIDIA's MLPerf BERT does by unpadding); hf_flash_flat: padding-free "
+                        "batches, each batch's samples in one row with their boundaries "
+                        "(cu_seq_lens), so that no layer, embeddings and MLM head included, sees "
+                        "padding")
     p.add_argument("--target", type=float, required=True, help="masked-LM accuracy to stop at")
     p.add_argument("--seed", type=int, default=1, help="data order and dropout (the init is fixed)")
     p.add_argument("--tiny", action="store_true", help="CPU-test defaults (use a tiny --init)")
@@ -180,10 +184,11 @@ class Collator:
     attention_mask, which is what a backend that skips padded tiles can exploit. Prediction slots are
     as many as the batch's largest count (empty ones: position 0, label -100), so the vocabulary
     projection is not run on slots that hold nothing; the Trainer pads eval outputs of different
-    widths with -100 when it concatenates them."""
+    widths with -100 when it concatenates them. With `flat_max_length`, the padded batch is handed
+    over padding-free instead (to_padding_free)."""
 
-    def __init__(self, pad_id, pad_to_multiple=PAD_TO_MULTIPLE):
-        self.pad_id, self.multiple = pad_id, pad_to_multiple
+    def __init__(self, pad_id, pad_to_multiple=PAD_TO_MULTIPLE, flat_max_length=None):
+        self.pad_id, self.multiple, self.flat_max_length = pad_id, pad_to_multiple, flat_max_length
 
     def __call__(self, samples):
         longest = max(len(s["input_ids"]) for s in samples)
@@ -200,8 +205,29 @@ class Collator:
             attention_mask[i, :k] = 1
             positions[i, :m] = torch.from_numpy(s["positions"].astype(np.int64))
             labels[i, :m] = torch.from_numpy(s["labels"].astype(np.int64))
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "masked_lm_positions": positions, "masked_lm_labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "masked_lm_positions": positions, "masked_lm_labels": labels}
+        if self.flat_max_length is not None:
+            return to_padding_free(batch, self.flat_max_length)
+        return batch
+
+
+def to_padding_free(batch, max_length):
+    """A right-padded batch's real tokens in one row (1, T), in the form transformers'
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True) gives: positions restart at 0 for
+    every sample, cu_seq_lens_q/k (int32, B + 1) hold the samples' boundaries, no attention mask.
+    The masked positions move with their samples into the row (empty slots point at their sample's
+    first token, label -100). max_length_q/k is `max_length`, a bound on a sample's length that is
+    the same for every batch (the kernels size their grids by it; a compiled graph keeps it)."""
+    keep = batch["attention_mask"].bool()
+    starts = torch.nn.functional.pad(keep.sum(1).cumsum(0), (1, 0))
+    cu = starts.to(torch.int32)
+    positions = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+    return {"input_ids": batch["input_ids"][keep][None], "position_ids": positions[keep][None],
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_length,
+            "max_length_k": max_length,
+            "masked_lm_positions": batch["masked_lm_positions"] + starts[:-1, None],
+            "masked_lm_labels": batch["masked_lm_labels"]}
 
 
 # ---- model ------------------------------------------------------------------------------------------
@@ -216,7 +242,8 @@ def load_model(init_dir, attn):
     # fallback="raise": a call the kernel cannot serve must fail, not run eager inside a timed run.
     packed = attn == "hf_flash_packed"
     hf_flash.patch(model, fallback="raise", packed=packed)
-    return model, f"hf_flash.patch(fallback=raise{', packed=True' if packed else ''})"
+    how = f"hf_flash.patch(fallback=raise{', packed=True' if packed else ''})"
+    return model, how + (", padding-free batches" if attn == "hf_flash_flat" else "")
 
 
 def compile_body(model, attn, cuda):
@@ -256,7 +283,8 @@ def attention_paths(model):
     return json.loads(json.dumps(rows, default=str))
 
 
-def warm_kernels(model, device, bf16, train_shape, eval_shape, slots, vocab_size):
+def warm_kernels(model, device, bf16, train_shape, eval_shape, slots, vocab_size,
+                 flat_max_length=None):
     """Compile and tune what the first steps would, on random tokens, before the clock starts.
 
     MLPerf's clock starts at run_start, after initialization, which may compile and tune on
@@ -267,7 +295,8 @@ def warm_kernels(model, device, bf16, train_shape, eval_shape, slots, vocab_size
     the eval shape, with key padding as real batches have it. Nothing is learned (no optimizer step,
     gradients dropped) and the RNG states are put back (the Trainer also reseeds when it starts), so
     the timed run is the one it would have been without it: tests/test_mlperf_train.py compares the
-    curves. Returns its seconds."""
+    curves. With `flat_max_length` the batches go padding-free, as the collator hands them over.
+    Returns its seconds."""
     t = time.perf_counter()
     gen = torch.Generator().manual_seed(12345)  # its own generator: the global RNG stays untouched
     cpu_rng = torch.get_rng_state()
@@ -276,10 +305,13 @@ def warm_kernels(model, device, bf16, train_shape, eval_shape, slots, vocab_size
     def batch(n, width):
         lengths = torch.randint(width // 2, width + 1, (n,), generator=gen)
         lengths[0] = width  # the collator pads to the longest sample
-        return {"input_ids": torch.randint(vocab_size, (n, width), generator=gen).to(device),
-                "attention_mask": (torch.arange(width) < lengths[:, None]).long().to(device),
-                "masked_lm_positions": torch.randint(1, width // 2, (n, slots), generator=gen).to(device),
-                "masked_lm_labels": torch.randint(vocab_size, (n, slots), generator=gen).to(device)}
+        b = {"input_ids": torch.randint(vocab_size, (n, width), generator=gen),
+             "attention_mask": (torch.arange(width) < lengths[:, None]).long(),
+             "masked_lm_positions": torch.randint(1, width // 2, (n, slots), generator=gen),
+             "masked_lm_labels": torch.randint(vocab_size, (n, slots), generator=gen)}
+        if flat_max_length is not None:
+            b = to_padding_free(b, flat_max_length)
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
 
     was_training = model.training
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -458,7 +490,10 @@ def main(argv=None):
     crop = dict(max_seq_len=cli.max_seq_len, sep_id=meta.get("sep_id"))
     train_set = MaskedLMShard(Path(cli.data) / "train.npz", **crop)
     eval_set = MaskedLMShard(Path(cli.data) / "eval.npz", **crop)
-    collator = Collator(meta["pad_id"])
+    # The longest sample: padding-free batches' bound on a sample's length (max_length_q/k).
+    longest = int(max(train_set.lengths().max(), eval_set.lengths().max()))
+    collator = Collator(meta["pad_id"],
+                        flat_max_length=longest if cli.attn == "hf_flash_flat" else None)
 
     model, attn_how = load_model(cli.init, cli.attn)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -495,12 +530,11 @@ def main(argv=None):
 
     warm_s = None
     if not cli.no_warm_kernels:
-        longest = int(max(train_set.lengths().max(), eval_set.lengths().max()))
         width = -(-longest // PAD_TO_MULTIPLE) * PAD_TO_MULTIPLE  # as the collator pads
         warm_s = warm_kernels(model, targs.device, targs.bf16, (cli.per_device_batch, width),
                               (cli.eval_batch, width),
                               int(np.diff(train_set.pred_offsets).max()),
-                              model.config.vocab_size)
+                              model.config.vocab_size, collator.flat_max_length)
 
     checkpoint = get_last_checkpoint(str(out)) if cli.resume and out.exists() else None
     restored = _restore(out, checkpoint) if checkpoint else None
@@ -600,8 +634,8 @@ def _count_samples(model):
 
     def hook(module, args, kwargs):
         if module.training:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            module.samples_seen += int(ids.shape[0])
+            # One row of masked positions per sample, padded or padding-free (one input row).
+            module.samples_seen += int(kwargs["masked_lm_positions"].shape[0])
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
 
