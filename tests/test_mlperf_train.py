@@ -200,6 +200,34 @@ def test_padding_free_batches_train_like_padded_ones(tiny):
         torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_padding_free_batches_compile_as_one_graph(tiny):
+    # --attn hf_flash_flat --compile: the body compiles once (fullgraph, dynamic; aot_eager on
+    # the CPU) and serves rows of other lengths with the eager losses.
+    import torch
+    from torch._dynamo.utils import counters
+    from train import Collator, MaskedLMShard, compile_body, load_model
+
+    meta = json.loads((tiny / "data" / "meta.json").read_text())
+    shard = MaskedLMShard(tiny / "data" / "train.npz")
+    by_length = shard.lengths().argsort()
+    collate = Collator(meta["pad_id"], flat_max_length=128)
+    batches = [collate([shard[int(i)] for i in idx])
+               for idx in ((*by_length[:2], *by_length[-2:]), (*by_length[2:4], by_length[-3]))]
+    assert batches[0]["input_ids"].shape != batches[1]["input_ids"].shape
+    model, _ = load_model(tiny / "init", "hf_flash_flat")
+    model.eval()
+    with torch.no_grad():
+        eager = [model(**b).loss for b in batches]
+    torch._dynamo.reset()
+    compile_body(model, "hf_flash_flat", cuda=False)
+    for b, loss in zip(batches, eager):
+        out = model(**b)
+        out.loss.backward()
+        torch.testing.assert_close(out.loss.detach(), loss, rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
 @pytest.mark.gpu
 def test_hf_flash_flat_tiny_run_on_gpu_reaches_target(tiny, tmp_path):
     curve = _train(tiny, tmp_path / "flat", attn="hf_flash_flat")
