@@ -50,9 +50,10 @@ GROUP_M = BLOCK_M // 2
 # PAIRED: causal calls take query blocks in pairs (_item). CARRY: an item's last P V and epilogue
 # overlap the next item's first tile (_consumer; not where O is staged in Q's buffer).
 # LEAN_TILE0: an item's first key tile is masked only where it needs to be; head dim 64 only, where
-# a tile waits on its softmax (at 128 on its products, and causal 128 would spill with it).
+# a tile waits on its softmax (at 128 on its products, and causal 128 would spill with it): 2-3 %
+# off the head-dim-64 forwards on an H100 (docs/perf-notes.md, "v13").
 CONFIG = {"BLOCK_N": 128, "NUM_BUF": 3, "WORKER_REGS": (240, 24), "maxnreg": None,
-          "PERSISTENT": True, "PAIRED": True, "CARRY": False, "LEAN_TILE0": False}
+          "PERSISTENT": True, "PAIRED": True, "CARRY": False, "LEAN_TILE0": True}
 # HF_FLASH_HOPPER_CONFIG='{"BLOCK_N": 64, ...}' replaces entries (experiments: the GPU tests run
 # under it, so a config is checked before it is timed or kept).
 CONFIG = config_from_env(CONFIG, "HF_FLASH_HOPPER_CONFIG")
@@ -61,17 +62,16 @@ CONFIG = config_from_env(CONFIG, "HF_FLASH_HOPPER_CONFIG")
 SMEM_FOR_SEPARATE_O = 200 * 1024
 
 # The shortest sequence (queries and keys) this kernel takes, per (head dim, causal): below it
-# _forward.py is faster. Measured on H100s (Triton 3.6), bf16 forwards, ms, this kernel /
-# _forward.py, with the persistent grid and paired causal blocks (benchmarks/results/h100/
-# experiments/*persist*_64d63b3*: hopper_fwd_configs' model shapes, and the bench_ops sweep of
-# 16k-token batches, whose head dim 64 rows ran with CARRY on). At head dim 64 an item's tiles wait
-# on their softmax, and at short lengths the start and end of each item are not hidden.
-#   D64:  B32 H16 n=512 0.124-0.138 / 0.112, B8 H16 n=2048 0.326 / 0.348,
-#         B1 H16 n=16384 2.34-2.49 / 2.62; causal: B16 H16 n=1024 0.141 / 0.126,
-#         B8 H16 n=2048 0.202 / 0.210, sweep n=4096 0.686 / 0.727
-#   D128: sweep n=512 0.163 / 0.203; causal: n=512 0.156 / 0.149, 1024 0.190 / 0.219,
-#         2048 0.280 / 0.359
-MIN_LENGTH = {(64, False): 2048, (64, True): 4096, (128, False): 512, (128, True): 1024}
+# _forward.py is faster. Measured on an H100 (Triton 3.6), bf16 forwards, ms, median of 5
+# interleaved rounds, this kernel / _forward.py (benchmarks/results/h100/experiments/
+# hopper_fwd_configs_rounds_ca2856f.*), and the bench_ops sweep of 16k-token batches
+# (ops_sweep_*_fwd_persist_{on,off}_*_64d63b3.*). At head dim 64 an item's tiles wait on their
+# softmax, and at short causal lengths the start and end of each item are not hidden.
+#   D64:  B32 H16 n=512 0.103 / 0.113, B8 H16 n=2048 0.327 / 0.347; causal: B16 H16 n=1024
+#         0.137 / 0.127, B8 H16 n=2048 0.198 / 0.210
+#   D128: B32 H16 n=512 0.164 / 0.210; causal: sweep n=512 0.156 / 0.149, B16 H16 n=1024
+#         0.188 / 0.219
+MIN_LENGTH = {(64, False): 512, (64, True): 2048, (128, False): 512, (128, True): 1024}
 
 
 if AVAILABLE:
